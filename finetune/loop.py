@@ -1,0 +1,215 @@
+"""The training loop: the one module that talks to Accelerate. It reads top to bottom:
+
+setup (data -> model -> plan -> optimizer -> loaders -> accelerate), then one loop of epochs (train,
+validate, log, export the best, checkpoint), then a summary. The same code runs on CPU, one GPU or many
+processes: `train.batch_size` is global, the schedule counts optimizer updates, and only the main
+process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .config import RecipeConfig
+from .data import Splits, Transformed, build_loader, build_transforms, default_num_workers, resolve_data_config
+from .errors import FinetuneError
+from .export import save_export
+from .groups import build_plan
+from .model import build_model
+from .optim import build_optimizer, lr_multiplier, set_lr
+from .plots import save_curves
+from .rundir import RunDir
+
+STATE_NAME = "trainer_state.json"
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    metrics: list[dict]  # one record per epoch, as in metrics.jsonl
+    best_epoch: int
+    best_val_acc: float
+
+    @property
+    def final(self) -> dict:
+        return self.metrics[-1] if self.metrics else {}
+
+
+def build_accelerator(config: RecipeConfig) -> Accelerator:
+    precision = config.train.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise FinetuneError("train.precision=fp16 needs a CUDA GPU; on CPU use bf16 or fp32 (or auto).")
+    accelerator = Accelerator(
+        # Without cpu=True, torchrun on a machine without GPUs would start N unrelated single-process jobs.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision={"fp32": "no"}.get(precision, precision),
+        # Shuffling seeded by (seed, epoch): every process agrees on the order, and resume repeats it.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.train.seed),
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise FinetuneError(f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate runs "
+                            f"{accelerator.num_processes}; check `accelerate config` or launch with torchrun.")
+    return accelerator
+
+
+def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[str], None] | None = None) -> TrainResult:
+    accelerator = build_accelerator(config)
+    log = log or accelerator.print
+    main = accelerator.is_main_process
+    tc = config.train
+    set_seed(tc.seed)  # identical model init on every process
+
+    # --- setup, in dependency order: the class list sizes the head; the model's config gives transforms
+    model = build_model(config.model, len(splits.class_names), log)
+    data_cfg = resolve_data_config(model, config.data)
+    train_tf, eval_tf = build_transforms(data_cfg, config.data)
+    plan = build_plan(model, config.optim, config.freeze)
+    plan.apply_freezing(model)
+    keep_eval = plan.frozen_norm_modules(model)  # frozen BatchNorm keeps its loaded statistics
+    optimizer = build_optimizer(config.optim, plan.optimizer_groups(model), fused=accelerator.device.type == "cuda")
+
+    processes = accelerator.num_processes
+    if tc.batch_size % processes:
+        raise FinetuneError(f"train.batch_size={tc.batch_size} is the global batch and must divide evenly over "
+                            f"{processes} processes; use a multiple of {processes}.")
+    per_device = tc.batch_size // processes
+    workers = default_num_workers() if config.data.num_workers is None else config.data.num_workers
+    pin = accelerator.device.type == "cuda"
+    train_set = Transformed(splits.train, splits.train_indices, train_tf)
+    val_set = Transformed(splits.val, splits.val_indices, eval_tf)
+    train_loader = build_loader(train_set, per_device, True, workers, pin)
+    val_loader = build_loader(val_set, per_device, False, workers, pin)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+
+    updates_per_epoch = len(train_loader)
+    total_updates = tc.epochs * updates_per_epoch
+    warmup_updates = min(round(tc.warmup_epochs * updates_per_epoch), total_updates - 1)
+    log(f"finetune: {config.model.backbone} -> {len(splits.class_names)} classes | {len(train_set)} train, "
+        f"{len(val_set)} val images | input {data_cfg['input_size'][1]}x{data_cfg['input_size'][2]}")
+    log(f"  {processes} process(es) on {accelerator.device.type} in {accelerator.mixed_precision} | global batch "
+        f"{tc.batch_size} = {per_device} per process x {processes} | {updates_per_epoch} updates/epoch, "
+        f"{total_updates} total, {warmup_updates} warmup | {workers} loader workers per process")
+    log(plan.table())
+
+    # --- the run directory: first write happens only now, after everything above was checked and built
+    start_epoch, step, best_acc, best_epoch = 0, 0, -1.0, 0
+    records: list[dict] = []
+    if run_dir.resuming and _checkpoint_dir(run_dir) is not None:
+        accelerator.load_state(str(_checkpoint_dir(run_dir)))
+        state = json.loads((_checkpoint_dir(run_dir) / STATE_NAME).read_text())
+        start_epoch, step, best_acc, best_epoch = state["epoch"], state["step"], state["best_val_acc"], state["best_epoch"]
+        log(f"resuming {run_dir.path} after epoch {start_epoch} (update {step})")
+    if main:
+        if run_dir.resuming:
+            records = run_dir.keep_metrics_through(start_epoch)
+        else:
+            run_dir.create()
+        run_dir.write_recipe(config)
+        run_dir.write_plan(plan.to_json())
+    accelerator.wait_for_everyone()
+
+    for epoch in range(start_epoch, tc.epochs):
+        # Augmentation and dropout seeded by (seed, epoch, process): distinct per process, repeated on resume.
+        set_seed(tc.seed + 1000 * (epoch + 1), device_specific=True)
+        train_loader.set_epoch(epoch)
+        model.train()
+        for module in keep_eval:
+            module.eval()
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=accelerator.device)
+        bar = tqdm(total=updates_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not main,
+                   leave=False, dynamic_ncols=True)
+        for images, labels in train_loader:
+            set_lr(optimizer, lr_multiplier(step, total_updates, warmup_updates))
+            loss = F.cross_entropy(model(images), labels, label_smoothing=tc.label_smoothing)
+            accelerator.backward(loss)
+            if tc.grad_clip is not None:
+                accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_sum += loss.detach()
+            bar.update()
+            if step % 20 == 0 and main:  # reading the loss syncs the device: only now and then
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+        train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(1, updates_per_epoch)
+        seconds = time.perf_counter() - started
+
+        val = evaluate(model, val_loader, accelerator)
+        record = {"epoch": epoch + 1, "step": step, "train_loss": round(train_loss, 6), **val,
+                  "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
+                  "epoch_seconds": round(seconds, 2),
+                  "train_images_per_second": round(updates_per_epoch * tc.batch_size / seconds, 1)}
+        records.append(record)
+        improved = val["val_acc"] > best_acc
+        if improved:
+            best_acc, best_epoch = val["val_acc"], epoch + 1
+        if main:
+            run_dir.append_metrics(record)
+            save_curves(records, run_dir.curves)
+            if improved:
+                save_export(accelerator.unwrap_model(model), run_dir.path, splits.class_names, data_cfg)
+        log(f"epoch {epoch + 1}/{tc.epochs}: train loss {train_loss:.4f} | val loss {val['val_loss']:.4f} "
+            f"acc {100 * val['val_acc']:.2f}%{' (best, exported)' if improved else ''} | {seconds:.1f}s")
+        _save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": step, "best_val_acc": best_acc,
+                                                "best_epoch": best_epoch})
+
+    log(f"done: best val acc {100 * best_acc:.2f}% at epoch {best_epoch}; model in {run_dir.path}")
+    accelerator.end_training()
+    return TrainResult(str(run_dir.path), records, best_epoch, best_acc)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, accelerator: Accelerator) -> dict:
+    """Loss and top-1 over exactly the validation set (gather_for_metrics drops the padding duplicates)."""
+    model.eval()
+    losses, hits = [], []
+    for images, labels in loader:
+        logits = model(images).float()
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        loss, preds, labels = accelerator.gather_for_metrics((loss, logits.argmax(dim=-1), labels))
+        losses.append(loss)
+        hits.append(preds == labels)
+    loss, hit = torch.cat(losses), torch.cat(hits)
+    return {"val_loss": round(loss.mean().item(), 6), "val_acc": round(hit.float().mean().item(), 6),
+            "val_images": int(hit.numel())}
+
+
+def _checkpoint_dir(run_dir: RunDir):
+    for path in (run_dir.checkpoint, run_dir.checkpoint.with_name(run_dir.checkpoint.name + ".old")):
+        if (path / STATE_NAME).is_file():
+            return path
+    return None
+
+
+def _save_checkpoint(accelerator: Accelerator, run_dir: RunDir, state: dict) -> None:
+    """Write the state beside the last checkpoint, then swap: a kill mid-save keeps the previous one."""
+    tmp = run_dir.checkpoint.with_name(run_dir.checkpoint.name + ".tmp")
+    old = run_dir.checkpoint.with_name(run_dir.checkpoint.name + ".old")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / STATE_NAME).write_text(json.dumps(state))
+        if run_dir.checkpoint.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(run_dir.checkpoint, old)
+        os.replace(tmp, run_dir.checkpoint)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
