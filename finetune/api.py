@@ -68,7 +68,8 @@ def plan(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = 
     """The parameter-group plan a recipe would train with (no weights are downloaded or loaded)."""
     config = resolve(recipe, {**_flatten_overrides(overrides), **_flatten_overrides(kw_overrides)})
     splits = open_data(config)
-    model = build_model(dataclasses.replace(config.model, pretrained=False), len(splits.class_names), lambda _: None)
+    model = build_model(dataclasses.replace(config.model, pretrained=False), len(splits.class_names), lambda _: None,
+                        config.data.image_size)
     return build_plan(model, config.optim, config.freeze)
 
 

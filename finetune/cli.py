@@ -49,14 +49,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may also follow --options (`finetune train r.yaml --output o optim.lr=1e-3`).
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides or []) + extra
     try:
         _run(args)
     except FinetuneError as e:
         print(f"finetune: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        hint = f" Continue with: finetune train --resume {args.output}" if getattr(args, "output", None) else ""
+        where = getattr(args, "resume", None) or getattr(args, "output", None) or "RUN_DIR (printed when training started)"
+        hint = f" Continue with: finetune train --resume {where}" if args.command == "train" else ""
         print(f"\nfinetune: interrupted.{hint}", file=sys.stderr)
         sys.exit(130)
 

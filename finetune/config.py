@@ -12,6 +12,7 @@ part of checking a recipe; turning a source into a dataset is `finetune/data.py`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib.resources
@@ -46,6 +47,12 @@ class DataConfig:
     val: str | None = None  # none: a stratified, seeded split of train (val_fraction of every class)
     val_fraction: float = 0.2  # share of each class held out when `val` is absent
     image_size: int | None = None  # pixels (square); none: the backbone's pretrained input size
+    # Eval-time centre crop: resize to image_size / crop_pct, crop image_size. none: the backbone's (often
+    # 0.875); 1.0 keeps the whole image, right when objects touch the border (digits, documents).
+    crop_pct: float | None = None
+    # Resampling filter for resizes; none: the backbone's (usually bicubic). bilinear is smoother when
+    # upsampling very small images (bicubic overshoots at hard edges).
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
     # Training augmentation, passed to timm's create_transform. Gentle enough for small datasets.
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range, as in timm's train.py
     hflip: float = 0.5  # probability; set 0 when a mirror image means something else (digits, text)
@@ -185,7 +192,10 @@ RecipeLike = Union[str, Path, dict, RecipeConfig]
 
 def packaged_recipes() -> dict[str, Path]:
     """Recipes shipped inside the wheel (the repository's recipes/ folder), by name."""
-    folder = importlib.resources.files("finetune.recipes")
+    try:
+        folder = importlib.resources.files("finetune.recipes")
+    except ModuleNotFoundError:  # a source checkout that is not installed
+        return {}
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
 
 
@@ -251,7 +261,7 @@ def load_recipe(recipe: RecipeLike, overrides: list[str] | dict[str, Any] | None
     if isinstance(recipe, RecipeConfig):
         raw = recipe_to_dict(recipe)
     elif isinstance(recipe, dict):
-        raw = _merge({}, recipe)
+        raw = copy.deepcopy(recipe)  # never edit the caller's dict
         if "base" in raw:
             raw = _merge(_read_yaml(find_recipe(raw.pop("base"))), raw)
     else:
@@ -259,10 +269,11 @@ def load_recipe(recipe: RecipeLike, overrides: list[str] | dict[str, Any] | None
     errors: list[str] = []
     for dotted, value in parse_overrides(overrides or {}).items():
         _set_dotted(raw, dotted, value, errors)
-    config = _build(RecipeConfig, raw, "", errors)
-    if not errors:
-        config = _resolve_defaults(config)
-        errors += _check_values(config)
+    # A bad field falls back to its default so that the range and path checks still run on the rest:
+    # every problem is reported at once. `bad` holds the keys already reported.
+    bad: set[str] = set()
+    config = _resolve_defaults(_build(RecipeConfig, raw, "", errors, bad))
+    errors += _check_values(config, bad)
     if errors:
         raise FinetuneError("the recipe has {} problem{}:\n  - {}".format(
             len(errors), "s" if len(errors) > 1 else "", "\n  - ".join(errors)))
@@ -287,7 +298,7 @@ def _set_dotted(raw: dict, dotted: str, value: Any, errors: list[str]) -> None:
         target[rest] = value
 
 
-def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
+def _build(cls: type, raw: Any, prefix: str, errors: list[str], bad: set[str]) -> Any:
     """Build a dataclass from a dict, converting each value by its annotation; collect every error."""
     where = prefix.rstrip(".") or "the recipe"
     if not isinstance(raw, dict):
@@ -301,17 +312,19 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
             errors.append(_unknown_key(prefix, str(key), known))
             continue
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{prefix}{key}.", errors)
-        else:
+        if not dataclasses.is_dataclass(hint):
             ok, converted = _convert(value, hint)
             if ok:
                 kwargs[key] = converted
             else:
                 errors.append(f"{prefix}{key}: got {value!r}, expected {_describe(hint)}")
-    for name in known:
-        if f"{prefix}{name}" in _REQUIRED and not kwargs.get(name):
+                bad.add(f"{prefix}{key}")
+    for name in known:  # sections absent from the recipe are built from {} so their required keys are checked
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], raw.get(name, {}), f"{prefix}{name}.", errors, bad)
+        elif f"{prefix}{name}" in _REQUIRED and not kwargs.get(name):
             errors.append(f"{prefix}{name} is required ({'a timm model name' if name == 'backbone' else 'a data source'})")
+            bad.add(f"{prefix}{name}")
     return cls(**kwargs)
 
 
@@ -404,8 +417,8 @@ def _resolve_defaults(config: RecipeConfig) -> RecipeConfig:
     return dataclasses.replace(config, optim=optim)
 
 
-def _check_values(c: RecipeConfig) -> list[str]:
-    """Range checks and existence checks that the types alone cannot express."""
+def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
+    """Range checks and existence checks that the types alone cannot express (skipping `bad` keys)."""
     errors = []
     rules = [
         ("optim.lr", c.optim.lr > 0, "must be > 0"),
@@ -419,6 +432,7 @@ def _check_values(c: RecipeConfig) -> list[str]:
         ("train.grad_clip", c.train.grad_clip is None or c.train.grad_clip > 0, "must be > 0 or null"),
         ("data.val_fraction", 0 < c.data.val_fraction < 1, "must be between 0 and 1"),
         ("data.image_size", c.data.image_size is None or c.data.image_size >= 8, "must be >= 8 pixels or null"),
+        ("data.crop_pct", c.data.crop_pct is None or 0 < c.data.crop_pct <= 1, "must be in (0, 1] or null"),
         ("data.scale", 0 < c.data.scale[0] <= c.data.scale[1] <= 1, "must be [min, max] with 0 < min <= max <= 1"),
         ("data.hflip", 0 <= c.data.hflip <= 1, "is a probability, in [0, 1]"),
         ("data.color_jitter", c.data.color_jitter >= 0, "must be >= 0"),
@@ -426,14 +440,16 @@ def _check_values(c: RecipeConfig) -> list[str]:
         ("model.drop_path_rate", 0 <= c.model.drop_path_rate < 1, "must be in [0, 1)"),
     ]
     for key, ok, what in rules:
-        if not ok:
+        if not ok and key not in bad:
             section, name = key.split(".")
             errors.append(f"{key}: {getattr(getattr(c, section), name)!r} {what}")
-    errors += _check_backbone(c.model.backbone)
-    errors += _check_source("data.train", c.data.train)
-    if c.data.val is not None:
-        errors += _check_source("data.val", c.data.val)
-    errors += _check_weights(c.model.pretrained)
+    checks = [("model.backbone", lambda: _check_backbone(c.model.backbone)),
+              ("data.train", lambda: _check_source("data.train", c.data.train)),
+              ("data.val", lambda: _check_source("data.val", c.data.val) if c.data.val is not None else []),
+              ("model.pretrained", lambda: _check_weights(c.model.pretrained))]
+    for key, check in checks:
+        if key not in bad:
+            errors += check()
     return errors
 
 

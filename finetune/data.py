@@ -109,8 +109,11 @@ def _sklearn_digits(spec: SourceSpec, class_names: list[str] | None) -> ImageSam
     names = [str(i) for i in range(10)]
     if class_names is not None and class_names != names:
         raise FinetuneError(f"sklearn:digits has classes 0-9 but the training data has {class_names[:10]}.")
-    return ImageSamples(list(pixels), digits.target.tolist(), names,
-                        lambda array: Image.fromarray(array, mode="L").convert("RGB"), "sklearn:digits")
+    return ImageSamples(list(pixels), digits.target.tolist(), names, _grey_to_rgb, "sklearn:digits")
+
+
+def _grey_to_rgb(array: np.ndarray) -> Image.Image:  # module-level: loader workers must pickle it
+    return Image.fromarray(array, mode="L").convert("RGB")
 
 
 def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -173,6 +176,10 @@ def resolve_data_config(model: torch.nn.Module, cfg: DataConfig) -> dict:
     data_cfg = timm.data.resolve_model_data_config(model)
     if cfg.image_size is not None:
         data_cfg["input_size"] = (data_cfg["input_size"][0], cfg.image_size, cfg.image_size)
+    if cfg.crop_pct is not None:
+        data_cfg["crop_pct"] = cfg.crop_pct
+    if cfg.interpolation is not None:
+        data_cfg["interpolation"] = cfg.interpolation
     return data_cfg
 
 

@@ -74,7 +74,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
     set_seed(tc.seed)  # identical model init on every process
 
     # --- setup, in dependency order: the class list sizes the head; the model's config gives transforms
-    model = build_model(config.model, len(splits.class_names), log)
+    model = build_model(config.model, len(splits.class_names), log, config.data.image_size)
     data_cfg = resolve_data_config(model, config.data)
     train_tf, eval_tf = build_transforms(data_cfg, config.data)
     plan = build_plan(model, config.optim, config.freeze)
@@ -104,6 +104,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
         f"{tc.batch_size} = {per_device} per process x {processes} | {updates_per_epoch} updates/epoch, "
         f"{total_updates} total, {warmup_updates} warmup | {workers} loader workers per process")
     log(plan.table())
+    log(f"run directory: {run_dir.path}")
 
     # --- the run directory: first write happens only now, after everything above was checked and built
     start_epoch, step, best_acc, best_epoch = 0, 0, -1.0, 0
@@ -131,8 +132,8 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
             module.eval()
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=accelerator.device)
-        bar = tqdm(total=updates_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not main,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(total=updates_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
+                   dynamic_ncols=True, **({} if main else {"disable": True}))  # TQDM_DISABLE=1 silences it
         for images, labels in train_loader:
             set_lr(optimizer, lr_multiplier(step, total_updates, warmup_updates))
             loss = F.cross_entropy(model(images), labels, label_smoothing=tc.label_smoothing)
@@ -171,7 +172,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
 
     log(f"done: best val acc {100 * best_acc:.2f}% at epoch {best_epoch}; model in {run_dir.path}")
     accelerator.end_training()
-    return TrainResult(str(run_dir.path), records, best_epoch, best_acc)
+    return TrainResult(str(run_dir.path.resolve()), records, best_epoch, best_acc)
 
 
 @torch.no_grad()

@@ -16,9 +16,15 @@ from .errors import FinetuneError
 from .weights import fit_state_dict, read_state_dict
 
 
-def build_model(cfg: ModelConfig, num_classes: int, log: Callable[[str], None] = print) -> nn.Module:
-    """Create the backbone with `num_classes` outputs and load the weights `cfg.pretrained` names."""
+def build_model(cfg: ModelConfig, num_classes: int, log: Callable[[str], None] = print,
+                image_size: int | None = None) -> nn.Module:
+    """Create the backbone with `num_classes` outputs and load the weights `cfg.pretrained` names.
+
+    `image_size` (data.image_size) is passed on to backbones built for one input size (ViTs), whose
+    position embeddings timm then resamples; convolutional nets take any size as they are."""
     kwargs = {"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {}
+    if image_size is not None and _fixed_input_size(cfg.backbone):
+        kwargs["img_size"] = image_size
     from_hub = cfg.pretrained is True
     try:
         model = timm.create_model(cfg.backbone, pretrained=from_hub, num_classes=num_classes, **kwargs)
@@ -35,12 +41,19 @@ def build_model(cfg: ModelConfig, num_classes: int, log: Callable[[str], None] =
         _zero_head(model)
     if isinstance(cfg.pretrained, str):
         path = resolve_weights_file(cfg.pretrained)
-        log(fit_state_dict(model, read_state_dict(path), str(path)))
+        log(fit_state_dict(model, read_state_dict(path), str(path), ordered=path.suffix != ".safetensors"))
     elif from_hub:
         log(f"loaded timm's pretrained weights for {cfg.backbone} ({model.pretrained_cfg.get('tag') or 'default'})")
     else:
         log(f"{cfg.backbone}: random initialisation (model.pretrained=false)")
     return model
+
+
+def _fixed_input_size(backbone: str) -> bool:
+    if backbone.startswith(("hf-hub:", "local-dir:")):
+        return False
+    cfg = timm.get_pretrained_cfg(backbone, allow_unregistered=True)
+    return bool(cfg and cfg.fixed_input_size)
 
 
 def _zero_head(model: nn.Module) -> None:

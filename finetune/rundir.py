@@ -39,13 +39,11 @@ class RunDir:
     def for_new_run(cls, output: str | Path | None, backbone: str, overwrite: bool = False) -> "RunDir":
         """`output`, or a new timestamped folder under runs/. Refuses a non-empty folder unless overwrite."""
         if output is None:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            path = Path("runs") / f"{stamp}-{backbone.replace('/', '_').replace(':', '_')}"
-            suffix = 2
+            name = f"{time.strftime('%Y%m%d-%H%M%S')}-{backbone.replace('/', '_').replace(':', '_')}"
+            path, suffix = Path("runs") / name, 2
             while path.exists():
-                path = path.with_name(f"{stamp}-{backbone}-{suffix}")
-                suffix += 1
-            return cls(path)
+                path, suffix = Path("runs") / f"{name}-{suffix}", suffix + 1
+            return cls(path.resolve())
         path = Path(output).expanduser()
         if path.exists() and not path.is_dir():
             raise FinetuneError(f"--output {path} is a file; give a directory for the run.")

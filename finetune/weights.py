@@ -71,12 +71,15 @@ def head_keys(model: nn.Module) -> set[str]:
     return {k for k in model.state_dict() if k.startswith(prefix + ".")}
 
 
-def fit_state_dict(model: nn.Module, source: dict[str, torch.Tensor], origin: str) -> str:
-    """Load `source` into `model` (by name, else by position); return a one-line account of what happened."""
+def fit_state_dict(model: nn.Module, source: dict[str, torch.Tensor], origin: str, ordered: bool = True) -> str:
+    """Load `source` into `model` (by name, else by position); return a one-line account of what happened.
+
+    `ordered` says whether the file keeps the order tensors were saved in: pickled state dicts do, while
+    safetensors files store tensors sorted by dtype and name, so position mapping is refused for them."""
     target = model.state_dict()
     head = head_keys(model)
-    mapped, how = _match_by_name(target, source, head)
-    if mapped is None:
+    mapped, how = _match_by_name(target, _timm_filter(model, source), head)
+    if mapped is None and ordered:
         mapped, how = _match_by_position(target, source, head)
     if mapped is None:
         raise FinetuneError(_mismatch_report(target, source, head, origin))
@@ -96,6 +99,20 @@ def fit_state_dict(model: nn.Module, source: dict[str, torch.Tensor], origin: st
     return note
 
 
+def _timm_filter(model: nn.Module, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's own checkpoint adapter for this architecture, when it has one: it converts original-repo
+    names and resamples ViT position embeddings to our image size. Left untouched if it does not apply."""
+    import sys
+
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return source
+    try:
+        return filter_fn(dict(source), model)
+    except Exception:  # written for that repo's own checkpoints; anything else is matched as it is
+        return source
+
+
 def _match_by_name(target, source, head):
     body = [k for k in target if k not in head and not k.endswith("num_batches_tracked")]
     if not all(k in source and source[k].shape == target[k].shape for k in body):
@@ -113,7 +130,7 @@ def _match_by_position(target, source, head):
             return None, ""
         mapped[t_key] = s_val
     first_t, first_s = next(iter(target)), next(iter(source))
-    return mapped, f"by position (names differ, e.g. {first_s} -> {first_t}; all {len(target)} shapes agree)"
+    return mapped, f"by position (names differ, e.g. {first_s} -> {first_t}; all {len(target) - len(head)} body shapes agree)"
 
 
 def _mismatch_report(target, source, head, origin) -> str:
@@ -127,4 +144,5 @@ def _mismatch_report(target, source, head, origin) -> str:
     return (f"the weights in {origin} do not fit this backbone: {len(source)} tensors in the file, {len(target)} in "
             f"the model. Missing by name: {missing or 'none'}; shape mismatches by name: {wrong or 'none'}; "
             f"first mismatch by position: {position}. Check that model.backbone names the architecture these "
-            "weights were trained for.")
+            "weights were trained for. (Position matching needs a .pth/.bin file: .safetensors files do not keep "
+            "tensor order.)")

@@ -1,0 +1,160 @@
+"""finetune/data.py and images.py: sources, class order, the seeded split, RGB conversion, transforms."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from finetune import FinetuneError
+from finetune.config import DataConfig
+from finetune.data import (Transformed, build_splits, build_transforms, load_source, natural_key,
+                           resolve_data_config, stratified_split)
+
+
+def test_natural_class_order(image_folder):
+    root = image_folder(classes=["c10", "c2", "c1"], per_class=2)
+    samples = load_source(str(root))
+    assert samples.class_names == ["c1", "c2", "c10"]
+    labels = {path.split("/")[-2]: label for path, label in zip(samples.items, samples.targets)}
+    assert labels == {"c1": 0, "c2": 1, "c10": 2}
+
+
+def test_natural_key_sorts_numbers_as_numbers():
+    assert sorted(["img10.png", "img2.png", "IMG1.png"], key=natural_key) == ["IMG1.png", "img2.png", "img10.png"]
+
+
+def test_non_image_files_and_hidden_folders_are_ignored(image_folder):
+    root = image_folder(classes=2, per_class=3)
+    (root / "c0" / "notes.txt").write_text("not an image")
+    (root / "c0" / ".DS_Store").write_bytes(b"\0\1")
+    (root / "c1" / "labels.csv").write_text("a,b\n")
+    (root / ".ipynb_checkpoints").mkdir()
+    (root / "README.md").write_text("a file beside the class folders")
+    samples = load_source(str(root))
+    assert samples.class_names == ["c0", "c1"]
+    assert len(samples) == 6
+    assert all(p.endswith(".png") for p in samples.items)
+
+
+def test_images_come_out_rgb_whatever_their_mode(image_folder):
+    root = image_folder(classes=1, per_class=1)
+    Image.new("L", (9, 7), 128).save(root / "c0" / "grey.png")
+    Image.new("RGBA", (9, 7), (255, 0, 0, 0)).save(root / "c0" / "clear.png")
+    Image.new("P", (9, 7)).save(root / "c0" / "palette.gif")
+    Image.fromarray(np.full((7, 9), 40000, dtype=np.uint16)).save(root / "c0" / "deep.png")
+    samples = load_source(str(root))
+    assert len(samples) == 5
+    for i in range(len(samples)):
+        image, label = samples[i]
+        assert image.mode == "RGB" and label == 0
+    by_name = {p.rsplit("/", 1)[-1]: samples[i][0] for i, p in enumerate(samples.items)}
+    assert by_name["clear.png"].getpixel((0, 0)) == (255, 255, 255)  # transparency composited on white
+    assert by_name["deep.png"].getpixel((0, 0))[0] == round(40000 / 65535 * 255)  # 16-bit rescaled, not clipped
+
+
+def test_empty_folder_is_a_user_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FinetuneError, match="no class subfolders"):
+        load_source(str(tmp_path / "empty"))
+
+
+def test_class_folders_without_images_are_a_user_error(tmp_path):
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    (tmp_path / "data" / "cat" / "notes.txt").write_text("x")
+    with pytest.raises(FinetuneError, match="no images"):
+        load_source(str(tmp_path / "data"))
+
+
+def test_stratified_split_is_seeded_and_validates_every_class():
+    targets = [0] * 10 + [1] * 2 + [2] * 7 + [3] * 1 + [4] * 25
+    train, val = stratified_split(targets, 0.2, seed=0)
+    assert stratified_split(targets, 0.2, seed=0) == (train, val)
+    assert stratified_split(targets, 0.2, seed=1) != (train, val)
+    assert sorted(train + val) == list(range(len(targets)))
+    assert not set(train) & set(val)
+    in_val = Counter(targets[i] for i in val)
+    assert set(in_val) == {0, 1, 2, 4}  # every class with >= 2 images; class 3 has only one
+    assert in_val[0] == 2 and in_val[4] == 5  # about 20% of each class
+    assert Counter(targets[i] for i in train)[1] == 1  # a class of two keeps one image to train on
+
+
+def test_split_from_build_splits_uses_the_seed(image_folder):
+    root = image_folder(classes=3, per_class=6)
+    a = build_splits(DataConfig(train=str(root), val_fraction=0.5), seed=0)
+    b = build_splits(DataConfig(train=str(root), val_fraction=0.5), seed=0)
+    c = build_splits(DataConfig(train=str(root), val_fraction=0.5), seed=5)
+    assert a.val_indices == b.val_indices and a.val_indices != c.val_indices
+    assert Counter(a.train.targets[i] for i in a.val_indices) == {0: 3, 1: 3, 2: 3}
+
+
+def test_sklearn_digits():
+    samples = load_source("sklearn:digits")
+    assert len(samples) == 1797
+    assert samples.class_names == [str(i) for i in range(10)]
+    assert sorted(set(samples.targets)) == list(range(10))
+    image, label = samples[0]
+    assert image.mode == "RGB" and image.size == (8, 8) and label == 0
+    pixels = np.asarray(samples[5][0])
+    assert pixels.dtype == np.uint8 and pixels.max() > 200  # 16 grey levels stretched to 0..255
+    assert (pixels[..., 0] == pixels[..., 1]).all()
+
+
+@pytest.mark.parametrize("source", ["folder", "sklearn:digits"])
+def test_sources_pickle_for_spawned_loader_workers(image_folder, source):
+    """DataLoader workers started with spawn (the default on macOS and Windows) receive the dataset pickled."""
+    import pickle
+
+    text = str(image_folder(classes=2, per_class=2)) if source == "folder" else source
+    samples = load_source(text)
+    copy = pickle.loads(pickle.dumps(samples))
+    assert len(copy) == len(samples) and copy[0][1] == samples[0][1]
+    assert np.array_equal(np.asarray(copy[0][0]), np.asarray(samples[0][0]))
+
+
+def test_val_folder_labels_follow_the_training_classes(image_folder):
+    train = image_folder(classes=["c1", "c2", "c10"], per_class=2, name="train")
+    val = image_folder(classes=["c10"], per_class=2, name="val")
+    splits = build_splits(DataConfig(train=str(train), val=str(val)), seed=0)
+    assert splits.class_names == ["c1", "c2", "c10"]
+    assert splits.val.targets == [2, 2]
+    assert splits.train_indices is None and splits.val_indices is None
+
+
+def test_val_folder_with_unknown_class_is_refused(image_folder):
+    train = image_folder(classes=["cat", "dog"], per_class=2, name="train")
+    val = image_folder(classes=["cat", "dog", "fox"], per_class=2, name="val")
+    with pytest.raises(FinetuneError, match="fox"):
+        build_splits(DataConfig(train=str(train), val=str(val)), seed=0)
+
+
+def test_no_class_with_two_images_cannot_be_split(image_folder):
+    root = image_folder(classes=3, per_class=1)
+    with pytest.raises(FinetuneError, match="data.val"):
+        build_splits(DataConfig(train=str(root)), seed=0)
+
+
+def test_in_memory_dataset_needs_class_names():
+    data = [(Image.new("RGB", (8, 8)), 0), (Image.new("RGB", (8, 8)), 1)] * 2
+    with pytest.raises(FinetuneError, match="class_names"):
+        build_splits(DataConfig(train="python:train_data"), seed=0, train=data)
+    splits = build_splits(DataConfig(train="python:train_data"), seed=0, train=data, class_names=["a", "b"])
+    assert splits.class_names == ["a", "b"] and len(splits.val_indices) == 2
+
+
+def test_transforms_follow_the_backbone_config_and_image_size():
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    data_cfg = resolve_data_config(model, DataConfig(train="x", image_size=48))
+    assert data_cfg["input_size"] == (3, 48, 48)
+    assert data_cfg["mean"] == model.pretrained_cfg["mean"]
+    train_tf, eval_tf = build_transforms(data_cfg, DataConfig(train="x", image_size=48))
+    dataset = Transformed([(Image.new("L", (100, 70), 200), 1), (torch.zeros(3, 20, 30, dtype=torch.uint8), 0)],
+                          None, eval_tf)
+    for i, expected_label in enumerate([1, 0]):
+        x, label = dataset[i]
+        assert x.shape == (3, 48, 48) and x.dtype == torch.float32 and label == expected_label
+    assert train_tf(Image.new("RGB", (64, 64))).shape == (3, 48, 48)

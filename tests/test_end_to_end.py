@@ -1,0 +1,462 @@
+"""End to end on CPU with test_resnet: the CLI (as a subprocess) and the Python API train, export, reload,
+predict, refuse bad input without writing anything, and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import timm.data
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import finetune
+from finetune import FinetuneError
+from finetune.config import load_recipe
+
+RUN_FILES = {"recipe.yaml", "plan.json", "metrics.jsonl", "curves.png", "model.safetensors", "config.json",
+             "checkpoint"}
+HEAD = {"fc.weight", "fc.bias"}  # test_resnet's classifier
+CLASSES = ["c0", "c1", "c2"]
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def listing(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# One CLI run and one Python API run of the same recipe, shared by the checks below.
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def data_dir(workdir, make_image_folder) -> Path:
+    return make_image_folder(workdir / "data", classes=3, per_class=8, size=32)
+
+
+@pytest.fixture(scope="module")
+def recipe(data_dir, make_recipe) -> dict:
+    return make_recipe(data_dir)  # test_resnet, 32 px, 2 epochs, batch 8, num_workers 0, pretrained false
+
+
+@pytest.fixture(scope="module")
+def recipe_file(workdir, recipe) -> Path:
+    return write_recipe(workdir / "recipe.yaml", recipe)
+
+
+@pytest.fixture(scope="module")
+def cli_run(workdir, recipe_file) -> Path:
+    run = workdir / "cli_run"
+    proc = run_cli("train", recipe_file, "--output", run, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def api_run(workdir, recipe):
+    """finetune.train on the same recipe, with no --output: a new folder under ./runs."""
+    cwd = workdir / "api_cwd"
+    cwd.mkdir()
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        result = finetune.train(recipe)
+    finally:
+        os.chdir(old)
+    return result, cwd
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run directory
+
+
+def test_cli_run_writes_exactly_the_run_files(cli_run):
+    assert listing(cli_run) == RUN_FILES
+    assert (cli_run / "checkpoint").is_dir()
+    state = json.loads((cli_run / "checkpoint" / "trainer_state.json").read_text())
+    assert state["epoch"] == 2
+
+
+def test_metrics_records(cli_run):
+    records = read_metrics(cli_run)
+    assert [r["epoch"] for r in records] == [1, 2]
+    plan = json.loads((cli_run / "plan.json").read_text())
+    trainable = {g["name"] for g in plan if g["trainable"]}
+    for r in records:
+        assert isinstance(r["train_loss"], float) and r["train_loss"] > 0
+        assert isinstance(r["val_loss"], float) and r["val_loss"] > 0
+        assert 0.0 <= r["val_acc"] <= 1.0
+        assert set(r["lr"]) == trainable
+        assert r["lr"]["head"] == pytest.approx(10 * r["lr"]["backbone"], rel=1e-9)
+    assert records[1]["lr"]["backbone"] < records[0]["lr"]["backbone"]  # cosine decay after the warmup epoch
+
+
+def test_config_json_is_timm_format(cli_run):
+    config = json.loads((cli_run / "config.json").read_text())
+    assert config["architecture"] == "test_resnet"
+    assert config["num_classes"] == 3
+    assert config["label_names"] == CLASSES
+    cfg = config["pretrained_cfg"]
+    assert cfg["input_size"] == [3, 32, 32]
+    model = timm.create_model("test_resnet", pretrained=False)
+    assert cfg["mean"] == list(model.pretrained_cfg["mean"]) and cfg["std"] == list(model.pretrained_cfg["std"])
+
+
+def test_saved_recipe_is_fully_resolved_and_loads(cli_run, recipe):
+    saved = yaml.safe_load((cli_run / "recipe.yaml").read_text())
+    assert saved["optim"]["lr"] == 3e-4 and saved["optim"]["weight_decay"] == 0.05  # defaults written out
+    assert load_recipe(cli_run / "recipe.yaml") == load_recipe(recipe)
+
+
+def test_plan_json_matches_the_plan(cli_run, recipe):
+    saved = json.loads((cli_run / "plan.json").read_text())
+    assert saved == json.loads(finetune.plan(recipe).dumps())
+    lrs = {g["name"]: g["lr"] for g in saved}
+    assert lrs["head"] == 10 * lrs["backbone"]
+
+
+def test_curves_png_is_a_valid_png(cli_run):
+    path = cli_run / "curves.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+
+
+def test_export_is_the_best_epoch(cli_run):
+    records = read_metrics(cli_run)
+    best = max(records, key=lambda r: r["val_acc"])["epoch"]  # the first epoch with the best accuracy
+    exported = load_file(str(cli_run / "model.safetensors"))
+    last = load_file(str(cli_run / "checkpoint" / "model.safetensors"))
+    same_as_last = all(torch.equal(exported[k], last[k]) for k in last)
+    assert same_as_last == (best == records[-1]["epoch"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Using the result
+
+
+def test_timm_and_finetune_load_give_identical_logits(cli_run, data_dir):
+    plain = timm.create_model(f"local-dir:{cli_run}", pretrained=True).eval()
+    predictor = finetune.load(cli_run)
+    assert predictor.label_names == CLASSES
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(plain), is_training=False)
+    batch = torch.stack([transform(Image.open(data_dir / c / "0.png").convert("RGB")) for c in CLASSES])
+    with torch.no_grad():
+        expected = plain(batch)
+        got = predictor.model(batch)
+    assert expected.shape == (3, 3)
+    assert (expected - got).abs().max().item() <= 1e-5
+    # the predictor's own preprocessing of paths gives the same logits
+    from_paths = predictor.logits([data_dir / c / "0.png" for c in CLASSES])
+    assert (from_paths - expected).abs().max().item() <= 1e-5
+
+
+def test_predictor_accepts_paths_pil_images_and_tensors(cli_run, data_dir):
+    predictor = finetune.load(cli_run)
+    path = data_dir / "c1" / "3.png"
+    image = Image.open(path).convert("RGB")
+    by_path, by_image = predictor.predict(path)[0], predictor.predict(image)[0]
+    by_tensor = predictor.predict(torch.tensor(np.array(image)).permute(2, 0, 1))[0]  # CHW uint8
+    assert [p["label"] for p in by_path] == [p["label"] for p in by_image] == [p["label"] for p in by_tensor]
+    assert by_path[0]["prob"] == pytest.approx(by_image[0]["prob"], abs=1e-6)
+    assert by_path[0]["prob"] == pytest.approx(by_tensor[0]["prob"], abs=1e-6)
+    assert len(predictor.predict([path, image], top_k=2)) == 2
+
+
+def test_predict_json_cli(cli_run, data_dir, workdir):
+    images = [str(data_dir / c / "1.png") for c in CLASSES]
+    proc = run_cli("predict", "--json", cli_run, *images, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout)
+    assert [r["image"] for r in results] == images
+    plain = timm.create_model(f"local-dir:{cli_run}", pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(plain), is_training=False)
+    for r in results:
+        assert set(r) == {"image", "predictions"}
+        preds = r["predictions"]
+        assert len(preds) == 3 and {p["label"] for p in preds} == set(CLASSES)
+        assert all(set(p) == {"label", "prob"} for p in preds)
+        probs = [p["prob"] for p in preds]
+        assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-5)
+        with torch.no_grad():
+            logits = plain(transform(Image.open(r["image"]).convert("RGB")).unsqueeze(0))
+        assert preds[0]["label"] == CLASSES[logits.argmax().item()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Python API
+
+
+def test_api_train_returns_run_dir_and_metrics(api_run):
+    result, cwd = api_run
+    run = Path(result.run_dir)
+    run = run if run.is_absolute() else cwd / run  # a path relative to the working directory of the run
+    assert run.parent.resolve() == (cwd / "runs").resolve() and run.name.endswith("-test_resnet")
+    assert listing(run) == RUN_FILES
+    assert result.metrics == read_metrics(run)
+    assert [r["epoch"] for r in result.metrics] == [1, 2]
+    assert result.final == result.metrics[-1]
+    assert result.best_val_acc == max(r["val_acc"] for r in result.metrics)
+
+
+def test_cli_and_api_runs_of_one_recipe_agree(api_run, cli_run):
+    """Same seed, same data, num_workers 0: the two entry points run the same loop."""
+    result, _ = api_run
+    keys = ("epoch", "step", "train_loss", "val_loss", "val_acc", "lr")
+    assert [{k: r[k] for k in keys} for r in result.metrics] == [{k: r[k] for k in keys} for r in read_metrics(cli_run)]
+
+
+def test_api_train_on_in_memory_data(tmp_path, make_recipe):
+    rng = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 255, (3, 24, 24), dtype=torch.uint8, generator=rng), i % 2) for i in range(20)]
+    recipe = make_recipe("unused", **{"train.epochs": 1})
+    del recipe["data"]["train"]
+    result = finetune.train(recipe, train_data=data, class_names=["even", "odd"], output=tmp_path / "run")
+    assert len(result.metrics) == 1 and result.metrics[0]["val_images"] == 4  # 20% of each class of 10
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["label_names"] == ["even", "odd"]
+
+
+def test_freeze_backbone_keeps_every_backbone_tensor_bit_for_bit(tmp_path, data_dir, make_recipe):
+    torch.manual_seed(123)
+    initial_model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so keeping them is a real check
+        for m in initial_model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(7)
+    initial = {k: v.contiguous() for k, v in initial_model.state_dict().items()}
+    save_file(initial, str(tmp_path / "initial.safetensors"))
+    recipe = make_recipe(data_dir, **{"model.pretrained": str(tmp_path / "initial.safetensors"),
+                                      "freeze.backbone": True})
+    result = finetune.train(recipe, output=tmp_path / "run")
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert {n for g in plan if g["trainable"] for n in g["params"]} == HEAD
+    for name in ("model.safetensors", "checkpoint/model.safetensors"):  # the best epoch and the last one
+        trained = load_file(str(tmp_path / "run" / name))
+        assert set(trained) == set(initial)
+        changed = [k for k in initial if k not in HEAD and not torch.equal(trained[k], initial[k])]
+        assert changed == [], f"{name}: backbone tensors changed: {changed[:5]}"
+    last = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    assert not torch.equal(last["fc.weight"], initial["fc.weight"])  # the head did train
+    assert result.metrics[-1]["lr"].keys() == {"head", "head.no_decay"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# User errors: exit 2, no traceback, nothing written
+
+
+def test_unknown_key_exits_2_with_did_you_mean_and_writes_nothing(workdir, recipe_file):
+    cwd = workdir / "lrr_cwd"
+    cwd.mkdir()
+    proc = run_cli("train", recipe_file, "optim.lrr=0.1", cwd=cwd)
+    assert proc.returncode == 2
+    assert "lrr" in proc.stderr and "did you mean optim.lr?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert listing(cwd) == set()  # no runs/ folder
+
+
+def test_missing_data_path_exits_nonzero_naming_it_and_writes_nothing(workdir, recipe_file):
+    cwd = workdir / "nodata_cwd"
+    cwd.mkdir()
+    proc = run_cli("train", recipe_file, "data.train=/no/such/dir", "--output", cwd / "out", cwd=cwd)
+    assert proc.returncode == 2
+    assert "/no/such/dir" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert listing(cwd) == set()
+
+
+def test_non_empty_output_is_refused_without_overwrite(workdir, recipe_file):
+    out = workdir / "occupied"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = run_cli("train", recipe_file, "--output", out, cwd=workdir)
+    assert proc.returncode == 2
+    assert "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    assert listing(out) == {"keep.txt"} and (out / "keep.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_only_a_previous_run(tmp_path, recipe):
+    other = tmp_path / "not_a_run"
+    other.mkdir()
+    (other / "thesis.tex").write_text("precious")
+    with pytest.raises(FinetuneError, match="left alone"):
+        finetune.train(recipe, output=other, overwrite=True)
+    assert listing(other) == {"thesis.tex"}
+
+
+def test_plan_json_cli_parses(workdir, recipe_file):
+    proc = run_cli("plan", recipe_file, "freeze.backbone=true", "--json", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    groups = json.loads(proc.stdout)
+    assert all({"name", "lr", "weight_decay", "params", "trainable"} <= set(g) for g in groups)
+    assert {n for g in groups if g["trainable"] for n in g["params"]} == HEAD
+    assert sorted(n for g in groups for n in g["params"]) == sorted(
+        n for n, _ in timm.create_model("test_resnet", num_classes=3).named_parameters())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resume
+
+
+# Runs the real CLI with each optimizer update slowed down, so that a kill lands inside an epoch.
+SLOW_CLI = """
+import sys, time
+import finetune.loop as loop
+_multiplier = loop.lr_multiplier
+def slow_multiplier(*args):
+    time.sleep(0.25)
+    return _multiplier(*args)
+loop.lr_multiplier = slow_multiplier
+from finetune.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_kill_mid_run_then_resume_finishes_the_run(tmp_path, make_image_folder, make_recipe):
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=12, size=32)  # 3 updates per epoch
+    recipe_file = write_recipe(tmp_path / "recipe.yaml", make_recipe(data, **{"train.epochs": 3}))
+    run = tmp_path / "run"
+    runner = tmp_path / "slow_cli.py"
+    runner.write_text(SLOW_CLI)
+    proc = subprocess.Popen([sys.executable, str(runner), "train", str(recipe_file), "--output", str(run)],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            metrics = run / "metrics.jsonl"
+            if (metrics.is_file() and metrics.read_text().count("\n") >= 1
+                    and (run / "checkpoint" / "trainer_state.json").is_file()):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        time.sleep(0.1)  # inside epoch 2
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(read_metrics(run)) == 1, "the kill should land in epoch 2"
+
+    resumed = run_cli("train", "--resume", run, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout and "after epoch 1" in resumed.stdout
+    assert listing(run) == RUN_FILES
+    records = read_metrics(run)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [3, 6, 9]
+    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["epoch"] == 3
+    assert finetune.load(run).label_names == CLASSES
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_from_epoch_one_checkpoint_matches_uninterrupted_run(tmp_path, recipe, api_run, monkeypatch):
+    import finetune.loop as loop
+
+    result, cwd = api_run
+    uninterrupted = Path(result.run_dir) if Path(result.run_dir).is_absolute() else cwd / result.run_dir
+    save_checkpoint = loop._save_checkpoint
+
+    def stop_after_epoch_one(accelerator, run_dir, state):
+        save_checkpoint(accelerator, run_dir, state)
+        if state["epoch"] == 1:
+            raise _Killed
+
+    monkeypatch.setattr(loop, "_save_checkpoint", stop_after_epoch_one)
+    with pytest.raises(_Killed):
+        finetune.train(recipe, output=tmp_path / "run")
+    monkeypatch.setattr(loop, "_save_checkpoint", save_checkpoint)
+    assert len(read_metrics(tmp_path / "run")) == 1
+
+    resumed = finetune.train(resume=tmp_path / "run")
+    assert [r["epoch"] for r in resumed.metrics] == [1, 2]
+    assert [r["train_loss"] for r in resumed.metrics] == [r["train_loss"] for r in result.metrics]
+    expected = load_file(str(uninterrupted / "checkpoint" / "model.safetensors"))
+    got = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    assert set(got) == set(expected)
+    worst = max((got[k].double() - expected[k].double()).abs().max().item() for k in expected)
+    assert worst <= 1e-6
+
+
+def test_resume_with_a_different_recipe_is_refused(cli_run, recipe):
+    with pytest.raises(FinetuneError, match="train.epochs"):
+        finetune.train(recipe, resume=cli_run, **{"train.epochs": 5})
+
+
+def test_resume_of_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    with pytest.raises(FinetuneError, match="not a run directory"):
+        finetune.train(resume=tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backbones with a fixed input size, and default run folder names
+
+
+def test_fixed_size_backbone_at_another_image_size_trains_or_refuses_cleanly(tmp_path, data_dir, make_recipe):
+    recipe = make_recipe(data_dir, **{"model.backbone": "test_vit3", "train.epochs": 1})  # native 160 px, asked 32
+    run = tmp_path / "run"
+    try:
+        result = finetune.train(recipe, output=run)
+    except FinetuneError as e:
+        assert "image_size" in str(e)
+        assert not run.exists()
+    else:
+        assert len(result.metrics) == 1 and listing(run) == RUN_FILES
+
+
+def test_default_run_folders_do_not_collide(tmp_path, monkeypatch):
+    from finetune.rundir import RunDir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("finetune.rundir.time.strftime", lambda fmt: "20250101-120000")
+    first = RunDir.for_new_run(None, "test_resnet").path
+    assert first == tmp_path / "runs" / "20250101-120000-test_resnet"
+    first.mkdir(parents=True)
+    second = RunDir.for_new_run(None, "test_resnet").path
+    assert second != first and second.parent == first.parent and not second.exists()
+
+
+def test_default_run_folder_for_hub_backbone_on_collision(tmp_path, monkeypatch):
+    from finetune.rundir import RunDir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("finetune.rundir.time.strftime", lambda fmt: "20250101-120000")
+    first = RunDir.for_new_run(None, "hf-hub:timm/resnet18.a1_in1k").path
+    first.mkdir(parents=True)
+    second = RunDir.for_new_run(None, "hf-hub:timm/resnet18.a1_in1k").path
+    assert second.parent == first.parent == tmp_path / "runs" and second != first
