@@ -77,16 +77,10 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
     model = build_model(config.model, len(splits.class_names), log, config.data.image_size)
     data_cfg = resolve_data_config(model, config.data)
     train_tf, eval_tf = build_transforms(data_cfg, config.data)
-    plan = build_plan(model, config.optim, config.freeze)
-    plan.apply_freezing(model)
-    keep_eval = plan.frozen_norm_modules(model)  # frozen BatchNorm keeps its loaded statistics
-    optimizer = build_optimizer(config.optim, plan.optimizer_groups(model), fused=accelerator.device.type == "cuda")
+    plan, keep_eval, optimizer = _plan_and_optimizer(config, model, accelerator)
 
     processes = accelerator.num_processes
-    if tc.batch_size % processes:
-        raise FinetuneError(f"train.batch_size={tc.batch_size} is the global batch and must divide evenly over "
-                            f"{processes} processes; use a multiple of {processes}.")
-    per_device = tc.batch_size // processes
+    per_device = _per_device_batch(tc.batch_size, processes)
     workers = default_num_workers() if config.data.num_workers is None else config.data.num_workers
     pin = accelerator.device.type == "cuda"
     train_set = Transformed(splits.train, splits.train_indices, train_tf)
@@ -98,6 +92,9 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
     updates_per_epoch = len(train_loader)
     total_updates = tc.epochs * updates_per_epoch
     warmup_updates = min(round(tc.warmup_epochs * updates_per_epoch), total_updates - 1)
+
+    def schedule(update: int) -> float:
+        return lr_multiplier(update, total_updates, warmup_updates)
     log(f"finetune: {config.model.backbone} -> {len(splits.class_names)} classes | {len(train_set)} train, "
         f"{len(val_set)} val images | input {data_cfg['input_size'][1]}x{data_cfg['input_size'][2]}")
     log(f"  {processes} process(es) on {accelerator.device.type} in {accelerator.mixed_precision} | global batch "
@@ -127,27 +124,9 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
         # Augmentation and dropout seeded by (seed, epoch, process): distinct per process, repeated on resume.
         set_seed(tc.seed + 1000 * (epoch + 1), device_specific=True)
         train_loader.set_epoch(epoch)
-        model.train()
-        for module in keep_eval:
-            module.eval()
         started = time.perf_counter()
-        loss_sum = torch.zeros((), device=accelerator.device)
-        bar = tqdm(total=updates_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
-                   dynamic_ncols=True, **({} if main else {"disable": True}))  # TQDM_DISABLE=1 silences it
-        for images, labels in train_loader:
-            set_lr(optimizer, lr_multiplier(step, total_updates, warmup_updates))
-            loss = F.cross_entropy(model(images), labels, label_smoothing=tc.label_smoothing)
-            accelerator.backward(loss)
-            if tc.grad_clip is not None:
-                accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss_sum += loss.detach()
-            bar.update()
-            if step % 20 == 0 and main:  # reading the loss syncs the device: only now and then
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        bar.close()
+        step, loss_sum = train_epoch(model, train_loader, optimizer, accelerator, step, schedule, tc, keep_eval,
+                                     desc=f"epoch {epoch + 1}/{tc.epochs}")
         train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(1, updates_per_epoch)
         seconds = time.perf_counter() - started
 
@@ -173,6 +152,80 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
     log(f"done: best val acc {100 * best_acc:.2f}% at epoch {best_epoch}; model in {run_dir.path}")
     accelerator.end_training()
     return TrainResult(str(run_dir.path.resolve()), records, best_epoch, best_acc)
+
+
+def _plan_and_optimizer(config: RecipeConfig, model, accelerator: Accelerator):
+    plan = build_plan(model, config.optim, config.freeze)
+    plan.apply_freezing(model)
+    keep_eval = plan.frozen_norm_modules(model)  # frozen BatchNorm keeps its loaded statistics
+    optimizer = build_optimizer(config.optim, plan.optimizer_groups(model), fused=accelerator.device.type == "cuda")
+    return plan, keep_eval, optimizer
+
+
+def _per_device_batch(batch_size: int, processes: int) -> int:
+    if batch_size % processes:
+        raise FinetuneError(f"train.batch_size={batch_size} is the global batch and must divide evenly over "
+                            f"{processes} processes; use a multiple of {processes}.")
+    return batch_size // processes
+
+
+def prepare_benchmark(config: RecipeConfig, model, dataset) -> tuple[Callable[[int], float], torch.device]:
+    """The toolkit's own training step, set up as train() sets it up, over an in-memory dataset of ready
+    tensors. Returns `run(n)`: n updates through train_epoch, timed to the last kernel, in seconds."""
+    accelerator = build_accelerator(config)
+    _, keep_eval, optimizer = _plan_and_optimizer(config, model, accelerator)
+    per_device = _per_device_batch(config.train.batch_size, accelerator.num_processes)
+    loader = build_loader(dataset, per_device, True, 0, accelerator.device.type == "cuda")
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    state = {"step": 0}
+
+    def run(n: int) -> float:
+        _synchronize(accelerator.device)
+        started = time.perf_counter()
+        state["step"], loss_sum = train_epoch(model, loader, optimizer, accelerator, state["step"], lambda _: 1.0,
+                                              config.train, keep_eval, max_steps=n, progress=False)
+        loss_sum.item()
+        _synchronize(accelerator.device)
+        return time.perf_counter() - started
+
+    return run, accelerator.device
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_epoch(model, loader, optimizer, accelerator: Accelerator, step: int, schedule: Callable[[int], float],
+                tc, keep_eval=(), desc: str = "train", max_steps: int | None = None,
+                progress: bool = True) -> tuple[int, torch.Tensor]:
+    """One pass over `loader` (or `max_steps` batches): one optimizer update per batch. Returns the update
+    count after it and the summed loss, kept on the device so that no step waits for a host sync."""
+    model.train()
+    for module in keep_eval:
+        module.eval()
+    main = accelerator.is_main_process
+    loss_sum = torch.zeros((), device=accelerator.device)
+    total = len(loader) if max_steps is None else min(max_steps, len(loader))
+    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
+               **({} if main and progress else {"disable": True}))  # TQDM_DISABLE=1 silences it
+    for done, (images, labels) in enumerate(loader):
+        if done == total:
+            break
+        set_lr(optimizer, schedule(step))
+        loss = F.cross_entropy(model(images), labels, label_smoothing=tc.label_smoothing)
+        accelerator.backward(loss)
+        if tc.grad_clip is not None:
+            accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_sum += loss.detach()
+        bar.update()
+        if step % 20 == 0 and main and not bar.disable:  # reading the loss syncs the device: only now and then
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return step, loss_sum
 
 
 @torch.no_grad()
