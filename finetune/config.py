@@ -26,6 +26,8 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import FinetuneError
+from .locate import (hf_hub_cached, hf_hub_offline, hf_local_kind, hf_offline_message, torchvision_expected_files,
+                     torchvision_missing_message)
 
 # ----------------------------------------------------------------------------------------------------
 # The schema. Defaults are a quality bar: a recipe naming only backbone, weights and data should train well.
@@ -43,8 +45,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = ""  # required: a source, e.g. path/to/folder (one subfolder per class) or sklearn:digits
+    # required: a source: a folder (one subfolder per class), a .csv/.jsonl manifest, hf:NAME_OR_DIR[@split],
+    # torchvision:NAME[@train|test] or sklearn:digits (grammar: parse_source below)
+    train: str = ""
     val: str | None = None  # none: a stratified, seeded split of train (val_fraction of every class)
+    test: str | None = None  # evaluated once after training, with the best epoch's weights; none: no test
     val_fraction: float = 0.2  # share of each class held out when `val` is absent
     image_size: int | None = None  # pixels (square); none: the backbone's pretrained input size
     # Eval-time centre crop: resize to image_size / crop_pct, crop image_size. none: the backbone's (often
@@ -59,6 +64,18 @@ class DataConfig:
     color_jitter: float = 0.4  # brightness/contrast/saturation strength; 0 turns it off
     auto_augment: str | None = None  # a timm policy string such as rand-m9-mstd0.5; none: off
     num_workers: int | None = None  # loader processes per training process; none: min(8, cores - 1)
+    # hf: and manifests: the column holding images (or image paths) and the one holding labels. none: found
+    # automatically (an Image feature and a ClassLabel; else a column named image/path/file, label/class).
+    image_column: str | None = None
+    label_column: str | None = None
+    root: str = "data"  # folder holding torchvision:NAME datasets, relative to the working directory
+    download: bool = False  # torchvision only: fetch missing files into root; off so a run never downloads by surprise
+    # An unreadable, truncated or empty image file: skip (listed in data_report.json; the run goes on) or
+    # error (every image is decoded once before training and all bad files are listed; nothing is written).
+    on_bad_image: Literal["skip", "error"] = "skip"
+    # shuffle: each image once per epoch. balanced: every class drawn equally often (with replacement), for
+    # data where rare classes matter as much as common ones.
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,12 @@ class TrainConfig:
     warmup_epochs: float = 1.0  # linear warmup, then cosine to zero; protects the body from the random head
     label_smoothing: float = 0.1  # cross-entropy smoothing; regularises small fine-tuning sets
     grad_clip: float | None = None  # max global gradient norm; none: no clipping
+    # auto: weigh each class's loss by inverse frequency (N / (classes x count)), so rare classes count as much
+    # as common ones; none: every image weighs the same.
+    class_weights: Literal["none", "auto"] = "none"
+    # After training: this many highest-loss train and val images (the likely label errors) go into
+    # hard_examples.json and a PNG grid; 0 skips the extra inference pass over train and val.
+    hard_examples: int = 24
 
 
 @dataclass(frozen=True)
@@ -105,16 +128,19 @@ _REQUIRED = {"model.backbone", "data.train"}
 OPTIMIZER_DEFAULTS = {"adamw": {"lr": 3e-4, "weight_decay": 0.05}, "sgd": {"lr": 0.01, "weight_decay": 1e-4}}
 
 # ----------------------------------------------------------------------------------------------------
-# Source strings: `PATH` (a folder, or later a .csv/.jsonl manifest) or `SCHEME:NAME[@SPLIT]`.
+# Source strings: `PATH` (a folder, or a .csv/.jsonl manifest) or `SCHEME:NAME[@SPLIT]`.
 
 # "python" names an in-memory dataset handed to finetune.train(); it cannot come from a YAML file.
-SOURCE_SCHEMES = ("sklearn", "python")  # grows with data.py: hf, torchvision
+SOURCE_SCHEMES = ("hf", "torchvision", "sklearn", "python")
+MANIFEST_SUFFIXES = (".csv", ".jsonl")
+# torchvision datasets built as NAME(root, train=..., download=...); their expected files come from the class.
+TORCHVISION_DATASETS = ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
 @dataclass(frozen=True)
 class SourceSpec:
-    scheme: str  # "folder" for a plain path, else the prefix before ':'
+    scheme: str  # "folder" or "manifest" for a plain path, else the prefix before ':'
     name: str  # the path, or the dataset name after the scheme
     split: str | None = None  # after '@', e.g. hf:beans@validation
 
@@ -123,12 +149,17 @@ def parse_source(text: str) -> SourceSpec:
     """Split a `data.*` string into scheme, name and split. Windows drive letters are paths, not schemes."""
     scheme, sep, rest = text.partition(":")
     if sep and scheme in SOURCE_SCHEMES:
-        name, _, split = rest.partition("@")
+        name, at, split = rest.rpartition("@")
+        if not at or "/" in split:  # no '@', or an '@' inside a path
+            name, split = rest, ""
         return SourceSpec(scheme, name, split or None)
+    if Path(text).suffix.lower() in MANIFEST_SUFFIXES:
+        return SourceSpec("manifest", text)
     return SourceSpec("folder", text)
 
 
-def _check_source(key: str, text: str) -> list[str]:
+def _check_source(key: str, text: str, data: DataConfig) -> list[str]:
+    """Problems with one source that are cheap to find before anything loads: paths, files, caches."""
     spec = parse_source(text)
     if spec.scheme == "python":
         return []
@@ -138,13 +169,71 @@ def _check_source(key: str, text: str) -> list[str]:
         if importlib.util.find_spec("sklearn") is None:
             return [f"{key}: sklearn:digits needs scikit-learn; install it with `pip install scikit-learn`."]
         return []
+    if spec.scheme == "hf":
+        return [f"{key}: {m}" for m in check_hf_source(spec)]
+    if spec.scheme == "torchvision":
+        return [f"{key}: {m}" for m in check_torchvision_source(spec, data.root, data.download)]
     path = Path(text).expanduser()
+    what = ("a .csv/.jsonl manifest with an image path and a label per row" if spec.scheme == "manifest"
+            else "a folder with one subfolder of images per class")
     if not path.exists():
-        return [f"{key}: no such file or folder {text!r} (looked at {path.resolve()}); "
-                "give a folder with one subfolder of images per class, or sklearn:digits."]
-    if not path.is_dir():
-        return [f"{key}: {text!r} is a file; give a folder with one subfolder of images per class."]
+        return [f"{key}: no such file or folder {text!r} (looked at {path.resolve()}); give {what}, "
+                "hf:NAME_OR_DIR, torchvision:NAME or sklearn:digits."]
+    if spec.scheme == "manifest" and not path.is_file():
+        return [f"{key}: {text!r} is a folder; a manifest is a {path.suffix} file."]
+    if spec.scheme == "folder" and not path.is_dir():
+        return [f"{key}: {text!r} is a file; give {what}, or a {' or '.join(MANIFEST_SUFFIXES)} manifest."]
     return []
+
+
+def _check_distinct_sources(data: DataConfig) -> list[str]:
+    """data.val or data.test naming exactly the training data would report training accuracy as validation."""
+    train = _with_default_split(parse_source(data.train))
+    return [f"data.{key}: {text!r} is the training data itself; name another split (e.g. @test) or leave "
+            f"data.{key} out{' to split validation off train' if key == 'val' else ''}."
+            for key, text in (("val", data.val), ("test", data.test))
+            if text is not None and train.scheme != "python" and _with_default_split(parse_source(text)) == train]
+
+
+def _with_default_split(spec: SourceSpec) -> SourceSpec:
+    if spec.scheme in ("hf", "torchvision") and spec.split is None:
+        return dataclasses.replace(spec, split="train")
+    return spec
+
+
+# --- hf: a directory written by save_to_disk, a folder of parquet files, or a hub dataset id
+
+
+def check_hf_source(spec: SourceSpec) -> list[str]:
+    path = Path(spec.name).expanduser()
+    if path.exists():
+        if hf_local_kind(path) is None:
+            return [f"hf:{spec.name} is neither a folder written by Dataset.save_to_disk (no dataset_dict.json or "
+                    "state.json inside) nor a folder of .parquet files; for a folder of images per class, drop the "
+                    "hf: prefix."]
+        return []
+    if spec.name.startswith((".", "/", "~")) or spec.name.count("/") > 1 or not spec.name:
+        return [f"hf:{spec.name}: no such folder (looked at {path.resolve()})."]
+    if not hf_hub_cached(spec.name) and hf_hub_offline():
+        return [hf_offline_message(spec.name)]
+    return []
+
+
+# --- torchvision:NAME under data.root
+
+
+def check_torchvision_source(spec: SourceSpec, root: str, download: bool) -> list[str]:
+    if spec.name not in TORCHVISION_DATASETS:
+        close = difflib.get_close_matches(spec.name, TORCHVISION_DATASETS, n=1, cutoff=0.5)
+        hint = f"did you mean torchvision:{close[0]}? " if close else ""
+        return [f"torchvision:{spec.name} is not supported; {hint}available: {', '.join(TORCHVISION_DATASETS)}."]
+    if spec.split not in (None, "train", "test"):
+        return [f"torchvision:{spec.name}@{spec.split}: the split is train or test."]
+    folder, files, origin = torchvision_expected_files(spec.name, root)
+    missing = [f for f in files if not (folder / f).is_file()]
+    if not missing or download:
+        return []
+    return [torchvision_missing_message(spec.name, folder, missing, origin)]
 
 
 def _check_backbone(name: str) -> list[str]:
@@ -437,6 +526,7 @@ def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
         ("data.hflip", 0 <= c.data.hflip <= 1, "is a probability, in [0, 1]"),
         ("data.color_jitter", c.data.color_jitter >= 0, "must be >= 0"),
         ("data.num_workers", c.data.num_workers is None or c.data.num_workers >= 0, "must be >= 0 or null"),
+        ("train.hard_examples", c.train.hard_examples >= 0, "must be >= 0 (0 turns hard examples off)"),
         ("model.drop_path_rate", 0 <= c.model.drop_path_rate < 1, "must be in [0, 1)"),
     ]
     for key, ok, what in rules:
@@ -444,8 +534,10 @@ def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
             section, name = key.split(".")
             errors.append(f"{key}: {getattr(getattr(c, section), name)!r} {what}")
     checks = [("model.backbone", lambda: _check_backbone(c.model.backbone)),
-              ("data.train", lambda: _check_source("data.train", c.data.train)),
-              ("data.val", lambda: _check_source("data.val", c.data.val) if c.data.val is not None else []),
+              ("data.train", lambda: _check_source("data.train", c.data.train, c.data)),
+              ("data.val", lambda: _check_source("data.val", c.data.val, c.data) if c.data.val is not None else []),
+              ("data.test", lambda: _check_source("data.test", c.data.test, c.data) if c.data.test is not None else []),
+              ("data.train", lambda: _check_distinct_sources(c.data)),
               ("model.pretrained", lambda: _check_weights(c.model.pretrained))]
     for key, check in checks:
         if key not in bad:

@@ -1,119 +1,75 @@
-"""Data: source strings -> labelled image datasets -> the backbone's own transforms -> data loaders.
+"""Data: sources -> the run's train/val/test splits -> the backbone's own transforms -> data loaders.
 
-A source yields (PIL RGB image, class index) lazily, one sample at a time, and knows its class names.
-The class list is computed once per run from the training source (natural sort: c1, c2, c10) and
-applied to validation. Transforms come from timm's pretrained data config of the backbone (mean, std,
-interpolation, crop), so a ViT and a ResNet each see the preprocessing they were trained with.
+Sources (sources.py) yield (PIL RGB image, class index) lazily and know their class names. Here the
+class list is fixed once per run from the training data and applied to val and test; validation is
+split off train when not given; `Transformed` applies timm's transforms and survives bad files; and the
+loaders shuffle, or take a sampler that draws classes evenly (balance.py). Transforms come from timm's
+pretrained data config of the backbone (mean, std, interpolation, crop), so a ViT and a ResNet each see
+their own preprocessing.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import timm.data
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .config import DataConfig, SourceSpec, parse_source
+from .badimages import BAD_IMAGE_ERRORS, IGNORE_LABEL, MAX_BAD_IN_A_ROW, SkipLog, describe_error
+from .config import DataConfig
 from .errors import FinetuneError
-from .images import IMAGE_EXTENSIONS, open_image, to_rgb
+from .sources import ImageSamples, align, as_pil, load_source, natural_key, wrap_in_memory
 
-
-def natural_key(text: str) -> list:
-    """Sort key putting c2 before c10 (numbers compared as numbers)."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
-
-
-class ImageSamples(Dataset):
-    """A map-style dataset of (PIL RGB image, class index), decoded lazily from `items` by `load`."""
-
-    def __init__(self, items: Sequence, targets: Sequence[int], class_names: list[str],
-                 load: Callable[[object], Image.Image], origin: str):
-        self.items, self.targets, self.class_names = items, list(targets), class_names
-        self.load, self.origin = load, origin
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return self.load(self.items[index]), self.targets[index]
+__all__ = ["ImageSamples", "load_source", "natural_key", "Transformed", "Splits", "build_splits",
+           "stratified_split", "resolve_data_config", "build_transforms", "build_loader", "default_num_workers"]
 
 
 class Transformed(Dataset):
-    """A view of some indices of a dataset with a transform applied to each image."""
+    """A view of some indices of a dataset with a transform applied to each image, surviving bad files.
 
-    def __init__(self, base: Dataset, indices: Sequence[int] | None, transform: Callable):
-        self.base, self.transform = base, transform
+    A sample that fails to decode is recorded in `skip_log` and replaced by the next readable one: with
+    its own label when `substitute` (training), with IGNORE_LABEL otherwise (evaluation: the metrics leave
+    it out). With on_bad_image="error" it raises instead."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int] | None, transform: Callable, split: str = "train",
+                 on_bad_image: str = "skip", skip_log: SkipLog | None = None, substitute: bool = True):
+        self.base, self.transform, self.split = base, transform, split
         self.indices = list(range(len(base))) if indices is None else list(indices)
+        self.on_bad_image, self.skip_log, self.substitute = on_bad_image, skip_log, substitute
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, index: int):
-        image, label = self.base[self.indices[index]]
-        if isinstance(image, torch.Tensor):  # Python-API datasets may hold tensors (CHW, uint8 or float in [0, 1])
-            from torchvision.transforms.functional import to_pil_image
+        for attempt in range(min(len(self.indices), MAX_BAD_IN_A_ROW)):
+            i = self.indices[(index + attempt) % len(self.indices)]
+            try:
+                image, label = self.base[i]
+                tensor = self.transform(as_pil(image))
+            except BAD_IMAGE_ERRORS as e:
+                self._bad(i, describe_error(e))
+                continue
+            return tensor, (int(label) if attempt == 0 or self.substitute else IGNORE_LABEL)
+        raise FinetuneError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row in the {self.split} data (around "
+                            f"{self._name(self.indices[index])}); run `finetune check-data` on the recipe.")
 
-            image = to_pil_image(image)
-        return self.transform(to_rgb(image)), int(label)
+    def name(self, position: int) -> str:
+        """Where the sample at `position` of this view comes from (a path, or source[index])."""
+        return self._name(self.indices[position])
 
+    def _name(self, i: int) -> str:
+        return self.base.name(i) if hasattr(self.base, "name") else f"{self.split}[{i}]"
 
-# ----------------------------------------------------------------------------------------------------
-# Sources
-
-
-def load_source(text: str, class_names: list[str] | None = None) -> ImageSamples:
-    """Open a source string. With `class_names` (the training classes) its labels are mapped onto them."""
-    spec = parse_source(text)
-    if spec.scheme == "sklearn":
-        return _sklearn_digits(spec, class_names)
-    if spec.scheme == "python":
-        raise FinetuneError(f"{text} names an in-memory dataset: pass it to finetune.train(train_data=..., "
-                            "val_data=...) from Python, or give a folder path in the recipe.")
-    return _image_folder(Path(text).expanduser(), class_names)
-
-
-def _image_folder(root: Path, class_names: list[str] | None) -> ImageSamples:
-    """ImageFolder layout: root/<class>/<image>. Classes in natural order; non-image files ignored."""
-    classes = sorted((e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")), key=natural_key)
-    if not classes:
-        raise FinetuneError(f"{root} has no class subfolders; lay images out as {root}/<class name>/<image>.")
-    index = {name: i for i, name in enumerate(class_names or classes)}
-    unknown = [c for c in classes if c not in index]
-    if unknown:
-        raise FinetuneError(f"{root} has classes the training data lacks: {unknown[:10]}; every class in "
-                            f"validation must also appear in training ({len(index)} training classes).")
-    items, targets = [], []
-    for name in classes:
-        files = sorted((e.path for e in os.scandir(root / name)
-                        if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)), key=natural_key)
-        items += files
-        targets += [index[name]] * len(files)
-    if not items:
-        raise FinetuneError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders.")
-    return ImageSamples(items, targets, class_names or classes, open_image, str(root))
-
-
-def _sklearn_digits(spec: SourceSpec, class_names: list[str] | None) -> ImageSamples:
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 16 grey levels) as RGB images."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
-    names = [str(i) for i in range(10)]
-    if class_names is not None and class_names != names:
-        raise FinetuneError(f"sklearn:digits has classes 0-9 but the training data has {class_names[:10]}.")
-    return ImageSamples(list(pixels), digits.target.tolist(), names, _grey_to_rgb, "sklearn:digits")
-
-
-def _grey_to_rgb(array: np.ndarray) -> Image.Image:  # module-level: loader workers must pickle it
-    return Image.fromarray(array, mode="L").convert("RGB")
+    def _bad(self, i: int, reason: str) -> None:
+        if self.on_bad_image == "error":
+            raise FinetuneError(f"cannot read {self._name(i)} ({self.split}): {reason}. Fix or remove the file, or "
+                                "set data.on_bad_image=skip to train without it.")
+        if self.skip_log is not None:
+            self.skip_log.record(self.split, self._name(i), reason)
 
 
 def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -138,33 +94,45 @@ class Splits:
     train_indices: list[int] | None
     val_indices: list[int] | None
     class_names: list[str]
+    test: Dataset | None = None  # data.test (or test_data), aligned to class_names
+
+    @property
+    def train_targets(self) -> list[int]:
+        """The labels of the images that train (not those split off for validation)."""
+        targets = self.train.targets
+        return list(targets) if self.train_indices is None else [targets[i] for i in self.train_indices]
 
 
-def build_splits(cfg: DataConfig, seed: int, train: Dataset | None = None, val: Dataset | None = None,
-                 class_names: list[str] | None = None) -> Splits:
-    """Open train (and val, or split it off train). In-memory datasets from the Python API take precedence."""
+def build_splits(cfg: DataConfig, seed: int, train: Any = None, val: Any = None,
+                 class_names: Sequence[str] | None = None, test: Any = None) -> Splits:
+    """Open train, val (or split it off train) and test; in-memory datasets from the Python API take
+    precedence over the recipe's strings. One class list, from train, for all three."""
     if train is None:
-        train = load_source(cfg.train)
-        class_names = train.class_names
-    elif class_names is None:
-        class_names = getattr(train, "class_names", None) or getattr(train, "classes", None)
-        if class_names is None:
-            raise FinetuneError("an in-memory training dataset needs class names: pass class_names=[...].")
-    class_names = list(class_names)
+        train = load_source(cfg.train, cfg)
+    else:
+        train = wrap_in_memory(train, class_names, cfg, "train_data")
+    if class_names is not None and list(class_names) != train.class_names:
+        train = align(train, list(class_names))
+    class_names = train.class_names
     if len(train) == 0:
         raise FinetuneError(f"the training data {cfg.train!r} is empty.")
-    if val is None and cfg.val is not None:
-        val = load_source(cfg.val, class_names)
+    if len(class_names) < 2:
+        raise FinetuneError(f"the training data {train.origin} has {len(class_names)} class ({class_names}); "
+                            "a classifier needs at least two.")
+
+    def open_other(data: Any, text: str | None, what: str) -> Dataset | None:
+        if data is not None:
+            return align(wrap_in_memory(data, class_names, cfg, what), class_names)
+        return None if text is None else load_source(text, cfg, class_names)
+    val = open_other(val, cfg.val, "val_data")
+    test = open_other(test, cfg.test, "test_data")
     if val is not None:
-        return Splits(train, val, None, None, class_names)
-    targets = getattr(train, "targets", None)
-    if targets is None:
-        targets = [int(train[i][1]) for i in range(len(train))]
-    train_idx, val_idx = stratified_split(targets, cfg.val_fraction, seed)
+        return Splits(train, val, None, None, class_names, test)
+    train_idx, val_idx = stratified_split(train.targets, cfg.val_fraction, seed)
     if not val_idx:
         raise FinetuneError(f"cannot split validation off {len(train)} training images: no class has two or more; "
                             "give data.val or more images.")
-    return Splits(train, train, train_idx, val_idx, class_names)
+    return Splits(train, train, train_idx, val_idx, class_names, test)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,12 +163,15 @@ def default_num_workers() -> int:
     return max(0, min(8, cores - 1))
 
 
-def build_loader(dataset: Dataset, batch_size: int, training: bool, num_workers: int, pin_memory: bool) -> DataLoader:
-    """A loader over one process's share of the batch. Accelerate shards it across processes later."""
+def build_loader(dataset: Dataset, batch_size: int, training: bool, num_workers: int, pin_memory: bool,
+                 sampler: Sampler | None = None) -> DataLoader:
+    """A loader over one process's share of the batch. Accelerate shards it across processes later.
+    `sampler` (e.g. balance.BalancedSampler) replaces shuffling."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=training,
+        shuffle=training and sampler is None,
+        sampler=sampler,
         # A ragged last batch of one image breaks BatchNorm; drop it whenever there is a full batch.
         drop_last=training and len(dataset) > batch_size,
         num_workers=num_workers,

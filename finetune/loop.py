@@ -13,23 +13,29 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from .badimages import SkipLog, read_skip_logs, remove_skip_logs
+from .balance import BalancedSampler, inverse_frequency_weights
 from .config import RecipeConfig
 from .data import Splits, Transformed, build_loader, build_transforms, default_num_workers, resolve_data_config
 from .errors import FinetuneError
-from .export import save_export
+from .export import WEIGHTS_NAME, save_export
 from .groups import build_plan
 from .model import build_model
+from .metrics import classification_metrics
 from .optim import build_optimizer, lr_multiplier, set_lr
-from .plots import save_curves
-from .rundir import RunDir
+from .plots import save_curves, save_image_grid
+from .review import HARD_EXAMPLES_PNG, hard_example_entries, rank_hard_examples, save_hard_examples
+from .rundir import DATA_REPORT_NAME, TEST_METRICS_NAME, RunDir
 
 STATE_NAME = "trainer_state.json"
 
@@ -40,6 +46,8 @@ class TrainResult:
     metrics: list[dict]  # one record per epoch, as in metrics.jsonl
     best_epoch: int
     best_val_acc: float
+    test: dict | None = None  # test metrics of the best epoch, when data.test is given
+    skipped_images: int = 0  # unreadable files skipped (listed in data_report.json)
 
     @property
     def final(self) -> dict:
@@ -83,10 +91,18 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
     per_device = _per_device_batch(tc.batch_size, processes)
     workers = default_num_workers() if config.data.num_workers is None else config.data.num_workers
     pin = accelerator.device.type == "cuda"
-    train_set = Transformed(splits.train, splits.train_indices, train_tf)
-    val_set = Transformed(splits.val, splits.val_indices, eval_tf)
-    train_loader = build_loader(train_set, per_device, True, workers, pin)
+    # Loader workers record unreadable files here; the run directory keeps them across a resume.
+    bad = {"on_bad_image": config.data.on_bad_image, "skip_log": SkipLog.for_process(run_dir.path,
+                                                                                    accelerator.process_index)}
+    train_set = Transformed(splits.train, splits.train_indices, train_tf, "train", **bad)
+    val_set = Transformed(splits.val, splits.val_indices, eval_tf, "val", substitute=False, **bad)
+    sampler = BalancedSampler(splits.train_targets, tc.seed) if config.data.sampler == "balanced" else None
+    train_loader = build_loader(train_set, per_device, True, workers, pin, sampler)
     val_loader = build_loader(val_set, per_device, False, workers, pin)
+    class_weights = (inverse_frequency_weights(splits.train_targets, len(splits.class_names))
+                     if tc.class_weights == "auto" else None)
+    criterion = torch.nn.CrossEntropyLoss(weight=class_weights, label_smoothing=tc.label_smoothing)
+    criterion.to(accelerator.device)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
 
     updates_per_epoch = len(train_loader)
@@ -100,6 +116,9 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
     log(f"  {processes} process(es) on {accelerator.device.type} in {accelerator.mixed_precision} | global batch "
         f"{tc.batch_size} = {per_device} per process x {processes} | {updates_per_epoch} updates/epoch, "
         f"{total_updates} total, {warmup_updates} warmup | {workers} loader workers per process")
+    if class_weights is not None or sampler is not None:
+        log(f"  class balance: sampler {config.data.sampler}, loss weights {tc.class_weights}"
+            + (f" ({class_weights.min():.3g} to {class_weights.max():.3g})" if class_weights is not None else ""))
     log(plan.table())
     log(f"run directory: {run_dir.path}")
 
@@ -126,11 +145,11 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
         train_loader.set_epoch(epoch)
         started = time.perf_counter()
         step, loss_sum = train_epoch(model, train_loader, optimizer, accelerator, step, schedule, tc, keep_eval,
-                                     desc=f"epoch {epoch + 1}/{tc.epochs}")
+                                     desc=f"epoch {epoch + 1}/{tc.epochs}", criterion=criterion)
         train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(1, updates_per_epoch)
         seconds = time.perf_counter() - started
 
-        val = evaluate(model, val_loader, accelerator)
+        val = evaluate(model, val_loader, accelerator, splits.class_names)
         record = {"epoch": epoch + 1, "step": step, "train_loss": round(train_loss, 6), **val,
                   "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
                   "epoch_seconds": round(seconds, 2),
@@ -142,16 +161,71 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
         if main:
             run_dir.append_metrics(record)
             save_curves(records, run_dir.curves)
+            _write_data_report(run_dir, splits, config)
             if improved:
                 save_export(accelerator.unwrap_model(model), run_dir.path, splits.class_names, data_cfg)
         log(f"epoch {epoch + 1}/{tc.epochs}: train loss {train_loss:.4f} | val loss {val['val_loss']:.4f} "
-            f"acc {100 * val['val_acc']:.2f}%{' (best, exported)' if improved else ''} | {seconds:.1f}s")
+            f"acc {100 * val['val_acc']:.2f}% (balanced {100 * val['val_balanced_acc']:.2f}%)"
+            f"{' (best, exported)' if improved else ''} | {seconds:.1f}s")
         _save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": step, "best_val_acc": best_acc,
                                                 "best_epoch": best_epoch})
 
-    log(f"done: best val acc {100 * best_acc:.2f}% at epoch {best_epoch}; model in {run_dir.path}")
+    def eval_loader(dataset: Transformed):
+        return accelerator.prepare(build_loader(dataset, per_device, False, workers, pin))
+    test = _after_training(model, accelerator, config, run_dir, splits, eval_tf, bad, eval_loader, best_epoch)
+    skipped = _write_data_report(run_dir, splits, config, final=True) if main else 0
+    test_text = (f"; test acc {100 * test['test_acc']:.2f}% (balanced {100 * test['test_balanced_acc']:.2f}%)"
+                 if test else "")
+    skip_text = f"; {skipped} unreadable image(s) skipped, listed in {DATA_REPORT_NAME}" if skipped else ""
+    log(f"done: best val acc {100 * best_acc:.2f}% at epoch {best_epoch}{test_text}{skip_text}; model in {run_dir.path}")
     accelerator.end_training()
-    return TrainResult(str(run_dir.path.resolve()), records, best_epoch, best_acc)
+    return TrainResult(str(run_dir.path.resolve()), records, best_epoch, best_acc, test, skipped)
+
+
+def _after_training(model, accelerator: Accelerator, config: RecipeConfig, run_dir: RunDir, splits: Splits,
+                    eval_tf: Callable, bad: dict, eval_loader: Callable, best_epoch: int) -> dict | None:
+    """With the best epoch's weights (the export): test metrics, then the hard examples of train and val."""
+    accelerator.wait_for_everyone()  # the main process wrote the export
+    accelerator.unwrap_model(model).load_state_dict(load_file(str(run_dir.path / WEIGHTS_NAME)))
+
+    def scored(dataset: Transformed) -> dict:
+        return predict_all(model, eval_loader(dataset), accelerator)
+    test = None
+    if splits.test is not None:
+        results = scored(Transformed(splits.test, None, eval_tf, "test", substitute=False, **bad))
+        test = classification_metrics(results["loss"], results["pred"], results["label"], splits.class_names, "test")
+        if accelerator.is_main_process:
+            run_dir.write_json(TEST_METRICS_NAME, {"epoch": best_epoch, **test})
+    k = config.train.hard_examples
+    if k:
+        entries, images = {}, []
+        for split, base, indices in (("train", splits.train, splits.train_indices),
+                                     ("val", splits.val, splits.val_indices)):
+            dataset = Transformed(base, indices, eval_tf, split, substitute=False, **bad)
+            results = scored(dataset)
+            positions = rank_hard_examples(results["loss"], results["label"], k)
+            entries[split] = hard_example_entries(split, results, positions, dataset, splits.class_names)
+            images += [base[dataset.indices[p]][0] for p in positions] if accelerator.is_main_process else []
+        if accelerator.is_main_process:
+            save_hard_examples(entries, run_dir.path)
+            captions = [f"{e['split']} {e['index']}: given {e['given']}\npredicted {e['predicted']} "
+                        f"({100 * e['predicted_prob']:.0f}%)" for split in entries for e in entries[split]]
+            save_image_grid(images, captions, run_dir.path / HARD_EXAMPLES_PNG,
+                            title="highest loss first, train then val: review these labels")
+    return test
+
+
+def _write_data_report(run_dir: RunDir, splits: Splits, config: RecipeConfig, final: bool = False) -> int:
+    """data_report.json from every process's skip log (main process only). Returns the skipped count."""
+    skipped = read_skip_logs(run_dir.path)
+    sizes = {"train": len(splits.train_indices) if splits.train_indices is not None else len(splits.train),
+             "val": len(splits.val_indices) if splits.val_indices is not None else len(splits.val),
+             "test": len(splits.test) if splits.test is not None else 0}
+    run_dir.write_json(DATA_REPORT_NAME, {"on_bad_image": config.data.on_bad_image, "images": sizes,
+                                          "skipped_count": len(skipped), "skipped": skipped})
+    if final:
+        remove_skip_logs(run_dir.path)
+    return len(skipped)
 
 
 def _plan_and_optimizer(config: RecipeConfig, model, accelerator: Accelerator):
@@ -198,9 +272,11 @@ def _synchronize(device: torch.device) -> None:
 
 def train_epoch(model, loader, optimizer, accelerator: Accelerator, step: int, schedule: Callable[[int], float],
                 tc, keep_eval=(), desc: str = "train", max_steps: int | None = None,
-                progress: bool = True) -> tuple[int, torch.Tensor]:
+                progress: bool = True, criterion: Callable | None = None) -> tuple[int, torch.Tensor]:
     """One pass over `loader` (or `max_steps` batches): one optimizer update per batch. Returns the update
-    count after it and the summed loss, kept on the device so that no step waits for a host sync."""
+    count after it and the summed loss, kept on the device so that no step waits for a host sync.
+    `criterion(logits, labels)` defaults to label-smoothed cross-entropy."""
+    criterion = criterion or partial(F.cross_entropy, label_smoothing=tc.label_smoothing)
     model.train()
     for module in keep_eval:
         module.eval()
@@ -213,7 +289,7 @@ def train_epoch(model, loader, optimizer, accelerator: Accelerator, step: int, s
         if done == total:
             break
         set_lr(optimizer, schedule(step))
-        loss = F.cross_entropy(model(images), labels, label_smoothing=tc.label_smoothing)
+        loss = criterion(model(images), labels)
         accelerator.backward(loss)
         if tc.grad_clip is not None:
             accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -229,19 +305,28 @@ def train_epoch(model, loader, optimizer, accelerator: Accelerator, step: int, s
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, accelerator: Accelerator) -> dict:
-    """Loss and top-1 over exactly the validation set (gather_for_metrics drops the padding duplicates)."""
+def predict_all(model: torch.nn.Module, loader, accelerator: Accelerator) -> dict:
+    """Per-sample loss, prediction, its probability, the given label's probability and the label, over
+    exactly the loader's dataset in its order (gather_for_metrics drops the padding duplicates)."""
     model.eval()
-    losses, hits = [], []
+    parts: dict[str, list] = {"loss": [], "pred": [], "pred_prob": [], "given_prob": [], "label": []}
     for images, labels in loader:
         logits = model(images).float()
-        loss = F.cross_entropy(logits, labels, reduction="none")
-        loss, preds, labels = accelerator.gather_for_metrics((loss, logits.argmax(dim=-1), labels))
-        losses.append(loss)
-        hits.append(preds == labels)
-    loss, hit = torch.cat(losses), torch.cat(hits)
-    return {"val_loss": round(loss.mean().item(), 6), "val_acc": round(hit.float().mean().item(), 6),
-            "val_images": int(hit.numel())}
+        probs = logits.softmax(dim=-1)
+        pred_prob, pred = probs.max(dim=-1)
+        given_prob = probs.gather(1, labels.clamp(min=0)[:, None])[:, 0]  # ignored labels (-100) read class 0
+        loss = F.cross_entropy(logits, labels, reduction="none")  # 0 for ignored labels
+        for key, value in zip(parts, accelerator.gather_for_metrics((loss, pred, pred_prob, given_prob, labels))):
+            parts[key].append(value)
+    return {key: torch.cat(values).cpu() for key, values in parts.items()}
+
+
+def evaluate(model: torch.nn.Module, loader, accelerator: Accelerator, class_names: list[str] | None = None,
+             prefix: str = "val") -> dict:
+    """Loss, top-1, balanced and per-class accuracy over exactly the loader's dataset."""
+    results = predict_all(model, loader, accelerator)
+    names = class_names or [str(i) for i in range(int(results["label"].max()) + 1)]
+    return classification_metrics(results["loss"], results["pred"], results["label"], names, prefix)
 
 
 def _checkpoint_dir(run_dir: RunDir):

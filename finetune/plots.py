@@ -19,11 +19,36 @@ def save_curves(records: list[dict], path: Path) -> None:
     ax_loss.plot(epochs, [r["val_loss"] for r in records], "o-", label="val")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_loss.legend()
-    ax_acc.plot(epochs, [100 * r["val_acc"] for r in records], "o-", color="tab:green")
-    ax_acc.set(xlabel="epoch", ylabel="top-1 %", title="val accuracy")
+    ax_acc.plot(epochs, [100 * r["val_acc"] for r in records], "o-", color="tab:green", label="top-1")
+    if all(r.get("val_balanced_acc") is not None for r in records):
+        ax_acc.plot(epochs, [100 * r["val_balanced_acc"] for r in records], "s--", color="tab:olive",
+                    label="balanced (mean per class)")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy %", title="val accuracy")
+    ax_acc.legend()
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def save_image_grid(images: list, titles: list[str], path: Path, columns: int = 6, title: str = "") -> None:
+    """Thumbnails with a caption each (e.g. "given cat / predicted dog"), row by row."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows + (0.4 if title else 0)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, titles):
+        thumb = image.copy()
+        thumb.thumbnail((160, 160))  # a 12-megapixel photo would make a huge PNG
+        ax.imshow(thumb)
+        ax.set_title(caption, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=100)

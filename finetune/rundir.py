@@ -7,6 +7,9 @@ Layout (written by the main process only):
     curves.png         loss and accuracy per epoch
     model.safetensors  + config.json: the best epoch by val accuracy, in timm's format
     checkpoint/        training state after the last finished epoch (for --resume)
+    data_report.json   image counts per split and every unreadable file skipped, with its reason
+    hard_examples.json + .png: the highest-loss train and val images after training (likely label errors)
+    test_metrics.json  the best epoch's metrics on data.test (when given)
 
 Nothing is written until `create()`, which the loop calls only after the recipe, data and model have
 all been checked and built, and an existing non-empty directory is never reused without `overwrite`.
@@ -29,6 +32,8 @@ PLAN_NAME = "plan.json"
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
 CHECKPOINT_NAME = "checkpoint"
+DATA_REPORT_NAME = "data_report.json"
+TEST_METRICS_NAME = "test_metrics.json"
 
 
 class RunDir:
@@ -78,6 +83,12 @@ class RunDir:
 
     def write_plan(self, plan_json: list[dict]) -> None:
         (self.path / PLAN_NAME).write_text(json.dumps(plan_json, indent=2))
+
+    def write_json(self, name: str, data: dict) -> None:
+        """Write beside the final name, then rename: a reader never sees half a file."""
+        tmp = self.path / (name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(self.path / name)
 
     def append_metrics(self, record: dict) -> None:
         with open(self.path / METRICS_NAME, "a") as f:

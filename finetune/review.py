@@ -1,0 +1,50 @@
+"""Hard examples: the train and val images the trained model finds hardest, for a person to review.
+
+After training, the best epoch's model scores every train and val image with the eval transform. The
+images with the highest loss on their given label are where label errors hide: a confident prediction of
+another class on a training image is more often a wrong label than a hard image. They are written to
+`hard_examples.json` (most suspicious first) and drawn in `hard_examples.png`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .badimages import IGNORE_LABEL
+
+HARD_EXAMPLES_JSON = "hard_examples.json"
+HARD_EXAMPLES_PNG = "hard_examples.png"
+
+
+def rank_hard_examples(losses: torch.Tensor, labels: torch.Tensor, k: int) -> list[int]:
+    """Positions of the `k` highest losses, highest first, leaving out ignored (unreadable) samples."""
+    losses = losses.float().masked_fill(labels == IGNORE_LABEL, float("-inf"))
+    k = min(k, int((labels != IGNORE_LABEL).sum()))
+    return losses.topk(k).indices.tolist() if k > 0 else []
+
+
+def hard_example_entries(split: str, results: dict, positions: Sequence[int], dataset, class_names: list[str]) -> list[dict]:
+    """JSON-ready records for `positions` of `dataset` (a data.Transformed view); `results` holds its
+    per-sample tensors (loss, pred, pred_prob, given_prob, label) in the view's order."""
+    return [{
+        "split": split,
+        "index": int(dataset.indices[pos]),
+        "image": dataset.name(pos),
+        "given": class_names[int(results["label"][pos])],
+        "predicted": class_names[int(results["pred"][pos])],
+        "loss": round(float(results["loss"][pos]), 4),
+        "given_prob": round(float(results["given_prob"][pos]), 4),
+        "predicted_prob": round(float(results["pred_prob"][pos]), 4),
+    } for pos in positions]
+
+
+def save_hard_examples(entries: dict[str, list[dict]], run_dir: Path) -> Path:
+    path = run_dir / HARD_EXAMPLES_JSON
+    path.write_text(json.dumps({
+        "about": "highest-loss images after training (best epoch, eval transform): check their labels first",
+        **entries}, indent=2))
+    return path
