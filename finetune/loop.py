@@ -129,7 +129,8 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
         return lr_multiplier(update, total_updates, warmup_updates)
     log(f"finetune: {config.model.backbone} -> {len(splits.class_names)} classes | {len(train_set)} train, "
         f"{len(val_set)} val images | input {data_cfg['input_size'][1]}x{data_cfg['input_size'][2]}")
-    log(f"  {accelerator.num_processes} process(es) on {accelerator.device.type} in {accelerator.mixed_precision} | "
+    precision = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+    log(f"  {accelerator.num_processes} process(es) on {accelerator.device.type} in {precision} | "
         f"{batching.describe()}, {total_updates} total, {warmup_updates} warmup")
     log(f"  {workers} loader workers per process | channels_last {'on' if channels_last else 'off'} | sync_bn "
         f"{'on' if tc.sync_bn and accelerator.num_processes > 1 else 'off'}")
