@@ -22,7 +22,7 @@ from .model import build_model
 from .predict import Predictor, load
 from .rundir import RunDir
 
-__all__ = ["train", "plan", "load", "resolve", "Predictor", "TrainResult"]
+__all__ = ["train", "plan", "load", "resolve", "resolve_run", "Predictor", "TrainResult"]
 
 
 def resolve(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[str] | None = None,
@@ -51,17 +51,27 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
     resume: a run directory to continue; its saved recipe is used.
     """
     items = {**_flatten_overrides(overrides), **_flatten_overrides(kw_overrides)}
+    config, run_dir = resolve_run(recipe, items, output, overwrite, resume, train_data is not None, val_data is not None)
+    splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names)
+    return run_loop(config, run_dir, splits)
+
+
+def resolve_run(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[str] | None = None,
+                output: str | Path | None = None, overwrite: bool = False, resume: str | Path | None = None,
+                in_memory_train: bool = False, in_memory_val: bool = False) -> tuple[RecipeConfig, RunDir]:
+    """The checked config and the run directory a `train` call would use; reads, never writes. (With
+    several processes, each one resolves its own and the loop adopts the main process's choice.)"""
+    items = _flatten_overrides(overrides)
     if resume is not None:
         run_dir = RunDir.for_resume(resume)
         config = load_recipe(run_dir.saved_recipe())
         if recipe is not None or items:
-            asked = resolve(recipe or run_dir.saved_recipe(), items, train_data is not None, val_data is not None)
+            asked = resolve(recipe or run_dir.saved_recipe(), items, in_memory_train, in_memory_val)
             _check_same(asked, config, run_dir)
     else:
-        config = resolve(recipe, items, train_data is not None, val_data is not None)
+        config = resolve(recipe, items, in_memory_train, in_memory_val)
         run_dir = RunDir.for_new_run(output, config.model.backbone, overwrite)
-    splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names)
-    return run_loop(config, run_dir, splits)
+    return config, run_dir
 
 
 def plan(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = None, **kw_overrides: Any) -> Plan:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import FinetuneError
@@ -25,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="run directory (default: runs/<time>-<backbone>)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--processes", type=int, metavar="N",
+                   help="train with N processes on this machine (one per GPU, or N CPU processes), started with "
+                        "torchrun; train.batch_size stays the global batch")
 
     p = sub.add_parser("plan", help="print the parameter-group plan without training", epilog=EPILOG)
     p.add_argument("recipe")
@@ -58,9 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     if extra:
         args.overrides = list(args.overrides or []) + extra
     try:
+        if args.command == "train" and args.processes not in (None, 1):
+            _start_processes(args, sys.argv[1:] if argv is None else argv)
         _run(args)
     except FinetuneError as e:
-        print(f"finetune: error: {e}", file=sys.stderr)
+        if not e.raised_on_every_process or os.environ.get("RANK", "0") == "0":
+            print(f"finetune: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         where = getattr(args, "resume", None) or getattr(args, "output", None) or "RUN_DIR (printed when training started)"
@@ -69,18 +76,40 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 
 
-def _run(args: argparse.Namespace) -> None:
-    from . import api  # imported here so `finetune --help` answers without loading torch
+def _start_processes(args: argparse.Namespace, argv: list[str]) -> None:
+    """`train --processes N`: check the recipe and run directory once, here, so that a mistake is reported
+    once rather than by each of N processes, then hand over to torchrun (launch.py)."""
+    from . import api
+    from .launch import run_processes, without_processes_option
 
+    if args.processes < 1:
+        raise FinetuneError(f"--processes {args.processes}: give a number of processes, 1 or more.")
+    recipe, overrides = _recipe_and_overrides(args)
+    _require_recipe_or_resume(recipe, args.resume)
+    api.resolve_run(recipe, overrides, args.output, args.overwrite, args.resume)
+    run_processes(args.processes, without_processes_option(argv))
+
+
+def _require_recipe_or_resume(recipe: str | None, resume: str | None) -> None:
+    if recipe is None and resume is None:
+        raise FinetuneError("give a recipe (a YAML file or a shipped name such as quickstart), or --resume RUN_DIR.")
+
+
+def _recipe_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     overrides = list(getattr(args, "overrides", None) or [])
     recipe = getattr(args, "recipe", None)
     if recipe is not None and "=" in recipe:  # `finetune train --resume DIR key=value`: no recipe given
         overrides.insert(0, recipe)
         recipe = None
+    return recipe, overrides
 
+
+def _run(args: argparse.Namespace) -> None:
+    from . import api  # imported here so `finetune --help` answers without loading torch
+
+    recipe, overrides = _recipe_and_overrides(args)
     if args.command == "train":
-        if recipe is None and args.resume is None:
-            raise FinetuneError("give a recipe (a YAML file or a shipped name such as quickstart), or --resume RUN_DIR.")
+        _require_recipe_or_resume(recipe, args.resume)
         api.train(recipe, overrides=overrides, output=args.output, overwrite=args.overwrite, resume=args.resume)
     elif args.command == "plan":
         plan = api.plan(recipe, overrides)

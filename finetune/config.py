@@ -101,6 +101,9 @@ class FreezeConfig:
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 64  # global: images per optimizer update, summed over all processes
+    # Images one device holds in one forward/backward pass; none: batch_size / processes. When smaller,
+    # gradient accumulation fills the global batch, so the recipe trains the same on 1 GPU or 8.
+    micro_batch_size: int | None = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
     seed: int = 0  # one seed for model init, data order, split and augmentation
     warmup_epochs: float = 1.0  # linear warmup, then cosine to zero; protects the body from the random head
@@ -112,6 +115,12 @@ class TrainConfig:
     # After training: this many highest-loss train and val images (the likely label errors) go into
     # hard_examples.json and a PNG grid; 0 skips the extra inference pass over train and val.
     hard_examples: int = 24
+    # BatchNorm statistics over the whole global batch instead of each device's share (several GPUs only):
+    # worth it when the per-device batch is small (under ~16); costs a synchronisation per BatchNorm layer.
+    sync_bn: bool = False
+    # Images and conv weights in NHWC layout, which tensor cores prefer. none: on for convolutional nets
+    # on CUDA, off on CPU and for ViTs (one patch-embedding conv gains nothing).
+    channels_last: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -516,6 +525,8 @@ def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
         ("optim.momentum", 0 <= c.optim.momentum < 1, "must be in [0, 1)"),
         ("train.epochs", c.train.epochs >= 1, "must be >= 1"),
         ("train.batch_size", c.train.batch_size >= 1, "must be >= 1"),
+        ("train.micro_batch_size", c.train.micro_batch_size is None or c.train.micro_batch_size >= 1,
+         "must be >= 1 or null"),
         ("train.warmup_epochs", c.train.warmup_epochs >= 0, "must be >= 0"),
         ("train.label_smoothing", 0 <= c.train.label_smoothing < 1, "must be in [0, 1)"),
         ("train.grad_clip", c.train.grad_clip is None or c.train.grad_clip > 0, "must be > 0 or null"),

@@ -10,7 +10,9 @@ their own preprocessing.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -165,7 +167,7 @@ def default_num_workers() -> int:
 
 def build_loader(dataset: Dataset, batch_size: int, training: bool, num_workers: int, pin_memory: bool,
                  sampler: Sampler | None = None) -> DataLoader:
-    """A loader over one process's share of the batch. Accelerate shards it across processes later.
+    """A loader of one device's micro-batches. Accelerate shards it across processes later.
     `sampler` (e.g. balance.BalancedSampler) replaces shuffling."""
     return DataLoader(
         dataset,
@@ -176,4 +178,39 @@ def build_loader(dataset: Dataset, batch_size: int, training: bool, num_workers:
         drop_last=training and len(dataset) > batch_size,
         num_workers=num_workers,
         pin_memory=pin_memory,
+        # Workers live for the whole run instead of being forked again every epoch; training sets reseed
+        # them each epoch (EpochSeeded), so resuming still repeats the augmentation exactly.
+        persistent_workers=num_workers > 0,
     )
+
+
+class EpochSeeded(Dataset):
+    """A training dataset whose loader workers reseed their random generators at each new epoch.
+
+    Persistent workers would otherwise carry their random streams from one epoch into the next, so an
+    epoch's augmentation would depend on every epoch before it in the same process and a resumed run
+    would augment differently. The loop calls `set_epoch_seed` before each epoch (a seed drawn from its
+    per-epoch, per-process generator); each worker seeds torch, random and numpy with it plus its worker
+    id on the first sample it sees of that epoch. Without workers the loop's own reseeding does the job.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.epoch_seed = multiprocessing.Value("q", -1, lock=False)  # shared memory, read by the workers
+        self.seeded_with = -1  # per worker: the epoch seed it last applied
+
+    def set_epoch_seed(self, seed: int) -> None:
+        self.epoch_seed.value = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and self.seeded_with != self.epoch_seed.value:
+            self.seeded_with = self.epoch_seed.value
+            seed = self.seeded_with + worker.id
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+        return self.dataset[index]
