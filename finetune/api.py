@@ -26,39 +26,43 @@ __all__ = ["train", "plan", "load", "resolve", "resolve_run", "Predictor", "Trai
 
 
 def resolve(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[str] | None = None,
-            in_memory_train: bool = False, in_memory_val: bool = False) -> RecipeConfig:
-    """Recipe + overrides -> a checked config. In-memory datasets stand in for data.train / data.val."""
+            in_memory_train: bool = False, in_memory_val: bool = False, in_memory_test: bool = False) -> RecipeConfig:
+    """Recipe + overrides -> a checked config. In-memory datasets stand in for data.train / val / test."""
     items = _flatten_overrides(overrides)
-    if in_memory_train:
-        items["data.train"] = "python:train_data"
-    if in_memory_val:
-        items["data.val"] = "python:val_data"
+    for key, given in (("train", in_memory_train), ("val", in_memory_val), ("test", in_memory_test)):
+        if given:
+            items[f"data.{key}"] = f"python:{key}_data"
     if recipe is None:
         recipe = {}
     return load_recipe(recipe, items)
 
 
 def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | None = None,
-          val_data: Dataset | Sequence | None = None, class_names: Sequence[str] | None = None,
+          val_data: Dataset | Sequence | None = None, test_data: Dataset | Sequence | None = None,
+          class_names: Sequence[str] | None = None,
           output: str | Path | None = None, overwrite: bool = False, resume: str | Path | None = None,
           overrides: dict[str, Any] | Sequence[str] | None = None, **kw_overrides: Any) -> TrainResult:
     """Fine-tune as a recipe says; return the run directory and per-epoch metrics.
 
     recipe: a YAML path, a shipped recipe name, a dict, or a RecipeConfig.
-    train_data / val_data: optional map-style datasets yielding (PIL image or CHW tensor, int label);
-        give class_names too unless the dataset has `.classes` or `.class_names`.
+    train_data / val_data / test_data: optional, in place of the recipe's data.train / val / test: a
+        Hugging Face `Dataset`, a list of (image path, label) pairs, or any map-style dataset yielding
+        (PIL image, CHW tensor or array, label). Labels are class names, or class indices with
+        class_names given (or a `.classes` / `.class_names` attribute on the dataset).
     Overrides: `train(r, **{"optim.lr": 1e-3})`, `train(r, optim={"lr": 1e-3})` or `train(r, optim__lr=1e-3)`.
     resume: a run directory to continue; its saved recipe is used.
     """
     items = {**_flatten_overrides(overrides), **_flatten_overrides(kw_overrides)}
-    config, run_dir = resolve_run(recipe, items, output, overwrite, resume, train_data is not None, val_data is not None)
-    splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names)
+    config, run_dir = resolve_run(recipe, items, output, overwrite, resume, train_data is not None, val_data is not None,
+                                  test_data is not None)
+    splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names, test_data)
     return run_loop(config, run_dir, splits)
 
 
 def resolve_run(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[str] | None = None,
                 output: str | Path | None = None, overwrite: bool = False, resume: str | Path | None = None,
-                in_memory_train: bool = False, in_memory_val: bool = False) -> tuple[RecipeConfig, RunDir]:
+                in_memory_train: bool = False, in_memory_val: bool = False,
+                in_memory_test: bool = False) -> tuple[RecipeConfig, RunDir]:
     """The checked config and the run directory a `train` call would use; reads, never writes. (With
     several processes, each one resolves its own and the loop adopts the main process's choice.)"""
     items = _flatten_overrides(overrides)
@@ -66,10 +70,10 @@ def resolve_run(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[
         run_dir = RunDir.for_resume(resume)
         config = load_recipe(run_dir.saved_recipe())
         if recipe is not None or items:
-            asked = resolve(recipe or run_dir.saved_recipe(), items, in_memory_train, in_memory_val)
+            asked = resolve(recipe or run_dir.saved_recipe(), items, in_memory_train, in_memory_val, in_memory_test)
             _check_same(asked, config, run_dir)
     else:
-        config = resolve(recipe, items, in_memory_train, in_memory_val)
+        config = resolve(recipe, items, in_memory_train, in_memory_val, in_memory_test)
         run_dir = RunDir.for_new_run(output, config.model.backbone, overwrite)
     return config, run_dir
 

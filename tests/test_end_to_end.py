@@ -24,8 +24,10 @@ import finetune
 from finetune import FinetuneError
 from finetune.config import load_recipe
 
+# data_report.json is written by every run (an empty skip list included), so its absence never has to be
+# interpreted; hard_examples.* by every run with train.hard_examples > 0 (the default).
 RUN_FILES = {"recipe.yaml", "plan.json", "metrics.jsonl", "curves.png", "model.safetensors", "config.json",
-             "checkpoint"}
+             "checkpoint", "data_report.json", "hard_examples.json", "hard_examples.png"}
 HEAD = {"fc.weight", "fc.bias"}  # test_resnet's classifier
 CLASSES = ["c0", "c1", "c2"]
 
