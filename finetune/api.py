@@ -22,7 +22,7 @@ from .model import build_model
 from .predict import Predictor, load
 from .rundir import RunDir
 
-__all__ = ["train", "plan", "load", "resolve", "resolve_run", "Predictor", "TrainResult"]
+__all__ = ["train", "plan", "check_data", "load", "resolve", "resolve_run", "Predictor", "TrainResult"]
 
 
 def resolve(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[str] | None = None,
@@ -56,7 +56,24 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
     config, run_dir = resolve_run(recipe, items, output, overwrite, resume, train_data is not None, val_data is not None,
                                   test_data is not None)
     splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names, test_data)
+    if config.data.on_bad_image == "error":
+        _require_readable(splits)
     return run_loop(config, run_dir, splits)
+
+
+def _require_readable(splits: Splits) -> None:
+    """data.on_bad_image=error: decode every image once before anything is written, and list every bad
+    file at once rather than stopping at the first one hours into a run."""
+    from .checkdata import find_unreadable
+
+    bad = find_unreadable(splits.train, splits.train_indices) + find_unreadable(splits.val, splits.val_indices)
+    if splits.test is not None:
+        bad += find_unreadable(splits.test)
+    if bad:
+        listed = "; ".join(f"{b['file']} ({b['reason']})" for b in bad[:20])
+        raise FinetuneError(f"{len(bad)} unreadable image file(s) and data.on_bad_image=error: {listed}"
+                            f"{' ...' if len(bad) > 20 else ''}. Fix or remove them, or set data.on_bad_image=skip "
+                            "to train without them (they are then listed in data_report.json).")
 
 
 def resolve_run(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[str] | None = None,
@@ -85,6 +102,17 @@ def plan(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = 
     model = build_model(dataclasses.replace(config.model, pretrained=False), len(splits.class_names), lambda _: None,
                         config.data.image_size)
     return build_plan(model, config.optim, config.freeze)
+
+
+def check_data(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = None,
+               **kw_overrides: Any) -> dict:
+    """What `finetune check-data` reports on a recipe's data: per split class counts, imbalance, unreadable
+    files, mode and size outliers, duplicates and leakage across splits; "trainable" False when it cannot
+    train. Decodes every image once; trains nothing and writes nothing."""
+    from .checkdata import check_data as run_check
+
+    config = resolve(recipe, {**_flatten_overrides(overrides), **_flatten_overrides(kw_overrides)})
+    return run_check(config.data, config.train.seed)
 
 
 def open_data(config: RecipeConfig) -> Splits:

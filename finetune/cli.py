@@ -1,7 +1,7 @@
 """The `finetune` command. Subcommands map one-to-one onto the Python API.
 
 User mistakes (FinetuneError) are printed as one paragraph without a traceback and exit with code 2;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. `check-data` exits 1 when the data it reports on cannot train.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print a JSON list of groups")
+
+    p = sub.add_parser("check-data", help="report what is wrong with a recipe's data, without training "
+                       "(exit 0: it can train, 1: it cannot)", epilog=EPILOG)
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("predict", help="classify images with a trained run")
     p.add_argument("run_dir")
@@ -114,6 +120,13 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "plan":
         plan = api.plan(recipe, overrides)
         print(plan.dumps() if args.json else plan.table())
+    elif args.command == "check-data":
+        from .checkdata import format_report
+
+        report = api.check_data(recipe, overrides)
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        if not report["trainable"]:
+            sys.exit(1)
     elif args.command == "predict":
         predictor = api.load(args.run_dir)
         results = [{"image": path, "predictions": predictor.predict(path, args.top_k)[0]} for path in args.images]

@@ -90,3 +90,45 @@ def tiny_recipe(image_folder) -> Callable[..., dict]:
     def make(train: str | Path | None = None, **overrides: Any) -> dict:
         return build_tiny_recipe(train if train is not None else image_folder(), **overrides)
     return make
+
+
+def write_bad_image_folder(root: Path, per_class: int = 6, size: int = 24) -> dict[str, Path]:
+    """An ImageFolder with classes c1, c2, c10: good PNGs plus every kind of awkward file a user's folder
+    holds. Returns {kind: path} for the awkward ones (truncated, empty, cmyk, palette, gray16, rgba, text,
+    rotated) and the true mean intensity of the 16-bit image, as "gray16_mean" (0-255 scale)."""
+    write_image_folder(root, ["c1", "c2", "c10"], per_class, size)
+    rng = np.random.default_rng(1)
+    rgb = np.clip(rng.normal(128, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+    files: dict[str, Any] = {}
+
+    good_jpeg = root / "c1" / "good.jpg"
+    Image.fromarray(rgb).save(good_jpeg, quality=90)
+    data = good_jpeg.read_bytes()
+    files["truncated"] = root / "c1" / "truncated.jpg"
+    files["truncated"].write_bytes(data[: len(data) // 2])  # a copy cut off mid-transfer
+    files["empty"] = root / "c2" / "empty.png"
+    files["empty"].write_bytes(b"")
+    files["cmyk"] = root / "c10" / "cmyk.jpg"
+    Image.fromarray(rgb).convert("CMYK").save(files["cmyk"])
+    files["palette"] = root / "c1" / "palette.png"
+    palette = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.save(files["palette"], transparency=0)
+    gray = (np.linspace(0, 1, size * size).reshape(size, size) * 40000 + 5000).astype(np.uint16)
+    files["gray16"] = root / "c2" / "gray16.png"
+    Image.fromarray(gray).save(files["gray16"])  # mode I;16
+    files["gray16_mean"] = float(gray.mean()) / 65535 * 255
+    files["rgba"] = root / "c10" / "rgba.png"
+    Image.fromarray(np.dstack([rgb, np.full((size, size), 128, np.uint8)]), mode="RGBA").save(files["rgba"])
+    files["text"] = root / "c1" / "notes.txt"
+    files["text"].write_text("not an image")
+    # 30 wide, 10 high in the file; EXIF orientation 6 says: show it rotated 90 degrees, 10 wide, 30 high.
+    files["rotated"] = root / "c2" / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.full((10, 30, 3), 200, np.uint8)).save(files["rotated"], exif=exif)
+    return files
+
+
+@pytest.fixture(scope="session")
+def make_bad_image_folder() -> Callable[..., dict]:
+    return write_bad_image_folder
