@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from statistics import median
 from typing import Sequence
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .badimages import BAD_IMAGE_ERRORS, describe_error
 from .config import DataConfig
@@ -36,6 +36,8 @@ def inspect_image(samples: ImageSamples, index: int) -> dict:
     """Decode sample `index` fully, as training would. {"mode", "size", "digest"} or {"error"}."""
     try:
         raw = samples.raw(index)
+        if raw is not None and not raw:
+            return {"error": "empty file (0 bytes)"}
         if raw is not None:
             with Image.open(io.BytesIO(raw)) as img:
                 mode = img.mode
@@ -43,6 +45,8 @@ def inspect_image(samples: ImageSamples, index: int) -> dict:
         else:
             rgb = samples.image(index)
             mode = rgb.mode
+    except UnidentifiedImageError:  # its message would name our in-memory buffer, not the file
+        return {"error": "UnidentifiedImageError: not an image, or a format PIL cannot read"}
     except BAD_IMAGE_ERRORS as e:
         return {"error": describe_error(e)}
     digest = hashlib.blake2b(f"{rgb.size}".encode() + rgb.tobytes(), digest_size=16).hexdigest()
