@@ -96,9 +96,10 @@ def check_data(cfg: DataConfig, seed: int) -> dict:
         if unknown:
             errors.append(f"{split} has classes with no readable training image: {', '.join(unknown[:LISTED])}; every "
                           f"{split} class must be trained on. Add training images of them, or remove them from {split}.")
-    untested = sorted(present["train"] - present["val"], key=natural_key)
-    if untested and splits["val"]["readable"]:
-        warnings.append(f"classes in train but not in val (never validated): {', '.join(untested[:LISTED])}.")
+    for split in ("val", "test"):
+        unscored = sorted(present["train"] - present.get(split, present["train"]), key=natural_key)
+        if unscored and splits[split]["readable"]:
+            warnings.append(f"classes in train but not in {split} (never scored there): {', '.join(unscored[:LISTED])}.")
     leakage = _leakage(digests)
     for pair, groups in leakage.items():
         warnings.append(f"{len(groups)} image(s) appear in both {pair.replace('/', ' and ')} (leakage: the model "

@@ -257,7 +257,7 @@ def _write_data_report(run_dir: RunDir, splits: Splits, config: RecipeConfig, fi
     skipped = read_skip_logs(run_dir.path)
     sizes = {"train": len(splits.train_indices) if splits.train_indices is not None else len(splits.train),
              "val": len(splits.val_indices) if splits.val_indices is not None else len(splits.val),
-             "test": len(splits.test) if splits.test is not None else 0}
+             "test": len(splits.test) if splits.test is not None else None}
     run_dir.write_json(DATA_REPORT_NAME, {"on_bad_image": config.data.on_bad_image, "images": sizes,
                                           "skipped_count": len(skipped), "skipped": skipped})
     if final:
