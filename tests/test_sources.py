@@ -21,7 +21,7 @@ from PIL import Image
 
 import finetune
 from finetune import FinetuneError, cli
-from finetune.config import DataConfig
+from finetune.config import DataConfig, SourceSpec, parse_source
 from finetune.data import build_splits
 from finetune.sources import FileSamples, HFSamples, load_source, wrap_in_memory
 
@@ -108,6 +108,20 @@ def data_cfg(source: str, root: Path) -> DataConfig:
 
 # The parquet copy names its label column "species", which is not a name the readers guess.
 LABEL_COLUMN = {"parquet": "species"}
+
+
+@pytest.mark.parametrize("text, scheme, name, split", [
+    ("path/to/train", "folder", "path/to/train", None),
+    ("labels.CSV", "manifest", "labels.CSV", None),
+    ("data/labels.jsonl", "manifest", "data/labels.jsonl", None),
+    ("hf:beans", "hf", "beans", None),
+    ("hf:some-org/some-dataset@validation", "hf", "some-org/some-dataset", "validation"),
+    ("hf:/data/me@work/saved", "hf", "/data/me@work/saved", None),  # an '@' inside a path is no split
+    ("torchvision:MNIST@test", "torchvision", "MNIST", "test"),
+    ("sklearn:digits", "sklearn", "digits", None),
+])
+def test_source_strings(text, scheme, name, split):
+    assert parse_source(text) == SourceSpec(scheme, name, split)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,6 +235,7 @@ def test_one_epoch_through_the_cli(sources, name, tmp_path, monkeypatch):
     monkeypatch.chdir(sources["_root"])  # data.root is relative to the working directory
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(sources[name], **{"data.root": "tv"}))
     column = ["data.label_column=species"] if name == "hf_parquet" else []
+    column += ["data.val=torchvision:MNIST@test"] if name == "mnist" else []  # the t10k files
     cli.main(["train", str(recipe), "--output", str(tmp_path / "run"), "train.batch_size=4", *column])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     expected = {"hf_disk": CLASSES, "mnist": None}.get(name, ["c10", "cat", "dog"])
