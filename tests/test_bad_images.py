@@ -131,3 +131,22 @@ def test_on_bad_image_error_lists_every_bad_file_and_writes_nothing(bad_folder, 
     assert "truncated.jpg" in err and "empty.png" in err and "data.on_bad_image=skip" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_with_bad_files_and_the_balanced_sampler(bad_folder, make_recipe, tmp_path):
+    """`--processes 2` on CPU: each process's loader workers log the bad files they meet; the main process
+    merges the logs into one report, once per file. The balanced sampler is sharded by Accelerate."""
+    root, _ = bad_folder
+    recipe = make_recipe(root, **{"train.epochs": 1, "train.hard_examples": 4, "data.sampler": "balanced",
+                                  "train.class_weights": "auto", "data.num_workers": 1, "data.image_size": 24})
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run([sys.executable, "-m", "finetune", "train", str(recipe_file), "--output",
+                           str(tmp_path / "run"), "--processes", "2"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert sorted(Path(e["file"]).name for e in report["skipped"]) == ["empty.png", "truncated.jpg"]
+    assert "2 process(es)" in proc.stdout
+    assert json.loads((tmp_path / "run" / "hard_examples.json").read_text())["val"]
