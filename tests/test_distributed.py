@@ -1,0 +1,178 @@
+"""Several processes on CPU (torchrun, gloo): the same recipe trains the same model as one process, one run
+directory is written once, the schedule ends at the last update, and a fault on one process stops both.
+
+Each launch costs about 10 s of process start and imports, so the runs are module-scoped and shared: one
+process, one process with accumulation, two processes under plain torchrun, two with planted faults, and
+`finetune train --processes 2`. The data augmentation is off (full-image crop, no flip, no jitter) and the
+model is test_vit (LayerNorm, no dropout), so one and two processes see the same images per update and
+must compute the same thing up to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from finetune.optim import lr_multiplier
+
+EPOCHS, BATCH = 2, 8
+TRAIN_IMAGES, VAL_IMAGES = 36, 9  # 3 classes x 15, 20% held out; 9 val images do not split over 2 processes
+UPDATES = EPOCHS * (TRAIN_IMAGES // BATCH)
+TOLERANCE = 1e-4  # max abs difference between the weights trained on 1 and on 2 processes
+
+
+def launcher_env(home: Path) -> dict:
+    """This session's environment minus anything that configures Accelerate: no ACCELERATE_* variables,
+    and a fresh HOME / HF_HOME, so no `accelerate config` file can be found either."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("ACCELERATE_") and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(HOME=str(home), HF_HOME=str(home / "hf"), XDG_CACHE_HOME=str(home / "cache"))
+    return env
+
+
+def torchrun(*args, cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    # --standalone: a free local port, so parallel test sessions on one machine do not collide.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def finetune_cli(*args, cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def max_abs_diff(a: Path, b: Path) -> float:
+    x, y = load_file(str(a)), load_file(str(b))
+    assert set(x) == set(y)
+    return max((x[k].double() - y[k].double()).abs().max().item() for k in x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shared runs
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("distributed")
+
+
+@pytest.fixture(scope="module")
+def env(workdir) -> dict:
+    home = workdir / "home"
+    home.mkdir()
+    return launcher_env(home)
+
+
+@pytest.fixture(scope="module")
+def recipe_file(workdir, make_image_folder, make_recipe) -> Path:
+    data = make_image_folder(workdir / "data", classes=3, per_class=15, size=32)
+    recipe = make_recipe(data, **{"model.backbone": "test_vit", "train.epochs": EPOCHS, "train.batch_size": BATCH,
+                                  "data.scale": [1.0, 1.0], "data.hflip": 0.0, "data.color_jitter": 0.0,
+                                  "train.precision": "fp32"})
+    path = workdir / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(workdir, recipe_file, env) -> Path:
+    proc = finetune_cli("train", recipe_file, "--output", workdir / "one", cwd=workdir, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir / "one"
+
+
+@pytest.fixture(scope="module")
+def one_process_accumulating(workdir, recipe_file, env) -> Path:
+    proc = finetune_cli("train", recipe_file, f"train.micro_batch_size={BATCH // 2}", "--output",
+                        workdir / "one_accumulating", cwd=workdir, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"global batch {BATCH} = 1 process(es) x {BATCH // 2} per device x 2 accumulation" in proc.stdout
+    return workdir / "one_accumulating"
+
+
+@pytest.fixture(scope="module")
+def two_processes(workdir, recipe_file, env) -> tuple[Path, subprocess.CompletedProcess]:
+    """Plain `torchrun --nproc_per_node 2 -m finetune train RECIPE`, no --output: each process picks a
+    timestamped default name, and the run must still land in one directory."""
+    cwd = workdir / "two_cwd"
+    cwd.mkdir()
+    proc = torchrun("-m", "finetune", "train", recipe_file, cwd=cwd, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = list((cwd / "runs").iterdir())
+    assert len(runs) == 1, f"expected one run directory, got {runs}"
+    return runs[0], proc
+
+
+# ----------------------------------------------------------------------------------------------------
+# Same recipe, same training
+
+
+def test_torchrun_on_cpu_without_configuration_trains_as_two_processes(two_processes):
+    run, proc = two_processes
+    # One process group of 2 (not two single-process jobs): each holds half the global batch, the update
+    # count is that of one process, and only the main process prints.
+    assert f"2 process(es) on cpu in fp32 | global batch {BATCH} = 2 process(es) x {BATCH // 2} per device x 1 " \
+           f"accumulation step(s) | {TRAIN_IMAGES // BATCH} updates/epoch, {UPDATES} total" in proc.stdout
+    assert proc.stdout.count("epoch 1/2:") == 1 and proc.stdout.count("done: best val acc") == 1
+    assert "1 process(es)" not in proc.stdout
+
+
+def test_two_processes_write_one_run_once(two_processes, one_process):
+    run, _ = two_processes
+    assert {p.name for p in run.iterdir()} == {p.name for p in one_process.iterdir()}
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == EPOCHS and len(set(lines)) == EPOCHS
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+    # Every process saved its own part of the checkpoint (its random states), the main process the rest.
+    saved = {p.name for p in (run / "checkpoint").iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors", "trainer_state.json"} <= saved
+
+
+def test_two_processes_train_the_same_model_as_one(two_processes, one_process):
+    run, _ = two_processes
+    for name in ("model.safetensors", "checkpoint/model.safetensors"):  # the best epoch's export and the last
+        assert max_abs_diff(run / name, one_process / name) <= TOLERANCE, name
+
+
+def test_one_process_accumulating_equals_two_processes(two_processes, one_process_accumulating):
+    run, _ = two_processes
+    for name in ("model.safetensors", "checkpoint/model.safetensors"):
+        assert max_abs_diff(run / name, one_process_accumulating / name) <= TOLERANCE, name
+    for two, one in zip(read_metrics(run), read_metrics(one_process_accumulating)):
+        assert two["val_acc"] == one["val_acc"]
+        assert two["train_loss"] == pytest.approx(one["train_loss"], abs=1e-5)
+
+
+def test_validation_covers_exactly_the_dataset_and_agrees(two_processes, one_process):
+    run, _ = two_processes
+    two, one = read_metrics(run), read_metrics(one_process)
+    assert [r["val_images"] for r in two] == [VAL_IMAGES] * EPOCHS  # no padding duplicates counted
+    for a, b in zip(two, one):
+        assert (a["epoch"], a["step"], a["val_acc"]) == (b["epoch"], b["step"], b["val_acc"])
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+
+
+def test_schedule_ends_at_the_last_update_on_two_processes(two_processes):
+    """The schedule counts optimizer updates, not batches per process: it does not end N times early."""
+    run, _ = two_processes
+    last = read_metrics(run)[-1]
+    assert last["step"] == UPDATES
+    warmup = TRAIN_IMAGES // BATCH  # train.warmup_epochs defaults to 1
+    peak = yaml.safe_load((run / "recipe.yaml").read_text())["optim"]["lr"]
+    # metrics.jsonl logs the LR that each epoch's last update used
+    assert last["lr"]["backbone"] == pytest.approx(peak * lr_multiplier(UPDATES - 1, UPDATES, warmup), rel=1e-9)
