@@ -176,3 +176,135 @@ def test_schedule_ends_at_the_last_update_on_two_processes(two_processes):
     peak = yaml.safe_load((run / "recipe.yaml").read_text())["optim"]["lr"]
     # metrics.jsonl logs the LR that each epoch's last update used
     assert last["lr"]["backbone"] == pytest.approx(peak * lr_multiplier(UPDATES - 1, UPDATES, warmup), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Faults: planted on process 1 by a wrapper that patches the loop, then runs the real CLI under torchrun.
+
+PLANTER = '''
+import atexit, json, os, sys, time
+from pathlib import Path
+
+import finetune.data
+import finetune.loop as loop
+from finetune.cli import main
+
+fault, at_update, record = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+rank = int(os.environ["RANK"])
+seen = {"updates": 0, "init_checksum": None, "epoch_seeds": []}
+atexit.register(lambda: (record / f"rank{rank}.json").write_text(json.dumps(seen)))
+
+forward = loop._forward_micro_batches
+def planted_forward(*args, **kwargs):
+    seen["updates"] += 1
+    if rank == 1 and seen["updates"] == at_update:
+        seen["fault_time"] = time.time()
+        if fault == "raise":
+            raise RuntimeError("planted fault")
+        update_loss, last_loss = forward(*args, **kwargs)
+        return update_loss * float("nan"), last_loss * float("nan")
+    return forward(*args, **kwargs)
+loop._forward_micro_batches = planted_forward
+
+build_model = loop.build_model
+def recorded_build_model(*args, **kwargs):
+    model = build_model(*args, **kwargs)
+    seen["init_checksum"] = sum(float(p.detach().double().abs().sum()) for p in model.parameters())
+    return model
+loop.build_model = recorded_build_model
+
+set_epoch_seed = finetune.data.EpochSeeded.set_epoch_seed
+def recorded_set_epoch_seed(self, seed):
+    seen["epoch_seeds"].append(seed)
+    set_epoch_seed(self, seed)
+finetune.data.EpochSeeded.set_epoch_seed = recorded_set_epoch_seed
+
+main(sys.argv[4:])
+'''
+FAULT_BATCH = 16  # 2 updates per epoch: update 3 is in epoch 2, after the checkpoint of epoch 1
+
+
+def run_with_fault(fault: str, workdir: Path, recipe_file: Path, env: dict) -> tuple[Path, Path, subprocess.CompletedProcess, float]:
+    planter = workdir / "planter.py"
+    planter.write_text(PLANTER)
+    record = workdir / f"record_{fault}"
+    record.mkdir()
+    run = workdir / f"fault_{fault}"
+    started = time.perf_counter()
+    proc = torchrun(planter, fault, 3, record, "train", recipe_file, f"train.batch_size={FAULT_BATCH}", "--output", run,
+                    cwd=workdir, env=env, timeout=120)
+    seconds = time.perf_counter() - started
+    (record / "stderr.txt").write_text(proc.stderr)
+    return run, record, proc, seconds
+
+
+@pytest.fixture(scope="module")
+def raised(workdir, recipe_file, env):
+    return run_with_fault("raise", workdir, recipe_file, env)
+
+
+@pytest.fixture(scope="module")
+def nan_loss(workdir, recipe_file, env):
+    return run_with_fault("nan", workdir, recipe_file, env)
+
+
+def test_exception_on_one_process_stops_every_process_quickly(raised):
+    run, record, proc, seconds = raised
+    assert proc.returncode != 0
+    after_fault = time.time() - json.loads((record / "rank1.json").read_text())["fault_time"]
+    print(f"launch with a planted exception: exited after {seconds:.1f} s, {after_fault:.1f} s after the fault")
+    assert seconds < 30, f"the launch took {seconds:.1f} s to exit"
+    assert "RuntimeError: planted fault" in proc.stderr and "[process 1] finetune: update 3 failed" in proc.stderr
+    assert "training stopped at update 3: process 1 (of 2) raised an exception" in proc.stderr
+    assert proc.stderr.count("finetune: error:") == 1  # the same error on both processes, reported once
+    updates = [json.loads((record / f"rank{r}.json").read_text())["updates"] for r in (0, 1)]
+    assert updates == [3, 3]
+
+
+def test_non_finite_loss_on_one_process_stops_both_at_the_same_update(nan_loss):
+    run, record, proc, _ = nan_loss
+    assert proc.returncode != 0
+    assert "training stopped at update 3: the loss is nan on process 1 (of 2)" in proc.stderr
+    updates = [json.loads((record / f"rank{r}.json").read_text())["updates"] for r in (0, 1)]
+    assert updates == [3, 3]
+
+
+@pytest.mark.parametrize("fault", ["raised", "nan_loss"])
+def test_last_good_checkpoint_is_intact_after_a_fault(fault, request, one_process):
+    run, _, proc, _ = request.getfixturevalue(fault)
+    assert f"The checkpoint after epoch 1 in {run / 'checkpoint'} is intact" in proc.stderr
+    assert not (run / "checkpoint.tmp").exists() and not (run / "checkpoint.old").exists()
+    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["epoch"] == 1
+    assert [r["epoch"] for r in read_metrics(run)] == [1]
+    weights = load_file(str(run / "checkpoint" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_resume_after_a_fault_finishes_the_run(nan_loss, workdir, env):
+    run, _, _, _ = nan_loss
+    proc = finetune_cli("train", "--resume", run, cwd=workdir, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_processes_share_model_init_but_not_augmentation_seeds(nan_loss):
+    _, record, _, _ = nan_loss
+    ranks = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["init_checksum"] == ranks[1]["init_checksum"]
+    assert len(ranks[0]["epoch_seeds"]) == len(ranks[1]["epoch_seeds"]) == 2
+    assert set(ranks[0]["epoch_seeds"]).isdisjoint(ranks[1]["epoch_seeds"])  # per process and per epoch
+    assert len(set(ranks[0]["epoch_seeds"])) == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# The convenience launcher, with a frozen BatchNorm backbone (DDP must not trip over frozen parameters)
+
+
+def test_processes_option_trains_a_frozen_backbone_on_two_processes(workdir, recipe_file, env):
+    run = workdir / "frozen"
+    proc = finetune_cli("train", recipe_file, "model.backbone=test_resnet", "freeze.backbone=true",
+                        "train.epochs=1", "--processes", "2", "--output", run, cwd=workdir, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es) on cpu" in proc.stdout and "trainable" in proc.stdout
+    assert [r["epoch"] for r in read_metrics(run)] == [1]
+    assert "unused parameters" not in proc.stderr.lower()
