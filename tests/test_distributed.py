@@ -29,6 +29,10 @@ TRAIN_IMAGES, VAL_IMAGES = 36, 9  # 3 classes x 15, 20% held out; 9 val images d
 UPDATES = EPOCHS * (TRAIN_IMAGES // BATCH)
 TOLERANCE = 1e-4  # max abs difference between the weights trained on 1 and on 2 processes
 
+# About 100 s of launches in all: `-m "not slow"` skips them in a quick local loop; CI runs them (the README's
+# test command deselects nothing).
+pytestmark = pytest.mark.slow
+
 
 def launcher_env(home: Path) -> dict:
     """This session's environment minus anything that configures Accelerate: no ACCELERATE_* variables,
