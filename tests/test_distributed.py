@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from finetune.optim import lr_multiplier
 
@@ -305,10 +306,18 @@ def test_processes_share_model_init_but_not_augmentation_seeds(nan_loss):
 
 
 def test_processes_option_trains_a_frozen_backbone_on_two_processes(workdir, recipe_file, env):
+    """`finetune train --processes 2` on a BatchNorm net whose backbone is frozen: DDP must neither trip over
+    the frozen parameters nor let the frozen BatchNorm statistics move."""
+    torch.manual_seed(0)
+    initial = {k: v.contiguous() for k, v in timm.create_model("test_resnet", num_classes=3).state_dict().items()}
+    save_file(initial, str(workdir / "initial.safetensors"))
     run = workdir / "frozen"
-    proc = finetune_cli("train", recipe_file, "model.backbone=test_resnet", "freeze.backbone=true",
-                        "train.epochs=1", "--processes", "2", "--output", run, cwd=workdir, env=env)
+    proc = finetune_cli("train", recipe_file, "model.backbone=test_resnet", f"model.pretrained={workdir / 'initial.safetensors'}",
+                        "freeze.backbone=true", "train.epochs=1", "--processes", "2", "--output", run, cwd=workdir, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 process(es) on cpu" in proc.stdout and "trainable" in proc.stdout
+    assert "2 process(es) on cpu" in proc.stdout
     assert [r["epoch"] for r in read_metrics(run)] == [1]
-    assert "unused parameters" not in proc.stderr.lower()
+    trained = load_file(str(run / "checkpoint" / "model.safetensors"))
+    head = {"fc.weight", "fc.bias"}
+    assert [k for k in initial if k not in head and not torch.equal(trained[k], initial[k])] == []
+    assert not torch.equal(trained["fc.weight"], initial["fc.weight"])
