@@ -83,13 +83,13 @@ def build_accelerator(config: RecipeConfig) -> Accelerator:
     return accelerator
 
 
-_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # as Accelerate reads them
+# The launcher's process count, in the variables and order Accelerate reads it from (torchrun, then MPI).
+_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 def _check_process_count(running: int) -> None:
     """The process count Accelerate runs with must be the one the launcher started: otherwise every process
     would train the whole recipe on its own, or one process would quietly do the work of N."""
-    # torchrun (and accelerate launch --multi_gpu, which uses it) sets WORLD_SIZE; MPI launchers their own.
     name = next((v for v in _WORLD_SIZE_VARIABLES if v in os.environ), "WORLD_SIZE")
     launched = int(os.environ.get(name, "1"))
     if launched != running:
@@ -99,7 +99,8 @@ def _check_process_count(running: int) -> None:
     # `accelerate launch --num_processes N` without --multi_gpu (or with --cpu) uses its simple launcher,
     # which starts one process and expects MPI to start the rest; it sets ACCELERATE_USE_CPU always and
     # MASTER_ADDR only when several processes were asked for. Without MPI, one process would run alone.
-    if running == 1 and "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ and name not in os.environ:
+    simple_launcher = "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ
+    if running == 1 and simple_launcher and name not in os.environ:
         raise FinetuneError("`accelerate launch` was asked for several processes but started only this one (without "
                             "--multi_gpu, and always with --cpu, it leaves starting the others to MPI). On GPUs add "
                             "--multi_gpu; on CPU use `torchrun --nproc_per_node N -m finetune train ...` or "

@@ -101,9 +101,10 @@ def table(report: dict) -> str:
             continue
         layout = "channels_last" if r["channels_last"] else "contiguous"
         lines.append(f"{r['backbone']:<22} {r['precision']:<9} {layout:<13} {r['batch_size']:>5} "
-                     f"{r['toolkit_images_per_second']:>14.1f} {r['plain_images_per_second']:>12.1f} {r['ratio']:>6.3f}")
+                     f"{r['toolkit_images_per_second']:>14.1f} {r['plain_images_per_second']:>12.1f} "
+                     f"{r['ratio']:>6.3f}")
     q = report["quickstart"]
-    lines.append(f"quickstart bf16: " + (", ".join(f"{k} {v}" for k, v in q.items() if k != "log_tail")))
+    lines.append("quickstart bf16: " + (", ".join(f"{k} {v}" for k, v in q.items() if k != "log_tail")))
     return "\n".join(lines)
 
 

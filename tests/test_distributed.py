@@ -229,7 +229,8 @@ main(sys.argv[4:])
 FAULT_BATCH = 16  # 2 updates per epoch: update 3 is in epoch 2, after the checkpoint of epoch 1
 
 
-def run_with_fault(fault: str, workdir: Path, recipe_file: Path, env: dict) -> tuple[Path, Path, subprocess.CompletedProcess, float]:
+def run_with_fault(fault: str, workdir: Path, recipe_file: Path,
+                   env: dict) -> tuple[Path, Path, subprocess.CompletedProcess, float]:
     planter = workdir / "planter.py"
     planter.write_text(PLANTER)
     record = workdir / f"record_{fault}"
@@ -259,6 +260,7 @@ def test_exception_on_one_process_stops_every_process_quickly(raised):
     after_fault = time.time() - json.loads((record / "rank1.json").read_text())["fault_time"]
     print(f"launch with a planted exception: exited after {seconds:.1f} s, {after_fault:.1f} s after the fault")
     assert seconds < 30, f"the launch took {seconds:.1f} s to exit"
+    assert after_fault < 15, f"the launch exited {after_fault:.1f} s after the fault"
     assert "RuntimeError: planted fault" in proc.stderr and "[process 1] finetune: update 3 failed" in proc.stderr
     assert "training stopped at update 3: process 1 (of 2) raised an exception" in proc.stderr
     assert proc.stderr.count("finetune: error:") == 1  # the same error on both processes, reported once
@@ -312,8 +314,9 @@ def test_processes_option_trains_a_frozen_backbone_on_two_processes(workdir, rec
     initial = {k: v.contiguous() for k, v in timm.create_model("test_resnet", num_classes=3).state_dict().items()}
     save_file(initial, str(workdir / "initial.safetensors"))
     run = workdir / "frozen"
-    proc = finetune_cli("train", recipe_file, "model.backbone=test_resnet", f"model.pretrained={workdir / 'initial.safetensors'}",
-                        "freeze.backbone=true", "train.epochs=1", "--processes", "2", "--output", run, cwd=workdir, env=env)
+    proc = finetune_cli("train", recipe_file, "model.backbone=test_resnet",
+                        f"model.pretrained={workdir / 'initial.safetensors'}", "freeze.backbone=true", "train.epochs=1",
+                        "--processes", "2", "--output", run, cwd=workdir, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es) on cpu" in proc.stdout
     assert [r["epoch"] for r in read_metrics(run)] == [1]
