@@ -133,7 +133,8 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
     model, channels_last = _adapt_model(model, tc, accelerator)
     plan, keep_eval, optimizer = _plan_and_optimizer(config, model, accelerator)
 
-    workers = default_num_workers() if config.data.num_workers is None else config.data.num_workers
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun
+    workers = default_num_workers(local_processes) if config.data.num_workers is None else config.data.num_workers
     pin = accelerator.device.type == "cuda"
     train_set = EpochSeeded(Transformed(splits.train, splits.train_indices, train_tf))
     val_set = Transformed(splits.val, splits.val_indices, eval_tf)
