@@ -36,12 +36,13 @@ pytestmark = pytest.mark.slow
 
 
 def launcher_env(home: Path) -> dict:
-    """This session's environment minus anything that configures Accelerate: no ACCELERATE_* variables,
-    and a fresh HOME / HF_HOME, so no `accelerate config` file can be found either."""
+    """This session's environment minus anything that configures Accelerate or a launch: no ACCELERATE_*
+    variables, and a fresh HF_HOME, so no `accelerate config` file can be found either. (HOME stays: a
+    user-site install of the packages lives under it.)"""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("ACCELERATE_") and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
-    env.update(HOME=str(home), HF_HOME=str(home / "hf"), XDG_CACHE_HOME=str(home / "cache"))
+    env["HF_HOME"] = str(home / "hf")
     return env
 
 
