@@ -203,14 +203,22 @@ atexit.register(lambda: (record / f"rank{rank}.json").write_text(json.dumps(seen
 forward = loop._forward_micro_batches
 def planted_forward(*args, **kwargs):
     seen["updates"] += 1
-    if rank == 1 and seen["updates"] == at_update:
+    if rank == 1 and seen["updates"] == at_update and fault == "raise":
         seen["fault_time"] = time.time()
-        if fault == "raise":
-            raise RuntimeError("planted fault")
-        update_loss, last_loss = forward(*args, **kwargs)
+        raise RuntimeError("planted fault")
+    update_loss, last_loss = forward(*args, **kwargs)
+    if rank == 1 and seen["updates"] == at_update and fault == "nan":
         return update_loss * float("nan"), last_loss * float("nan")
-    return forward(*args, **kwargs)
+    return update_loss, last_loss
 loop._forward_micro_batches = planted_forward
+
+evaluate = loop.evaluate
+def planted_evaluate(*args, **kwargs):
+    if rank == 1 and fault == "raise_in_validation":
+        seen["fault_time"] = time.time()
+        raise RuntimeError("planted fault in validation")
+    return evaluate(*args, **kwargs)
+loop.evaluate = planted_evaluate
 
 build_model = loop.build_model
 def recorded_build_model(*args, **kwargs):
@@ -267,6 +275,15 @@ def test_exception_on_one_process_stops_every_process_quickly(raised):
     assert proc.stderr.count("finetune: error:") == 1  # the same error on both processes, reported once
     updates = [json.loads((record / f"rank{r}.json").read_text())["updates"] for r in (0, 1)]
     assert updates == [3, 3]
+
+
+def test_exception_outside_the_update_stops_every_process_through_the_launcher(workdir, recipe_file, env):
+    """A process that fails where no loss exchange guards it (here: validation) exits; the launcher stops the
+    one waiting in a collective for it, long before any collective timeout."""
+    _, record, proc, seconds = run_with_fault("raise_in_validation", workdir, recipe_file, env)
+    after_fault = time.time() - json.loads((record / "rank1.json").read_text())["fault_time"]
+    assert proc.returncode != 0 and "planted fault in validation" in proc.stderr
+    assert seconds < 30 and after_fault < 15, f"exited {after_fault:.1f} s after the fault, {seconds:.1f} s in all"
 
 
 def test_non_finite_loss_on_one_process_stops_both_at_the_same_update(nan_loss):
