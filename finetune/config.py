@@ -63,7 +63,7 @@ class DataConfig:
     hflip: float = 0.5  # probability; set 0 when a mirror image means something else (digits, text)
     color_jitter: float = 0.4  # brightness/contrast/saturation strength; 0 turns it off
     auto_augment: str | None = None  # a timm policy string such as rand-m9-mstd0.5; none: off
-    num_workers: int | None = None  # loader processes per training process; none: min(8, cores - 1)
+    num_workers: int | None = None  # loader processes per training process; none: min(8, cores / processes - 1)
     # hf: and manifests: the column holding images (or image paths) and the one holding labels. none: found
     # automatically (an Image feature and a ClassLabel; else a column named image/path/file, label/class).
     image_column: str | None = None

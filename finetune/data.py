@@ -160,9 +160,11 @@ def build_transforms(data_cfg: dict, cfg: DataConfig) -> tuple[Callable, Callabl
     return train, timm.data.create_transform(**data_cfg, is_training=False)
 
 
-def default_num_workers() -> int:
+def default_num_workers(processes_on_machine: int = 1) -> int:
+    """Loader workers per training process: the machine's cores shared by the training processes on it
+    (8 GPUs on 16 cores must not start 8 x 8 workers), one core of each share left to its process."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores - 1))
+    return max(0, min(8, cores // max(1, processes_on_machine) - 1))
 
 
 def build_loader(dataset: Dataset, batch_size: int, training: bool, num_workers: int, pin_memory: bool,

@@ -85,14 +85,34 @@ def build_accelerator(config: RecipeConfig) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.train.seed,
                                                   non_blocking=cuda),
     )
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        raise FinetuneError(f"the launcher started {launched} processes (WORLD_SIZE) but Accelerate runs "
-                            f"{accelerator.num_processes}; check `accelerate config` (or ACCELERATE_* variables), or "
-                            "launch with torchrun --nproc_per_node N, which needs no configuration.")
+    _check_process_count(accelerator.num_processes)
     if cuda:
         torch.backends.cudnn.benchmark = True  # training batches have one fixed shape: tune kernels once
     return accelerator
+
+
+# The launcher's process count, in the variables and order Accelerate reads it from (torchrun, then MPI).
+_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _check_process_count(running: int) -> None:
+    """The process count Accelerate runs with must be the one the launcher started: otherwise every process
+    would train the whole recipe on its own, or one process would quietly do the work of N."""
+    name = next((v for v in _WORLD_SIZE_VARIABLES if v in os.environ), "WORLD_SIZE")
+    launched = int(os.environ.get(name, "1"))
+    if launched != running:
+        raise FinetuneError(f"the launcher started {launched} processes ({name}) but Accelerate runs {running}; "
+                            "check `accelerate config` (or ACCELERATE_* variables), or launch with torchrun "
+                            "--nproc_per_node N, which needs no configuration.")
+    # `accelerate launch --num_processes N` without --multi_gpu (or with --cpu) uses its simple launcher,
+    # which starts one process and expects MPI to start the rest; it sets ACCELERATE_USE_CPU always and
+    # MASTER_ADDR only when several processes were asked for. Without MPI, one process would run alone.
+    simple_launcher = "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ
+    if running == 1 and simple_launcher and name not in os.environ:
+        raise FinetuneError("`accelerate launch` was asked for several processes but started only this one (without "
+                            "--multi_gpu, and always with --cpu, it leaves starting the others to MPI). On GPUs add "
+                            "--multi_gpu; on CPU use `torchrun --nproc_per_node N -m finetune train ...` or "
+                            "`finetune train ... --processes N`. (For one process, unset MASTER_ADDR.)")
 
 
 def _check_processes_per_machine(cuda: bool) -> None:
@@ -121,7 +141,8 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
     model, channels_last = _adapt_model(model, tc, accelerator)
     plan, keep_eval, optimizer = _plan_and_optimizer(config, model, accelerator)
 
-    workers = default_num_workers() if config.data.num_workers is None else config.data.num_workers
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun
+    workers = default_num_workers(local_processes) if config.data.num_workers is None else config.data.num_workers
     pin = accelerator.device.type == "cuda"
     # Loader workers record unreadable files here; the run directory keeps them across a resume.
     bad = {"on_bad_image": config.data.on_bad_image, "skip_log": SkipLog.for_process(run_dir.path,

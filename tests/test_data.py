@@ -158,3 +158,12 @@ def test_transforms_follow_the_backbone_config_and_image_size():
         x, label = dataset[i]
         assert x.shape == (3, 48, 48) and x.dtype == torch.float32 and label == expected_label
     assert train_tf(Image.new("RGB", (64, 64))).shape == (3, 48, 48)
+
+
+def test_default_workers_share_the_cores_among_the_processes_on_a_machine(monkeypatch):
+    import finetune.data
+
+    monkeypatch.setattr(finetune.data.os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+    assert finetune.data.default_num_workers() == 8  # one process: capped at 8
+    assert finetune.data.default_num_workers(4) == 3  # 4 cores each, one left to its training process
+    assert finetune.data.default_num_workers(16) == 0  # a core each: load in the training process

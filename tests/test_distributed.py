@@ -1,0 +1,344 @@
+"""Several processes on CPU (torchrun, gloo): the same recipe trains the same model as one process, one run
+directory is written once, the schedule ends at the last update, and a fault on one process stops both.
+
+Each launch costs about 10 s of process start and imports, so the runs are module-scoped and shared: one
+process, one process with accumulation, two processes under plain torchrun, two with planted faults, and
+`finetune train --processes 2`. The data augmentation is off (full-image crop, no flip, no jitter) and the
+model is test_vit (LayerNorm, no dropout), so one and two processes see the same images per update and
+must compute the same thing up to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from finetune.optim import lr_multiplier
+
+EPOCHS, BATCH = 2, 8
+TRAIN_IMAGES, VAL_IMAGES = 36, 9  # 3 classes x 15, 20% held out; 9 val images do not split over 2 processes
+UPDATES = EPOCHS * (TRAIN_IMAGES // BATCH)
+TOLERANCE = 1e-4  # max abs difference between the weights trained on 1 and on 2 processes
+
+# About 100 s of launches in all: `-m "not slow"` skips them in a quick local loop; CI runs them (the README's
+# test command deselects nothing).
+pytestmark = pytest.mark.slow
+
+
+def launcher_env(home: Path) -> dict:
+    """This session's environment minus anything that configures Accelerate or a launch: no ACCELERATE_*
+    variables, and a fresh HF_HOME, so no `accelerate config` file can be found either. (HOME stays: a
+    user-site install of the packages lives under it.)"""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("ACCELERATE_") and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env["HF_HOME"] = str(home / "hf")
+    return env
+
+
+def torchrun(*args, cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    # --standalone: a free local port, so parallel test sessions on one machine do not collide.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def finetune_cli(*args, cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finetune", *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def max_abs_diff(a: Path, b: Path) -> float:
+    x, y = load_file(str(a)), load_file(str(b))
+    assert set(x) == set(y)
+    return max((x[k].double() - y[k].double()).abs().max().item() for k in x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shared runs
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("distributed")
+
+
+@pytest.fixture(scope="module")
+def env(workdir) -> dict:
+    home = workdir / "home"
+    home.mkdir()
+    return launcher_env(home)
+
+
+@pytest.fixture(scope="module")
+def recipe_file(workdir, make_image_folder, make_recipe) -> Path:
+    data = make_image_folder(workdir / "data", classes=3, per_class=15, size=32)
+    recipe = make_recipe(data, **{"model.backbone": "test_vit", "train.epochs": EPOCHS, "train.batch_size": BATCH,
+                                  "data.scale": [1.0, 1.0], "data.hflip": 0.0, "data.color_jitter": 0.0,
+                                  "train.precision": "fp32"})
+    path = workdir / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(workdir, recipe_file, env) -> Path:
+    proc = finetune_cli("train", recipe_file, "--output", workdir / "one", cwd=workdir, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir / "one"
+
+
+@pytest.fixture(scope="module")
+def one_process_accumulating(workdir, recipe_file, env) -> Path:
+    proc = finetune_cli("train", recipe_file, f"train.micro_batch_size={BATCH // 2}", "--output",
+                        workdir / "one_accumulating", cwd=workdir, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"global batch {BATCH} = 1 process(es) x {BATCH // 2} per device x 2 accumulation" in proc.stdout
+    return workdir / "one_accumulating"
+
+
+@pytest.fixture(scope="module")
+def two_processes(workdir, recipe_file, env) -> tuple[Path, subprocess.CompletedProcess]:
+    """Plain `torchrun --nproc_per_node 2 -m finetune train RECIPE`, no --output: each process picks a
+    timestamped default name, and the run must still land in one directory."""
+    cwd = workdir / "two_cwd"
+    cwd.mkdir()
+    proc = torchrun("-m", "finetune", "train", recipe_file, cwd=cwd, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = list((cwd / "runs").iterdir())
+    assert len(runs) == 1, f"expected one run directory, got {runs}"
+    return runs[0], proc
+
+
+# ----------------------------------------------------------------------------------------------------
+# Same recipe, same training
+
+
+def test_torchrun_on_cpu_without_configuration_trains_as_two_processes(two_processes):
+    run, proc = two_processes
+    # One process group of 2 (not two single-process jobs): each holds half the global batch, the update
+    # count is that of one process, and only the main process prints.
+    assert f"2 process(es) on cpu in fp32 | global batch {BATCH} = 2 process(es) x {BATCH // 2} per device x 1 " \
+           f"accumulation step(s) | {TRAIN_IMAGES // BATCH} updates/epoch, {UPDATES} total" in proc.stdout
+    assert proc.stdout.count("epoch 1/2:") == 1 and proc.stdout.count("done: best val acc") == 1
+    assert "1 process(es)" not in proc.stdout
+
+
+def test_two_processes_write_one_run_once(two_processes, one_process):
+    run, _ = two_processes
+    assert {p.name for p in run.iterdir()} == {p.name for p in one_process.iterdir()}
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == EPOCHS and len(set(lines)) == EPOCHS
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+    # Every process saved its own part of the checkpoint (its random states), the main process the rest.
+    saved = {p.name for p in (run / "checkpoint").iterdir()}
+    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors", "trainer_state.json"} <= saved
+
+
+def test_two_processes_train_the_same_model_as_one(two_processes, one_process):
+    run, _ = two_processes
+    for name in ("model.safetensors", "checkpoint/model.safetensors"):  # the best epoch's export and the last
+        assert max_abs_diff(run / name, one_process / name) <= TOLERANCE, name
+
+
+def test_one_process_accumulating_equals_two_processes(two_processes, one_process_accumulating):
+    run, _ = two_processes
+    for name in ("model.safetensors", "checkpoint/model.safetensors"):
+        assert max_abs_diff(run / name, one_process_accumulating / name) <= TOLERANCE, name
+    for two, one in zip(read_metrics(run), read_metrics(one_process_accumulating)):
+        assert two["val_acc"] == one["val_acc"]
+        assert two["train_loss"] == pytest.approx(one["train_loss"], abs=1e-5)
+
+
+def test_validation_covers_exactly_the_dataset_and_agrees(two_processes, one_process):
+    run, _ = two_processes
+    two, one = read_metrics(run), read_metrics(one_process)
+    assert [r["val_images"] for r in two] == [VAL_IMAGES] * EPOCHS  # no padding duplicates counted
+    for a, b in zip(two, one):
+        assert (a["epoch"], a["step"], a["val_acc"]) == (b["epoch"], b["step"], b["val_acc"])
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+
+
+def test_schedule_ends_at_the_last_update_on_two_processes(two_processes):
+    """The schedule counts optimizer updates, not batches per process: it does not end N times early."""
+    run, _ = two_processes
+    last = read_metrics(run)[-1]
+    assert last["step"] == UPDATES
+    warmup = TRAIN_IMAGES // BATCH  # train.warmup_epochs defaults to 1
+    peak = yaml.safe_load((run / "recipe.yaml").read_text())["optim"]["lr"]
+    # metrics.jsonl logs the LR that each epoch's last update used
+    assert last["lr"]["backbone"] == pytest.approx(peak * lr_multiplier(UPDATES - 1, UPDATES, warmup), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Faults: planted on process 1 by a wrapper that patches the loop, then runs the real CLI under torchrun.
+
+PLANTER = '''
+import atexit, json, os, sys, time
+from pathlib import Path
+
+import finetune.data
+import finetune.loop as loop
+from finetune.cli import main
+
+fault, at_update, record = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+rank = int(os.environ["RANK"])
+seen = {"updates": 0, "init_checksum": None, "epoch_seeds": []}
+atexit.register(lambda: (record / f"rank{rank}.json").write_text(json.dumps(seen)))
+
+forward = loop._forward_micro_batches
+def planted_forward(*args, **kwargs):
+    seen["updates"] += 1
+    if rank == 1 and seen["updates"] == at_update and fault == "raise":
+        seen["fault_time"] = time.time()
+        raise RuntimeError("planted fault")
+    update_loss, last_loss = forward(*args, **kwargs)
+    if rank == 1 and seen["updates"] == at_update and fault == "nan":
+        return update_loss * float("nan"), last_loss * float("nan")
+    return update_loss, last_loss
+loop._forward_micro_batches = planted_forward
+
+evaluate = loop.evaluate
+def planted_evaluate(*args, **kwargs):
+    if rank == 1 and fault == "raise_in_validation":
+        seen["fault_time"] = time.time()
+        raise RuntimeError("planted fault in validation")
+    return evaluate(*args, **kwargs)
+loop.evaluate = planted_evaluate
+
+build_model = loop.build_model
+def recorded_build_model(*args, **kwargs):
+    model = build_model(*args, **kwargs)
+    seen["init_checksum"] = sum(float(p.detach().double().abs().sum()) for p in model.parameters())
+    return model
+loop.build_model = recorded_build_model
+
+set_epoch_seed = finetune.data.EpochSeeded.set_epoch_seed
+def recorded_set_epoch_seed(self, seed):
+    seen["epoch_seeds"].append(seed)
+    set_epoch_seed(self, seed)
+finetune.data.EpochSeeded.set_epoch_seed = recorded_set_epoch_seed
+
+main(sys.argv[4:])
+'''
+FAULT_BATCH = 16  # 2 updates per epoch: update 3 is in epoch 2, after the checkpoint of epoch 1
+
+
+def run_with_fault(fault: str, workdir: Path, recipe_file: Path,
+                   env: dict) -> tuple[Path, Path, subprocess.CompletedProcess, float]:
+    planter = workdir / "planter.py"
+    planter.write_text(PLANTER)
+    record = workdir / f"record_{fault}"
+    record.mkdir()
+    run = workdir / f"fault_{fault}"
+    started = time.perf_counter()
+    proc = torchrun(planter, fault, 3, record, "train", recipe_file, f"train.batch_size={FAULT_BATCH}", "--output", run,
+                    cwd=workdir, env=env, timeout=120)
+    seconds = time.perf_counter() - started
+    (record / "stderr.txt").write_text(proc.stderr)
+    return run, record, proc, seconds
+
+
+@pytest.fixture(scope="module")
+def raised(workdir, recipe_file, env):
+    return run_with_fault("raise", workdir, recipe_file, env)
+
+
+@pytest.fixture(scope="module")
+def nan_loss(workdir, recipe_file, env):
+    return run_with_fault("nan", workdir, recipe_file, env)
+
+
+def test_exception_on_one_process_stops_every_process_quickly(raised):
+    run, record, proc, seconds = raised
+    assert proc.returncode != 0
+    after_fault = time.time() - json.loads((record / "rank1.json").read_text())["fault_time"]
+    print(f"launch with a planted exception: exited after {seconds:.1f} s, {after_fault:.1f} s after the fault")
+    assert seconds < 30, f"the launch took {seconds:.1f} s to exit"
+    assert after_fault < 15, f"the launch exited {after_fault:.1f} s after the fault"
+    assert "RuntimeError: planted fault" in proc.stderr and "[process 1] finetune: update 3 failed" in proc.stderr
+    assert "training stopped at update 3: process 1 (of 2) raised an exception" in proc.stderr
+    assert proc.stderr.count("finetune: error:") == 1  # the same error on both processes, reported once
+    updates = [json.loads((record / f"rank{r}.json").read_text())["updates"] for r in (0, 1)]
+    assert updates == [3, 3]
+
+
+def test_exception_outside_the_update_stops_every_process_through_the_launcher(workdir, recipe_file, env):
+    """A process that fails where no loss exchange guards it (here: validation) exits; the launcher stops the
+    one waiting in a collective for it, long before any collective timeout."""
+    _, record, proc, seconds = run_with_fault("raise_in_validation", workdir, recipe_file, env)
+    after_fault = time.time() - json.loads((record / "rank1.json").read_text())["fault_time"]
+    assert proc.returncode != 0 and "planted fault in validation" in proc.stderr
+    assert seconds < 30 and after_fault < 15, f"exited {after_fault:.1f} s after the fault, {seconds:.1f} s in all"
+
+
+def test_non_finite_loss_on_one_process_stops_both_at_the_same_update(nan_loss):
+    run, record, proc, _ = nan_loss
+    assert proc.returncode != 0
+    assert "training stopped at update 3: the loss is nan on process 1 (of 2)" in proc.stderr
+    updates = [json.loads((record / f"rank{r}.json").read_text())["updates"] for r in (0, 1)]
+    assert updates == [3, 3]
+
+
+@pytest.mark.parametrize("fault", ["raised", "nan_loss"])
+def test_last_good_checkpoint_is_intact_after_a_fault(fault, request, one_process):
+    run, _, proc, _ = request.getfixturevalue(fault)
+    assert f"The checkpoint after epoch 1 in {run / 'checkpoint'} is intact" in proc.stderr
+    assert not (run / "checkpoint.tmp").exists() and not (run / "checkpoint.old").exists()
+    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["epoch"] == 1
+    assert [r["epoch"] for r in read_metrics(run)] == [1]
+    weights = load_file(str(run / "checkpoint" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_resume_after_a_fault_finishes_the_run(nan_loss, workdir, env):
+    run, _, _, _ = nan_loss
+    proc = finetune_cli("train", "--resume", run, cwd=workdir, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_processes_share_model_init_but_not_augmentation_seeds(nan_loss):
+    _, record, _, _ = nan_loss
+    ranks = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["init_checksum"] == ranks[1]["init_checksum"]
+    assert len(ranks[0]["epoch_seeds"]) == len(ranks[1]["epoch_seeds"]) == 2
+    assert set(ranks[0]["epoch_seeds"]).isdisjoint(ranks[1]["epoch_seeds"])  # per process and per epoch
+    assert len(set(ranks[0]["epoch_seeds"])) == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# The convenience launcher, with a frozen BatchNorm backbone (DDP must not trip over frozen parameters)
+
+
+def test_processes_option_trains_a_frozen_backbone_on_two_processes(workdir, recipe_file, env):
+    """`finetune train --processes 2` on a BatchNorm net whose backbone is frozen: DDP must neither trip over
+    the frozen parameters nor let the frozen BatchNorm statistics move."""
+    torch.manual_seed(0)
+    initial = {k: v.contiguous() for k, v in timm.create_model("test_resnet", num_classes=3).state_dict().items()}
+    save_file(initial, str(workdir / "initial.safetensors"))
+    run = workdir / "frozen"
+    proc = finetune_cli("train", recipe_file, "model.backbone=test_resnet",
+                        f"model.pretrained={workdir / 'initial.safetensors'}", "freeze.backbone=true", "train.epochs=1",
+                        "--processes", "2", "--output", run, cwd=workdir, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es) on cpu" in proc.stdout
+    assert [r["epoch"] for r in read_metrics(run)] == [1]
+    trained = load_file(str(run / "checkpoint" / "model.safetensors"))
+    head = {"fc.weight", "fc.bias"}
+    assert [k for k in initial if k not in head and not torch.equal(trained[k], initial[k])] == []
+    assert not torch.equal(trained["fc.weight"], initial["fc.weight"])
