@@ -258,7 +258,7 @@ def test_freeze_backbone_keeps_every_backbone_tensor_bit_for_bit(tmp_path, data_
     initial = {k: v.contiguous() for k, v in initial_model.state_dict().items()}
     save_file(initial, str(tmp_path / "initial.safetensors"))
     recipe = make_recipe(data_dir, **{"model.pretrained": str(tmp_path / "initial.safetensors"),
-                                      "freeze.backbone": True})
+                                      "freeze.backbone": True, "freeze.bn": "frozen"})
     result = finetune.train(recipe, output=tmp_path / "run")
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert {n for g in plan if g["trainable"] for n in g["params"]} == HEAD
