@@ -313,3 +313,27 @@ def test_resume_across_unfreeze_boundary_matches_uninterrupted_run(tmp_path, dat
     assert any(not torch.equal(expected[k], initial[k]) for k in body), "the body trained after the boundary"
     assert json.loads((tmp_path / "cut" / "plan.json").read_text()) == json.loads(
         (tmp_path / "whole" / "plan.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_train_through_an_unfreeze_boundary(tmp_path, data, make_recipe, initial_weights):
+    """DDP (gloo, 2 CPU processes): groups that thaw at epoch 1 are registered with DDP from the start and
+    wait with their gradients dropped; a pattern-frozen stage stays outside DDP. No unused-parameter
+    error, and the pattern-frozen stage is bit for bit as loaded."""
+    recipe = make_recipe(data, **{"model.pretrained": str(initial_weights), "freeze.backbone": True,
+                                  "freeze.unfreeze_at": 1, "freeze.bn": "frozen", "freeze.patterns": ["layer4.*"],
+                                  "train.epochs": 2, "optim.layer_decay": 0.8})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run([sys.executable, "-m", "finetune", "train", str(path), "--output", str(tmp_path / "run"),
+                           "--processes", "2"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in metrics] == [1, 2]
+    assert all(v == 0.0 for k, v in metrics[0]["lr"].items() if k.endswith(".from1"))
+    assert all(v > 0.0 for v in metrics[1]["lr"].values())
+    before = load_file(str(initial_weights))
+    after = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("layer4."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("layer2.") and k in OTHER)
