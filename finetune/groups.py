@@ -211,6 +211,9 @@ def build_plan(model: nn.Module, optim: OptimConfig, freeze: FreezeConfig) -> Pl
     examples = [""] * num_stages
     for name in reversed(body):
         examples[stage_of[name]] = name
+    if not any(g.trainable for g in groups):
+        raise FinetuneError("the freeze settings leave no parameter to train (freeze.patterns froze the head too?); "
+                            "`finetune plan RECIPE` shows what is frozen.")
     plan = Plan(tuple(groups), tuple(phases), freeze.bn, eval_norms, tuple(examples))
     check_coverage(plan, model)
     return plan
