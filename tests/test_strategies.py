@@ -146,7 +146,7 @@ def test_cli_plan_with_unmatched_pattern_exits_nonzero_naming_it(tmp_path, image
 def test_freezing_everything_is_an_error():
     model = timm.create_model("test_resnet", pretrained=False, num_classes=4)
     with pytest.raises(FinetuneError, match="no parameter to train"):
-        build_plan(model, OPTIM, FreezeConfig(backbone=True, patterns=["fc.*"]))
+        build_plan(model, OPTIM, FreezeConfig(backbone=True, patterns=["fc.*"], bn="frozen"))
 
 
 def test_too_many_stages_and_refreezing_are_errors():
