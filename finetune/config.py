@@ -475,6 +475,8 @@ def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
         ("optim.lr_mult", all(v > 0 for v in c.optim.lr_mult.values()),
          "multipliers must be > 0 (to stop a parameter from learning, list it in freeze.patterns)"),
         ("freeze.stages", c.freeze.stages >= 0, "must be >= 0"),
+        ("freeze.stages", not (c.freeze.backbone and c.freeze.stages),
+         "and freeze.backbone=true both set; the backbone already takes every stage: keep one"),
         ("freeze.unfreeze_at", c.freeze.unfreeze_at is None or 0 < c.freeze.unfreeze_at < c.train.epochs,
          f"must be an epoch between 1 and train.epochs - 1 ({c.train.epochs - 1}) or null"),
         ("freeze.unfreeze_at", c.freeze.unfreeze_at is None or c.freeze.backbone or c.freeze.stages > 0,

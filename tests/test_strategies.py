@@ -165,6 +165,8 @@ def test_recipe_checks_for_unfreezing_keys(tiny_recipe):
                                    "freeze.bn": "eva"}))
     text = str(e.value)
     assert "freeze.unfreeze_at" in text and "optim.layer_decay" in text and "freeze.bn" in text
+    with pytest.raises(FinetuneError, match="freeze.stages: 2 and freeze.backbone=true both set"):
+        load_recipe(tiny_recipe(**{"freeze.stages": 2, "freeze.backbone": True}))
     with pytest.raises(FinetuneError, match="set one of them"):
         load_recipe(tiny_recipe(**{"freeze.unfreeze_at": 1}))
     config = load_recipe(tiny_recipe(), ["freeze.phases={0: 3, 1: 0}", "optim.lr_mult.layer1.*=0.5"])
