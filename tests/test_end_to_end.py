@@ -316,7 +316,7 @@ def test_overwrite_replaces_only_a_previous_run(tmp_path, recipe):
 
 
 def test_plan_json_cli_parses(workdir, recipe_file):
-    proc = run_cli("plan", recipe_file, "freeze.backbone=true", "--json", cwd=workdir)
+    proc = run_cli("plan", recipe_file, "freeze.backbone=true", "freeze.bn=frozen", "--json", cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     groups = json.loads(proc.stdout)
     assert all({"name", "lr", "weight_decay", "params", "trainable"} <= set(g) for g in groups)
