@@ -157,10 +157,10 @@ def build_plan(model: nn.Module, optim: OptimConfig, freeze: FreezeConfig) -> Pl
     # Groups follow stages only where stages differ in when they train; otherwise one "backbone".
     split_stages = len({part_from[n] for n in body if n not in pattern_frozen}) > 1
 
-    bn_mode = {}  # BatchNorm module name -> (epoch it runs in train mode from, or None)
+    bn_mode: dict[str, int | None] = {}  # BatchNorm module -> epoch its part (all its parameters) thaws, or None
     for name, module_name in bn_params.items():
-        thaws = [part_from[n] for n, m in bn_params.items() if m == module_name]
-        bn_mode[module_name] = None if None in thaws else max(thaws)
+        before = bn_mode.get(module_name, 0)
+        bn_mode[module_name] = None if before is None or part_from[name] is None else max(before, part_from[name])
     eval_norms = tuple((m, thaw) for m, thaw in bn_mode.items() if freeze.bn != "train" and thaw != 0)
 
     buckets: dict[str, dict] = {}
