@@ -13,7 +13,8 @@ from importlib import import_module
 from .errors import FinetuneError
 
 _EXPORTS = {
-    "train": "api", "plan": "api", "check_data": "api", "load": "api", "resolve": "api", "Predictor": "api", "TrainResult": "api",
+    "train": "api", "plan": "api", "check_data": "api", "lr_find": "api", "load": "api", "resolve": "api",
+    "Predictor": "api", "TrainResult": "api",
     "load_recipe": "config", "RecipeConfig": "config",
 }
 __all__ = [*_EXPORTS, "FinetuneError"]

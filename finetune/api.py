@@ -17,12 +17,14 @@ from .data import Splits, build_splits
 from .errors import FinetuneError
 from .groups import Plan, build_plan
 from .loop import TrainResult
+from .lrfind import LRFindResult, find_lr
 from .loop import train as run_loop
 from .model import build_model
 from .predict import Predictor, load
 from .rundir import RunDir
 
-__all__ = ["train", "plan", "check_data", "load", "resolve", "resolve_run", "Predictor", "TrainResult"]
+__all__ = ["train", "plan", "check_data", "lr_find", "load", "resolve", "resolve_run", "Predictor", "TrainResult",
+           "LRFindResult"]
 
 
 def resolve(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[str] | None = None,
@@ -113,6 +115,25 @@ def check_data(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | N
 
     config = resolve(recipe, {**_flatten_overrides(overrides), **_flatten_overrides(kw_overrides)})
     return run_check(config.data, config.train.seed)
+
+
+def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = None, *,
+            output: str | Path | None = None, start: float = 1e-7, end: float = 10.0, steps: int = 100,
+            epoch: int = 0, **kw_overrides: Any) -> LRFindResult | None:
+    """The LR range test on a recipe: sweeps optim.lr (every group keeps its ratio) and suggests a value.
+    Writes lr_find.png and lr_find.json into `output`, a new folder (default runs/<time>-<backbone>-lr-find).
+    `epoch` picks the unfreezing phase to sweep (the one that epoch trains in)."""
+    config = resolve(recipe, {**_flatten_overrides(overrides), **_flatten_overrides(kw_overrides)})
+    if not 0 <= epoch < config.train.epochs:
+        raise FinetuneError(f"lr-find: --epoch {epoch} is outside the recipe's epochs 0..{config.train.epochs - 1}.")
+    if output is None:
+        folder = RunDir.for_new_run(None, f"{config.model.backbone}-lr-find").path
+    else:
+        folder = Path(output).expanduser()
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise FinetuneError(f"lr-find --output {folder}: it already exists and is not an empty folder (it may "
+                                "be a training run, which lr-find never writes into); choose a new folder.")
+    return find_lr(config, open_data(config), folder, start, end, steps, epoch)
 
 
 def open_data(config: RecipeConfig) -> Splits:

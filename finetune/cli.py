@@ -41,6 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    p = sub.add_parser("lr-find", help="LR range test: sweep optim.lr, plot loss against LR, suggest a value",
+                       epilog=EPILOG)
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--output", "-o", help="a new folder for lr_find.png/.json (default: runs/<time>-<backbone>-lr-find)")
+    p.add_argument("--start", type=float, default=1e-7, help="first base LR (default 1e-7)")
+    p.add_argument("--end", type=float, default=10.0, help="last base LR (default 10)")
+    p.add_argument("--steps", type=int, default=100, help="updates in the sweep at most (default 100)")
+    p.add_argument("--epoch", type=int, default=0,
+                   help="sweep the unfreezing phase this epoch (0-based) trains in (default 0)")
+
     p = sub.add_parser("predict", help="classify images with a trained run")
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+")
@@ -127,6 +138,9 @@ def _run(args: argparse.Namespace) -> None:
         print(json.dumps(report, indent=2) if args.json else format_report(report))
         if not report["trainable"]:
             sys.exit(1)
+    elif args.command == "lr-find":
+        api.lr_find(recipe, overrides, output=args.output, start=args.start, end=args.end, steps=args.steps,
+                    epoch=args.epoch)
     elif args.command == "predict":
         predictor = api.load(args.run_dir)
         results = [{"image": path, "predictions": predictor.predict(path, args.top_k)[0]} for path in args.images]

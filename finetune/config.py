@@ -88,13 +88,33 @@ class OptimConfig:
     # None: 0.05 for adamw (decoupled decay), 1e-4 for sgd (L2). Never applied to norms and biases.
     weight_decay: float | None = None
     momentum: float = 0.9  # sgd only (Nesterov)
+    # Layer-wise LR decay in (0, 1] (BEiT/MAE): the top body block learns at lr, each block below at
+    # layer_decay times the one above; blocks come from timm's group_matcher(coarse=False). None: off.
+    # 0.65-0.75 suits ViTs; convnets need less (0.8-0.9). The head sits head_lr_mult above the top block.
+    layer_decay: float | None = None
+    # LR multipliers by parameter-name glob, e.g. {"stem.*": 0.1}; several matches multiply. A glob that
+    # matches no parameter is an error (it is almost always a typo).
+    lr_mult: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class FreezeConfig:
-    # true: only the head trains (a linear probe); the backbone's weights and normalisation statistics
-    # stay exactly as loaded. false: everything trains, the backbone at optim.lr.
+    # true: the whole body is frozen, only the head trains (a linear probe; BatchNorm follows `bn`).
     backbone: bool = False
+    # Freeze the first N groups of timm's group_matcher(coarse=True): the stem, then stages (convnets)
+    # or blocks (ViTs). `finetune plan` shows the stage of every group. 0: none.
+    stages: int = 0
+    # Parameter-name globs (fnmatch) frozen for the whole run, e.g. ["patch_embed.*", "*.norm*"].
+    patterns: list[str] = field(default_factory=list)
+    # BatchNorm inside frozen parts. train: batch statistics, running statistics and affine all update
+    # (survives domain shift: the default). eval: running statistics fixed (module in eval mode), affine
+    # trains. frozen: statistics and affine fixed, the part stays bit for bit as loaded. See README.
+    bn: Literal["train", "eval", "frozen"] = "train"
+    # Gradual unfreezing. unfreeze_at E: what backbone/stages froze trains from epoch E (0-based: after
+    # E finished epochs), fastai-style. phases {EPOCH: STAGES}: from EPOCH on, only the first STAGES
+    # stages stay frozen, e.g. {0: 4, 2: 2, 4: 0}; stages may only thaw. Both none/empty: no phases.
+    unfreeze_at: int | None = None
+    phases: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -460,8 +480,10 @@ def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
     if origin is dict:
         if not isinstance(value, dict):
             return False, None
-        items = {str(k): _convert(v, args[1]) for k, v in value.items()}
-        return all(ok for ok, _ in items.values()), {k: v for k, (_, v) in items.items()}
+        keys = {k: _convert(k, args[0]) for k in value}
+        items = {k: _convert(v, args[1]) for k, v in value.items()}
+        ok = all(ok for ok, _ in keys.values()) and all(ok for ok, _ in items.values())
+        return ok, {keys[k][1]: v for k, (_, v) in items.items()}
     if hint is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return True, value.lower() == "true"
@@ -539,6 +561,20 @@ def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
         ("data.num_workers", c.data.num_workers is None or c.data.num_workers >= 0, "must be >= 0 or null"),
         ("train.hard_examples", c.train.hard_examples >= 0, "must be >= 0 (0 turns hard examples off)"),
         ("model.drop_path_rate", 0 <= c.model.drop_path_rate < 1, "must be in [0, 1)"),
+        ("optim.layer_decay", c.optim.layer_decay is None or 0 < c.optim.layer_decay <= 1, "must be in (0, 1] or null"),
+        ("optim.lr_mult", all(v > 0 for v in c.optim.lr_mult.values()),
+         "multipliers must be > 0 (to stop a parameter from learning, list it in freeze.patterns)"),
+        ("freeze.stages", c.freeze.stages >= 0, "must be >= 0"),
+        ("freeze.stages", not (c.freeze.backbone and c.freeze.stages),
+         "and freeze.backbone=true both set; the backbone already takes every stage: keep one"),
+        ("freeze.unfreeze_at", c.freeze.unfreeze_at is None or 0 < c.freeze.unfreeze_at < c.train.epochs,
+         f"must be an epoch between 1 and train.epochs - 1 ({c.train.epochs - 1}) or null"),
+        ("freeze.unfreeze_at", c.freeze.unfreeze_at is None or c.freeze.backbone or c.freeze.stages > 0,
+         "thaws what freeze.backbone or freeze.stages froze; set one of them too"),
+        ("freeze.unfreeze_at", c.freeze.unfreeze_at is None or not c.freeze.phases,
+         "and freeze.phases both set; unfreeze_at E is the same as phases {E: 0}: keep one"),
+        ("freeze.phases", all(0 <= e < c.train.epochs and n >= 0 for e, n in c.freeze.phases.items()),
+         f"maps epochs in [0, {c.train.epochs - 1}] to numbers of frozen stages >= 0"),
     ]
     for key, ok, what in rules:
         if not ok and key not in bad:

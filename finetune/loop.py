@@ -41,7 +41,7 @@ from .export import WEIGHTS_NAME, save_export
 from .groups import build_plan
 from .model import build_model
 from .metrics import classification_metrics
-from .optim import build_optimizer, lr_multiplier, set_lr
+from .optim import build_optimizer, drop_waiting_grads, lr_multiplier, set_lr
 from .plots import save_curves, save_image_grid
 from .review import HARD_EXAMPLES_PNG, hard_example_entries, rank_hard_examples, save_hard_examples
 from .rundir import DATA_REPORT_NAME, TEST_METRICS_NAME, RunDir
@@ -184,7 +184,11 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
         accelerator.load_state(str(_checkpoint_dir(run_dir)))
         state = json.loads((_checkpoint_dir(run_dir) / STATE_NAME).read_text())
         start_epoch, step, best_acc, best_epoch = state["epoch"], state["step"], state["best_val_acc"], state["best_epoch"]
-        log(f"resuming {run_dir.path} after epoch {start_epoch} (update {step})")
+        if state.get("phase", 1) != plan.phase_at(start_epoch):
+            raise FinetuneError(f"--resume {run_dir.path}: the checkpoint was saved for unfreezing phase {state['phase']} "
+                                f"but the recipe puts epoch {start_epoch + 1} in phase {plan.phase_at(start_epoch)}; "
+                                "the run's recipe.yaml was edited. Restore it or start a new run.")
+        log(f"resuming {run_dir.path} after epoch {start_epoch} (update {step}, phase {plan.phase_at(start_epoch)})")
     if main:
         if run_dir.resuming:
             records = run_dir.keep_metrics_through(start_epoch)
@@ -195,6 +199,10 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
     accelerator.wait_for_everyone()
 
     for epoch in range(start_epoch, tc.epochs):
+        # The phase is a pure function of the epoch, so a resumed run is in the same one.
+        keep_eval = _enter_phase(plan, accelerator.unwrap_model(model), epoch, accelerator.num_processes)
+        if len(plan.phases) > 1 and (epoch == start_epoch or any(e == epoch for e, _ in plan.phases)):
+            log(f"phase {plan.phase_at(epoch)} from epoch {epoch + 1}: {plan.describe_phase(plan.phase_at(epoch))}")
         # Augmentation and dropout seeded by (seed, epoch, process): distinct per process, repeated on resume.
         set_seed(tc.seed + 1000 * (epoch + 1), device_specific=True)
         train_set.set_epoch_seed(int(torch.randint(2**62, ())))  # loader workers follow the same rule
@@ -202,11 +210,12 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
         started = time.perf_counter()
         step, train_loss = train_epoch(model, train_loader, optimizer, accelerator, step, schedule, tc, batching,
                                        keep_eval, channels_last, desc=f"epoch {epoch + 1}/{tc.epochs}",
-                                       fault_hint=_fault_hint(run_dir, epoch), criterion=criterion)
+                                       fault_hint=_fault_hint(run_dir, epoch), criterion=criterion, epoch=epoch)
         seconds = time.perf_counter() - started
 
         val = evaluate(model, val_loader, accelerator, splits.class_names, channels_last=channels_last)
-        record = {"epoch": epoch + 1, "step": step, "train_loss": round(train_loss, 6), **val,
+        record = {"epoch": epoch + 1, "step": step, "phase": plan.phase_at(epoch), "train_loss": round(train_loss, 6),
+                  **val,
                   "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
                   "epoch_seconds": round(seconds, 2),
                   "train_images_per_second": round(batching.updates_per_epoch * tc.batch_size / seconds, 1)}
@@ -224,7 +233,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
             f"acc {100 * val['val_acc']:.2f}% (balanced {100 * val['val_balanced_acc']:.2f}%)"
             f"{' (best, exported)' if improved else ''} | {seconds:.1f}s")
         _save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": step, "best_val_acc": best_acc,
-                                                "best_epoch": best_epoch})
+                                                "best_epoch": best_epoch, "phase": plan.phase_at(epoch + 1)})
 
     def eval_loader(dataset: Transformed):
         return accelerator.prepare(build_loader(dataset, batching.per_device, False, workers, pin))
@@ -319,11 +328,29 @@ def _fault_hint(run_dir: RunDir, finished_epochs: int) -> str:
 
 
 def _plan_and_optimizer(config: RecipeConfig, model, accelerator: Accelerator):
+    """The plan, and an optimizer holding every group that trains in any phase. Gradients go on for all
+    of them now, before accelerator.prepare: DDP registers the parameters that require gradients when it
+    wraps the model and never looks again, so a group thawing at a later epoch must be on from the start
+    (it waits at LR 0 with its gradients dropped, see _enter_phase). Never-trained groups stay off, so
+    DDP skips them and no unused-parameter search is needed."""
     plan = build_plan(model, config.optim, config.freeze)
     plan.apply_freezing(model)
     keep_eval = plan.frozen_norm_modules(model)  # frozen BatchNorm keeps its loaded statistics
     optimizer = build_optimizer(config.optim, plan.optimizer_groups(model), fused=accelerator.device.type == "cuda")
     return plan, keep_eval, optimizer
+
+
+def _enter_phase(plan, model, epoch: int, processes: int) -> list[torch.nn.Module]:
+    """Set up the unfreezing phase `epoch` trains in; return the BatchNorm layers to keep in eval mode.
+
+    Groups whose phase has not begun get LR 0 and have their gradients dropped before every optimizer step
+    (train_epoch), so they stay bit for bit and no optimizer state builds up for them. In a single process
+    their gradients are simply switched off, which also saves the backward pass through them; under DDP
+    they stay on (see _plan_and_optimizer) and are computed, averaged, then dropped. Both give the same
+    weights."""
+    if processes == 1:
+        plan.apply_freezing(model, epoch)
+    return plan.frozen_norm_modules(model, epoch)
 
 
 def prepare_benchmark(config: RecipeConfig, model, datasets: list) -> tuple[list[Callable[[], float]], torch.device, Batching, bool]:
@@ -360,7 +387,8 @@ def _synchronize(device: torch.device) -> None:
 
 def train_epoch(model, loader, optimizer, accelerator: Accelerator, step: int, schedule: Callable[[int], float],
                 tc: TrainConfig, batching: Batching, keep_eval=(), channels_last: bool = False, desc: str = "train",
-                progress: bool = True, fault_hint: str = "", criterion: Callable | None = None) -> tuple[int, float]:
+                progress: bool = True, fault_hint: str = "", criterion: Callable | None = None,
+                epoch: int = 0) -> tuple[int, float]:
     """One epoch of `batching.updates_per_epoch` optimizer updates, each over `batching.accumulation`
     micro-batches per process. Returns the update count after it and the mean loss over all processes.
     `criterion(logits, labels)` defaults to label-smoothed cross-entropy."""
@@ -374,7 +402,7 @@ def train_epoch(model, loader, optimizer, accelerator: Accelerator, step: int, s
     micro_batches = iter(loader)
     loss_sum = 0.0
     for _ in range(batching.updates_per_epoch):
-        set_lr(optimizer, schedule(step))
+        set_lr(optimizer, schedule(step), epoch)
         update_loss, last_loss, failure = None, None, None
         try:
             update_loss, last_loss = _forward_micro_batches(model, micro_batches, accelerator, tc,
@@ -388,6 +416,7 @@ def train_epoch(model, loader, optimizer, accelerator: Accelerator, step: int, s
         losses, failed = _exchange_losses(accelerator, update_loss)
         _stop_on_fault(losses, failed, step, failure, fault_hint)
         accelerator.backward(last_loss)  # the backward that averages gradients over processes
+        drop_waiting_grads(optimizer, epoch)  # before clipping: a waiting group must not shrink the others
         if tc.grad_clip is not None:
             accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()

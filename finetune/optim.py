@@ -35,6 +35,17 @@ def lr_multiplier(update: int, total_updates: int, warmup_updates: int) -> float
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, multiplier: float, epoch: int = 0) -> None:
+    """Every group at its peak LR times the multiplier; a group whose phase has not begun at LR 0."""
     for group in optimizer.param_groups:
-        group["lr"] = group["peak_lr"] * multiplier
+        group["lr"] = group["peak_lr"] * multiplier if epoch >= group.get("trains_from", 0) else 0.0
+
+
+def drop_waiting_grads(optimizer: torch.optim.Optimizer, epoch: int) -> None:
+    """Forget the gradients of groups whose phase has not begun. Torch optimizers skip a parameter whose
+    .grad is None entirely: no step, no weight decay, no momentum or Adam moments, so the group waits
+    bit for bit and its optimizer state starts fresh when it thaws."""
+    for group in optimizer.param_groups:
+        if epoch < group.get("trains_from", 0):
+            for p in group["params"]:
+                p.grad = None

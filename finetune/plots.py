@@ -54,3 +54,25 @@ def save_image_grid(images: list, titles: list[str], path: Path, columns: int = 
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def save_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float, rule: str,
+                 path: Path) -> None:
+    """The LR range test: raw and smoothed loss against the base LR (log scale), the suggestion marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(lrs, losses, color="tab:blue", alpha=0.3, label="loss")
+    ax.plot(lrs, smoothed, color="tab:blue", label="smoothed loss")
+    at = min(range(len(lrs)), key=lambda i: abs(lrs[i] - suggestion))
+    ax.axvline(suggestion, color="tab:red", linestyle="--", alpha=0.6)
+    ax.plot([suggestion], [smoothed[at]], "o", color="tab:red", label=f"suggestion optim.lr={suggestion:.2g}")
+    ax.set_xscale("log")
+    top = max(smoothed[: max(1, len(smoothed) // 10)] + [min(smoothed) * 4])  # keep the divergence off the scale
+    ax.set_ylim(min(min(losses), min(smoothed)) * 0.95, min(max(losses), top * 1.05))
+    ax.set(xlabel="base learning rate (optim.lr; every group keeps its ratio)", ylabel="training loss",
+           title=f"LR range test: {rule}")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

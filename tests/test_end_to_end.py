@@ -260,7 +260,7 @@ def test_freeze_backbone_keeps_every_backbone_tensor_bit_for_bit(tmp_path, data_
     initial = {k: v.contiguous() for k, v in initial_model.state_dict().items()}
     save_file(initial, str(tmp_path / "initial.safetensors"))
     recipe = make_recipe(data_dir, **{"model.pretrained": str(tmp_path / "initial.safetensors"),
-                                      "freeze.backbone": True})
+                                      "freeze.backbone": True, "freeze.bn": "frozen"})
     result = finetune.train(recipe, output=tmp_path / "run")
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert {n for g in plan if g["trainable"] for n in g["params"]} == HEAD
@@ -318,7 +318,7 @@ def test_overwrite_replaces_only_a_previous_run(tmp_path, recipe):
 
 
 def test_plan_json_cli_parses(workdir, recipe_file):
-    proc = run_cli("plan", recipe_file, "freeze.backbone=true", "--json", cwd=workdir)
+    proc = run_cli("plan", recipe_file, "freeze.backbone=true", "freeze.bn=frozen", "--json", cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     groups = json.loads(proc.stdout)
     assert all({"name", "lr", "weight_decay", "params", "trainable"} <= set(g) for g in groups)

@@ -62,7 +62,7 @@ def test_every_parameter_in_exactly_one_group(model):
 
 
 def test_freeze_backbone_leaves_only_the_head_trainable(model):
-    plan = build_plan(model, OPTIM, FreezeConfig(backbone=True))
+    plan = build_plan(model, OPTIM, FreezeConfig(backbone=True, bn="frozen"))
     trainable = {n for g in plan.groups if g.trainable for n in g.params}
     assert trainable == head_names(model)
     for g in plan.groups:
@@ -74,13 +74,13 @@ def test_freeze_backbone_leaves_only_the_head_trainable(model):
 
 def test_apply_freezing_turns_gradients_off_for_the_backbone(model):
     model = copy.deepcopy(model)  # the module-scoped model stays untouched for the other tests
-    plan = build_plan(model, OPTIM, FreezeConfig(backbone=True))
+    plan = build_plan(model, OPTIM, FreezeConfig(backbone=True, bn="frozen"))
     plan.apply_freezing(model)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == head_names(model)
 
 
 def test_optimizer_groups_exclude_frozen_groups(model):
-    plan = build_plan(model, OPTIM, FreezeConfig(backbone=True))
+    plan = build_plan(model, OPTIM, FreezeConfig(backbone=True, bn="frozen"))
     groups = plan.optimizer_groups(model)
     assert {g["name"] for g in groups} == {g.name for g in plan.groups if g.trainable}
     params = [p for g in groups for p in g["params"]]
@@ -170,11 +170,11 @@ def test_check_coverage_raises_on_unknown_parameter(model):
 
 
 def test_check_coverage_accepts_the_built_plan(model):
-    check_coverage(build_plan(model, OPTIM, FreezeConfig(backbone=True)), model)
+    check_coverage(build_plan(model, OPTIM, FreezeConfig(backbone=True, bn="frozen")), model)
 
 
 def test_plan_to_json(model):
-    plan = build_plan(model, OPTIM, FreezeConfig(backbone=True))
+    plan = build_plan(model, OPTIM, FreezeConfig(backbone=True, bn="frozen"))
     rows = json.loads(plan.dumps())
     assert rows == plan.to_json()
     assert len(rows) == len(plan.groups)
@@ -186,7 +186,7 @@ def test_plan_to_json(model):
 
 
 def test_plan_table_lists_every_group(model):
-    plan = build_plan(model, OPTIM, FreezeConfig(backbone=True))
+    plan = build_plan(model, OPTIM, FreezeConfig(backbone=True, bn="frozen"))
     table = plan.table()
     for g in plan.groups:
         assert g.name in table
@@ -196,7 +196,7 @@ def test_plan_table_lists_every_group(model):
 def test_frozen_norm_modules_are_every_backbone_norm_with_statistics():
     for name in ("test_resnet", "test_efficientnet"):
         model = timm.create_model(name, pretrained=False, num_classes=4)
-        plan = build_plan(model, OPTIM, FreezeConfig(backbone=True))
+        plan = build_plan(model, OPTIM, FreezeConfig(backbone=True, bn="frozen"))
         expected = {id(m) for m in model.modules() if getattr(m, "track_running_stats", False)}
         assert expected
         assert {id(m) for m in plan.frozen_norm_modules(model)} == expected

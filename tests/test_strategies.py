@@ -1,0 +1,387 @@
+"""Fine-tuning strategies (groups.py, optim.py, the loop's phases): freezing by stage and pattern, layer
+decay, lr_mult, the BatchNorm policy, gradual unfreezing and exact resume across an unfreeze boundary."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import finetune
+from finetune import FinetuneError
+from finetune.config import FreezeConfig, OptimConfig, load_recipe
+from finetune.groups import NORM_TYPES, build_plan
+from finetune.optim import build_optimizer, drop_waiting_grads, lr_multiplier, set_lr
+
+OPTIM = OptimConfig(name="adamw", lr=1e-3, head_lr_mult=10.0, weight_decay=0.05)
+PLAN_BACKBONES = ["test_resnet", "test_vit", "test_efficientnet", "convnext_tiny"]
+
+
+@pytest.fixture(scope="module", params=PLAN_BACKBONES)
+def model(request) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(request.param, pretrained=False, num_classes=4)
+
+
+def by_param(plan):
+    return {n: g for g in plan.groups for n in g.params}
+
+
+def head_names(model: nn.Module) -> set[str]:
+    ids = {id(p) for p in model.get_classifier().parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plan on four architectures
+
+
+@pytest.mark.parametrize("decay", [0.65, 0.9])
+def test_layer_decay_lrs_strictly_increase_with_depth_and_head_sits_mult_above_top(model, decay):
+    optim = OptimConfig(name="adamw", lr=1e-3, head_lr_mult=10.0, weight_decay=0.05, layer_decay=decay)
+    plan = build_plan(model, optim, FreezeConfig())
+    body = [g for g in plan.groups if "head" not in g.name]
+    lr_of_layer = {}
+    for g in body:
+        assert g.layer is not None, g.name
+        assert lr_of_layer.setdefault(g.layer, g.lr) == g.lr, "one LR per layer"
+    layers = sorted(lr_of_layer)
+    assert layers == list(range(len(layers))) and len(layers) >= 5
+    assert all(lr_of_layer[a] < lr_of_layer[b] for a, b in zip(layers, layers[1:]))
+    top = lr_of_layer[layers[-1]]
+    assert top == pytest.approx(1e-3, rel=1e-12)
+    assert lr_of_layer[0] == pytest.approx(1e-3 * decay ** layers[-1], rel=1e-12)
+    heads = [g for g in plan.groups if "head" in g.name]
+    assert {n for g in heads for n in g.params} == head_names(model)
+    for g in heads:
+        assert g.lr == pytest.approx(10.0 * top, rel=1e-12)
+        assert g.factors["head_lr_mult"] == 10.0 and "layer_decay" not in g.factors
+    for g in plan.groups:  # every factor shows, and their product is the LR
+        assert g.lr == pytest.approx(torch.tensor(list(g.factors.values()), dtype=torch.float64).prod().item())
+
+
+def test_no_decay_sets(model):
+    plan = build_plan(model, OPTIM, FreezeConfig())
+    groups = by_param(plan)
+    params = dict(model.named_parameters())
+    for m_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            name = f"{m_name}.{p_name}" if m_name else p_name
+            if isinstance(module, NORM_TYPES) or p_name == "bias":
+                assert groups[name].weight_decay == 0.0 and "no_decay" in groups[name].name, name
+            elif isinstance(module, (nn.Conv2d, nn.Linear)) and p_name == "weight":
+                assert groups[name].weight_decay == OPTIM.weight_decay, name
+    for token in ("cls_token", "pos_embed"):
+        if token in params:
+            assert params[token].ndim == 3 and groups[token].weight_decay == 0.0
+
+
+def test_freeze_stages_follow_timms_group_matcher(model):
+    plan = build_plan(model, OPTIM, FreezeConfig(stages=2, bn="frozen"))
+    stages = timm.models.group_parameters(model, model.group_matcher(coarse=True))
+    first_two = {n for k in sorted(stages)[:2] for n in stages[k]}
+    frozen = {n for g in plan.groups if not g.trainable for n in g.params}
+    assert frozen == first_two
+    for g in plan.groups:
+        assert (g.lr == 0.0) == (not g.trainable)
+        if not g.trainable:
+            assert g.stage in (0, 1) and g.name.endswith(".frozen")
+    optimizer_params = {id(p) for g in plan.optimizer_groups(model) for p in g["params"]}
+    assert not optimizer_params & {id(p) for n, p in model.named_parameters() if n in frozen}
+
+
+@pytest.mark.parametrize("bn", ["eval", "frozen"])
+def test_frozen_stages_bitwise_unchanged_after_training_steps(model, bn):
+    """Two AdamW steps as the loop takes them (model.train(), then eval for the plan's BatchNorm layers)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    plan = build_plan(model, OPTIM, FreezeConfig(stages=2, bn=bn))
+    plan.apply_freezing(model)
+    optimizer = build_optimizer(OPTIM, plan.optimizer_groups(model))
+    stage = timm.models.group_parameters(model, model.group_matcher(coarse=True), reverse=True)
+    first_two = sorted(set(stage.values()))[:2]
+    frozen_modules = {m for m, mod in model.named_modules()
+                      if any(stage.get(f"{m}.{p}") in first_two for p, _ in mod.named_parameters(recurse=False))}
+    before = copy.deepcopy(model.state_dict())
+    torch.manual_seed(0)
+    for _ in range(2):
+        model.train()
+        for module in plan.frozen_norm_modules(model):
+            module.eval()
+        size = model.pretrained_cfg["input_size"][-1] if "vit" in model.default_cfg["architecture"] else 32
+        nn.functional.cross_entropy(model(torch.randn(4, 3, size, size)), torch.tensor([0, 1, 2, 3])).backward()
+        set_lr(optimizer, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    after = model.state_dict()
+    in_frozen = [k for k in before if k.rsplit(".", 1)[0] in frozen_modules]
+    assert in_frozen
+    batch_norm = {f"{m}." for m, mod in model.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)}
+    for k in in_frozen:
+        is_bn_affine = any(k.startswith(p) for p in batch_norm) and k.endswith((".weight", ".bias"))
+        if is_bn_affine and bn == "eval":
+            continue  # eval: the affine trains; checked to move below
+        assert torch.equal(before[k], after[k]), k
+    moved = [k for k in before if k not in in_frozen and "num_batches" not in k and not torch.equal(before[k], after[k])]
+    assert moved  # the rest did train
+    if bn == "eval" and batch_norm:
+        affine = [k for k in in_frozen if any(k.startswith(p) for p in batch_norm) and k.endswith(".weight")]
+        assert affine and any(not torch.equal(before[k], after[k]) for k in affine)
+
+
+def test_plan_accounts_for_every_parameter_once(model):
+    freeze = FreezeConfig(stages=1, patterns=["*.bias"], bn="eval", phases={1: 0})
+    optim = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.8, lr_mult={"*.weight": 2.0})
+    plan = build_plan(model, optim, freeze)
+    listed = [n for g in plan.groups for n in g.params]
+    assert sorted(listed) == sorted(n for n, _ in model.named_parameters())
+    assert len({g.name for g in plan.groups}) == len(plan.groups)
+
+
+def test_lr_mult_and_patterns_show_as_factors_and_multiply():
+    model = timm.create_model("test_vit", pretrained=False, num_classes=4)
+    optim = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5,
+                        lr_mult={"blocks.5.*": 3.0, "*.qkv.*": 0.5})
+    plan = build_plan(model, optim, FreezeConfig(patterns=["patch_embed.*"]))
+    g = by_param(plan)
+    qkv = g["blocks.5.attn.qkv.weight"]
+    assert qkv.factors == {"optim.lr": 1e-3, "layer_decay": 1.0, "lr_mult[blocks.5.*]": 3.0, "lr_mult[*.qkv.*]": 0.5}
+    assert qkv.lr == pytest.approx(1e-3 * 1.5)
+    assert g["blocks.4.attn.qkv.weight"].lr == pytest.approx(1e-3 * 0.5 * 0.5)
+    assert g["patch_embed.proj.weight"].trains_from is None and g["patch_embed.proj.weight"].lr == 0
+    assert g["cls_token"].trainable
+
+
+@pytest.mark.parametrize("key", ["freeze.patterns", "optim.lr_mult"])
+def test_a_glob_matching_nothing_is_an_error_naming_it(key):
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=4)
+    optim, freeze = OPTIM, FreezeConfig()
+    if key == "freeze.patterns":
+        freeze = FreezeConfig(patterns=["layer1.*", "nomatch.*"])
+    else:
+        optim = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05, lr_mult={"nomatch.*": 2.0})
+    with pytest.raises(FinetuneError, match=r"nomatch\.\*.*no parameter"):
+        build_plan(model, optim, freeze)
+
+
+def test_cli_plan_with_unmatched_pattern_exits_nonzero_naming_it(tmp_path, image_folder, tiny_recipe):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(image_folder())))
+    proc = subprocess.run([sys.executable, "-m", "finetune", "plan", str(recipe), "freeze.patterns=[nomatch.*]"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "'nomatch.*'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_freezing_everything_is_an_error():
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=4)
+    with pytest.raises(FinetuneError, match="no parameter to train"):
+        build_plan(model, OPTIM, FreezeConfig(backbone=True, patterns=["fc.*"], bn="frozen"))
+
+
+def test_too_many_stages_and_refreezing_are_errors():
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=4)  # 5 body stages
+    with pytest.raises(FinetuneError, match="5 stages"):
+        build_plan(model, OPTIM, FreezeConfig(stages=6))
+    with pytest.raises(FinetuneError, match="only thaw"):
+        build_plan(model, OPTIM, FreezeConfig(stages=2, phases={1: 3}))
+    plan = build_plan(model, OPTIM, FreezeConfig(backbone=True, phases={2: 3, 4: 0}))
+    assert plan.phases == ((0, 5), (2, 3), (4, 0))
+
+
+def test_recipe_checks_for_unfreezing_keys(tiny_recipe):
+    with pytest.raises(FinetuneError) as e:
+        load_recipe(tiny_recipe(**{"freeze.unfreeze_at": 5, "train.epochs": 3, "optim.layer_decay": 1.5,
+                                   "freeze.bn": "eva"}))
+    text = str(e.value)
+    assert "freeze.unfreeze_at" in text and "optim.layer_decay" in text and "freeze.bn" in text
+    with pytest.raises(FinetuneError, match="freeze.stages: 2 and freeze.backbone=true both set"):
+        load_recipe(tiny_recipe(**{"freeze.stages": 2, "freeze.backbone": True}))
+    with pytest.raises(FinetuneError, match="set one of them"):
+        load_recipe(tiny_recipe(**{"freeze.unfreeze_at": 1}))
+    config = load_recipe(tiny_recipe(), ["freeze.phases={0: 3, 1: 0}", "optim.lr_mult.layer1.*=0.5"])
+    assert config.freeze.phases == {0: 3, 1: 0} and config.optim.lr_mult == {"layer1.*": 0.5}
+
+
+def test_unfreeze_at_plan_keeps_every_group_from_step_zero():
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=4)
+    plan = build_plan(model, OPTIM, FreezeConfig(backbone=True, unfreeze_at=2, bn="frozen"))
+    body = [g for g in plan.groups if "head" not in g.name]
+    assert body and all(g.trains_from == 2 and g.trainable and g.lr == OPTIM.lr for g in body)
+    assert {g["name"] for g in plan.optimizer_groups(model)} == {g.name for g in plan.groups}
+    assert plan.phase_at(0) == plan.phase_at(1) == 1 and plan.phase_at(2) == 2
+    assert plan.frozen_norm_modules(model, 1) and plan.frozen_norm_modules(model, 2) == []
+    table = plan.table()
+    assert "from epoch 2 (phase 2)" in table and "phases:" in table
+
+
+# ----------------------------------------------------------------------------------------------------
+# The schedule keeps every ratio
+
+
+def test_lr_ratio_between_any_two_groups_is_the_same_at_every_step():
+    model = timm.create_model("test_vit", pretrained=False, num_classes=4)
+    optim = OptimConfig(name="adamw", lr=1e-3, head_lr_mult=10.0, weight_decay=0.05, layer_decay=0.7,
+                        lr_mult={"*.proj.*": 0.5})
+    plan = build_plan(model, optim, FreezeConfig(stages=2, phases={1: 0}))
+    optimizer = build_optimizer(optim, plan.optimizer_groups(model))
+    total, warmup = 100, 10
+    for epoch, update in itertools.product((0, 1), (0, 5, warmup, 50, 98, 99)):  # warmup, middle, end
+        set_lr(optimizer, lr_multiplier(update, total, warmup), epoch)
+        training = [g for g in optimizer.param_groups if epoch >= g["trains_from"]]
+        waiting = [g for g in optimizer.param_groups if epoch < g["trains_from"]]
+        assert len(training) > 5 and (waiting if epoch == 0 else not waiting)
+        assert all(g["lr"] == 0.0 for g in waiting)
+        for a, b in itertools.combinations(training, 2):
+            assert a["lr"] / b["lr"] == pytest.approx(a["peak_lr"] / b["peak_lr"], rel=1e-12), (a["name"], b["name"])
+
+
+def test_waiting_groups_are_skipped_by_the_optimizer():
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    plan = build_plan(model, OPTIM, FreezeConfig(backbone=True, unfreeze_at=1, bn="frozen"))
+    optimizer = build_optimizer(OPTIM, plan.optimizer_groups(model))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    set_lr(optimizer, 1.0, epoch=0)
+    drop_waiting_grads(optimizer, epoch=0)
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == head_names(model)
+    waiting = [p for g in optimizer.param_groups if g["trains_from"] == 1 for p in g["params"]]
+    assert waiting and all(p not in optimizer.state for p in waiting)  # no Adam moments built up
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training: frozen stages bit for bit, the BatchNorm policy, exact resume across an unfreeze boundary
+
+
+@pytest.fixture(scope="module")
+def initial_weights(tmp_path_factory) -> Path:
+    """test_resnet weights with non-trivial BatchNorm statistics, so keeping them is a real check."""
+    torch.manual_seed(123)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("weights") / "initial.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, make_image_folder) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("strategies") / "data", classes=3, per_class=8, size=32)
+
+
+_RESNET = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+_STAGE = timm.models.group_parameters(_RESNET, _RESNET.group_matcher(coarse=True), reverse=True)
+# test_resnet's tensors by kind: BatchNorm statistics, BatchNorm affine, and the rest (conv weights, fc)
+BN_STATS = {f"{m}.{b}" for m, mod in _RESNET.named_modules() if isinstance(mod, nn.BatchNorm2d)
+            for b in ("running_mean", "running_var")}
+BN_AFFINE = {f"{m}.{p}" for m, mod in _RESNET.named_modules() if isinstance(mod, nn.BatchNorm2d)
+             for p in ("weight", "bias")}
+OTHER = {n for n, _ in _RESNET.named_parameters()} - BN_AFFINE
+
+
+def _stage_of(name: str) -> int:
+    """timm's coarse stage of a state-dict key (the head is stage 5)."""
+    return _STAGE[name.rsplit(".", 1)[0] + ".weight"]
+
+
+@pytest.mark.parametrize("bn", ["frozen", "eval", "train"])
+def test_frozen_stages_unchanged_after_training_under_each_bn_policy(tmp_path, data, make_recipe, initial_weights, bn):
+    recipe = make_recipe(data, **{"model.pretrained": str(initial_weights), "freeze.stages": 2, "freeze.bn": bn,
+                                  "train.epochs": 1})
+    finetune.train(recipe, output=tmp_path / "run")
+    before, after = load_file(str(initial_weights)), load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    frozen_stage = [k for k in before if _stage_of(k) < 2]
+    stats = [k for k in frozen_stage if k in BN_STATS]
+    affine = [k for k in frozen_stage if k in BN_AFFINE]
+    weights = [k for k in frozen_stage if k in OTHER]
+    assert stats and affine and weights
+    assert all(torch.equal(before[k], after[k]) for k in weights)  # conv weights: frozen under every policy
+    assert all(torch.equal(before[k], after[k]) for k in stats) == (bn != "train")
+    assert all(torch.equal(before[k], after[k]) for k in affine) == (bn == "frozen")
+    trained = [k for k in before if 2 <= _stage_of(k) < 5 and k in OTHER]
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    frozen_groups = {n for g in plan if not g["trainable"] for n in g["params"]}
+    assert frozen_groups == set(weights) | (set(affine) if bn == "frozen" else set())
+
+
+def test_resume_across_unfreeze_boundary_matches_uninterrupted_run(tmp_path, data, make_recipe, initial_weights,
+                                                                   monkeypatch):
+    import finetune.loop as loop
+
+    recipe = make_recipe(data, **{"model.pretrained": str(initial_weights), "freeze.backbone": True,
+                                  "freeze.unfreeze_at": 1, "freeze.bn": "eval", "train.epochs": 3,
+                                  "optim.layer_decay": 0.8, "train.warmup_epochs": 0.5})
+    whole = finetune.train(recipe, output=tmp_path / "whole")
+    assert [r["phase"] for r in whole.metrics] == [1, 2, 2]
+
+    save_checkpoint = loop._save_checkpoint
+
+    def stop_after_epoch_one(accelerator, run_dir, state):
+        save_checkpoint(accelerator, run_dir, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_save_checkpoint", stop_after_epoch_one)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.train(recipe, output=tmp_path / "cut")
+    monkeypatch.setattr(loop, "_save_checkpoint", save_checkpoint)
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["epoch"] == 1 and state["phase"] == 2  # the next epoch trains in the thawed phase
+    first = load_file(str(tmp_path / "cut" / "checkpoint" / "model.safetensors"))
+    initial = load_file(str(initial_weights))
+    body = [k for k in OTHER if not k.startswith("fc.")]
+    changed = [k for k in body if not torch.equal(first[k], initial[k])]
+    assert not changed, f"phase 1 must leave the body's weights alone: {changed}"
+    assert all(torch.equal(first[k], initial[k]) for k in BN_STATS), "bn eval keeps statistics"
+
+    resumed = finetune.train(resume=tmp_path / "cut")
+    assert [r["train_loss"] for r in resumed.metrics] == [r["train_loss"] for r in whole.metrics]
+    expected = load_file(str(tmp_path / "whole" / "checkpoint" / "model.safetensors"))
+    got = load_file(str(tmp_path / "cut" / "checkpoint" / "model.safetensors"))
+    assert set(got) == set(expected)
+    worst = max((got[k].double() - expected[k].double()).abs().max().item() for k in expected)
+    assert worst <= 1e-6
+    assert any(not torch.equal(expected[k], initial[k]) for k in body), "the body trained after the boundary"
+    assert json.loads((tmp_path / "cut" / "plan.json").read_text()) == json.loads(
+        (tmp_path / "whole" / "plan.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_train_through_an_unfreeze_boundary(tmp_path, data, make_recipe, initial_weights):
+    """DDP (gloo, 2 CPU processes): groups that thaw at epoch 1 are registered with DDP from the start and
+    wait with their gradients dropped; a pattern-frozen stage stays outside DDP. No unused-parameter
+    error, and the pattern-frozen stage is bit for bit as loaded."""
+    recipe = make_recipe(data, **{"model.pretrained": str(initial_weights), "freeze.backbone": True,
+                                  "freeze.unfreeze_at": 1, "freeze.bn": "frozen", "freeze.patterns": ["layer4.*"],
+                                  "train.epochs": 2, "optim.layer_decay": 0.8})
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run([sys.executable, "-m", "finetune", "train", str(path), "--output", str(tmp_path / "run"),
+                           "--processes", "2"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in metrics] == [1, 2]
+    assert all(v == 0.0 for k, v in metrics[0]["lr"].items() if k.endswith(".from1"))
+    assert all(v > 0.0 for v in metrics[1]["lr"].values())
+    before = load_file(str(initial_weights))
+    after = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("layer4."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("layer2.") and k in OTHER)
