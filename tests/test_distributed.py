@@ -333,7 +333,8 @@ def test_processes_option_trains_a_frozen_backbone_on_two_processes(workdir, rec
     save_file(initial, str(workdir / "initial.safetensors"))
     run = workdir / "frozen"
     proc = finetune_cli("train", recipe_file, "model.backbone=test_resnet",
-                        f"model.pretrained={workdir / 'initial.safetensors'}", "freeze.backbone=true", "train.epochs=1",
+                        f"model.pretrained={workdir / 'initial.safetensors'}", "freeze.backbone=true", "freeze.bn=frozen",
+                        "train.epochs=1",
                         "--processes", "2", "--output", run, cwd=workdir, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es) on cpu" in proc.stdout
