@@ -106,10 +106,11 @@ class FreezeConfig:
     stages: int = 0
     # Parameter-name globs (fnmatch) frozen for the whole run, e.g. ["patch_embed.*", "*.norm*"].
     patterns: list[str] = field(default_factory=list)
-    # BatchNorm inside frozen parts. train: batch statistics, running statistics and affine all update
-    # (survives domain shift: the default). eval: running statistics fixed (module in eval mode), affine
-    # trains. frozen: statistics and affine fixed, the part stays bit for bit as loaded. See README.
-    bn: Literal["train", "eval", "frozen"] = "train"
+    # BatchNorm inside frozen parts. eval (default): running statistics fixed (module in eval mode), the
+    # affine trains and absorbs a domain shift; the frozen part computes the same function on any number
+    # of devices and at any batch size. train: batch statistics, running statistics and affine all update
+    # (fastai's train_bn). frozen: statistics and affine fixed, bit for bit as loaded. README: measurements.
+    bn: Literal["train", "eval", "frozen"] = "eval"
     # Gradual unfreezing. unfreeze_at E: what backbone/stages froze trains from epoch E (0-based: after
     # E finished epochs), fastai-style. phases {EPOCH: STAGES}: from EPOCH on, only the first STAGES
     # stages stay frozen, e.g. {0: 4, 2: 2, 4: 0}; stages may only thaw. Both none/empty: no phases.
