@@ -132,3 +132,31 @@ def write_bad_image_folder(root: Path, per_class: int = 6, size: int = 24) -> di
 @pytest.fixture(scope="session")
 def make_bad_image_folder() -> Callable[..., dict]:
     return write_bad_image_folder
+
+
+class Interrupted(Exception):
+    """Stands for a kill right after a checkpoint was written."""
+
+
+@pytest.fixture
+def train_until_epoch_one(monkeypatch) -> Callable[..., None]:
+    """Runs finetune.train(recipe, output=...) and interrupts it right after the epoch-1 checkpoint."""
+    import finetune
+    import finetune.loop as loop
+
+    def run(recipe: dict, output: Path) -> None:
+        save_checkpoint = loop._save_checkpoint
+
+        def stop_after_epoch_one(accelerator, run_dir, state):
+            save_checkpoint(accelerator, run_dir, state)
+            if state["epoch"] == 1:
+                raise Interrupted
+
+        monkeypatch.setattr(loop, "_save_checkpoint", stop_after_epoch_one)
+        try:
+            with pytest.raises(Interrupted):
+                finetune.train(recipe, output=output)
+        finally:
+            monkeypatch.setattr(loop, "_save_checkpoint", save_checkpoint)
+
+    return run

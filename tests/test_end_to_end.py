@@ -383,26 +383,10 @@ def test_kill_mid_run_then_resume_finishes_the_run(tmp_path, make_image_folder, 
     assert finetune.load(run).label_names == CLASSES
 
 
-class _Killed(Exception):
-    pass
-
-
-def test_resume_from_epoch_one_checkpoint_matches_uninterrupted_run(tmp_path, recipe, api_run, monkeypatch):
-    import finetune.loop as loop
-
+def test_resume_from_epoch_one_checkpoint_matches_uninterrupted_run(tmp_path, recipe, api_run, train_until_epoch_one):
     result, cwd = api_run
     uninterrupted = Path(result.run_dir) if Path(result.run_dir).is_absolute() else cwd / result.run_dir
-    save_checkpoint = loop._save_checkpoint
-
-    def stop_after_epoch_one(accelerator, run_dir, state):
-        save_checkpoint(accelerator, run_dir, state)
-        if state["epoch"] == 1:
-            raise _Killed
-
-    monkeypatch.setattr(loop, "_save_checkpoint", stop_after_epoch_one)
-    with pytest.raises(_Killed):
-        finetune.train(recipe, output=tmp_path / "run")
-    monkeypatch.setattr(loop, "_save_checkpoint", save_checkpoint)
+    train_until_epoch_one(recipe, tmp_path / "run")
     assert len(read_metrics(tmp_path / "run")) == 1
 
     resumed = finetune.train(resume=tmp_path / "run")

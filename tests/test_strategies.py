@@ -322,26 +322,14 @@ def test_frozen_stages_unchanged_after_training_under_each_bn_policy(tmp_path, d
 
 
 def test_resume_across_unfreeze_boundary_matches_uninterrupted_run(tmp_path, data, make_recipe, initial_weights,
-                                                                   monkeypatch):
-    import finetune.loop as loop
-
+                                                                   train_until_epoch_one):
     recipe = make_recipe(data, **{"model.pretrained": str(initial_weights), "freeze.backbone": True,
                                   "freeze.unfreeze_at": 1, "freeze.bn": "eval", "train.epochs": 3,
                                   "optim.layer_decay": 0.8, "train.warmup_epochs": 0.5})
     whole = finetune.train(recipe, output=tmp_path / "whole")
     assert [r["phase"] for r in whole.metrics] == [1, 2, 2]
 
-    save_checkpoint = loop._save_checkpoint
-
-    def stop_after_epoch_one(accelerator, run_dir, state):
-        save_checkpoint(accelerator, run_dir, state)
-        if state["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "_save_checkpoint", stop_after_epoch_one)
-    with pytest.raises(KeyboardInterrupt):
-        finetune.train(recipe, output=tmp_path / "cut")
-    monkeypatch.setattr(loop, "_save_checkpoint", save_checkpoint)
+    train_until_epoch_one(recipe, tmp_path / "cut")
     state = json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())
     assert state["epoch"] == 1 and state["phase"] == 2  # the next epoch trains in the thawed phase
     first = load_file(str(tmp_path / "cut" / "checkpoint" / "model.safetensors"))
