@@ -351,6 +351,31 @@ def test_resume_across_unfreeze_boundary_matches_uninterrupted_run(tmp_path, dat
         (tmp_path / "whole" / "plan.json").read_text())
 
 
+def test_resume_across_a_thawing_phase_matches_uninterrupted_run(tmp_path, data, make_recipe, initial_weights,
+                                                                  train_until_epoch_one):
+    """freeze.phases thaws stages 1-2 at epoch 1 (stem stays frozen): cut after epoch 1, resume, same end."""
+    recipe = make_recipe(data, **{"model.pretrained": str(initial_weights), "freeze.phases": {0: 3, 1: 1},
+                                  "freeze.bn": "eval", "train.epochs": 3, "optim.layer_decay": 0.8,
+                                  "train.warmup_epochs": 0.5})
+    whole = finetune.train(recipe, output=tmp_path / "whole")
+    assert [r["phase"] for r in whole.metrics] == [1, 2, 2]
+
+    train_until_epoch_one(recipe, tmp_path / "cut")
+    first = load_file(str(tmp_path / "cut" / "checkpoint" / "model.safetensors"))
+    initial = load_file(str(initial_weights))
+    thawing = [k for k in OTHER if 1 <= _stage_of(k) < 3]
+    assert thawing and all(torch.equal(first[k], initial[k]) for k in thawing), "stages 1-2 wait in phase 1"
+
+    resumed = finetune.train(resume=tmp_path / "cut")
+    assert [r["train_loss"] for r in resumed.metrics] == [r["train_loss"] for r in whole.metrics]
+    expected = load_file(str(tmp_path / "whole" / "checkpoint" / "model.safetensors"))
+    got = load_file(str(tmp_path / "cut" / "checkpoint" / "model.safetensors"))
+    assert max((got[k].double() - expected[k].double()).abs().max().item() for k in expected) <= 1e-6
+    assert any(not torch.equal(expected[k], initial[k]) for k in thawing), "stages 1-2 trained after the thaw"
+    stem = [k for k in OTHER if _stage_of(k) == 0]
+    assert stem and all(torch.equal(expected[k], initial[k]) for k in stem), "the stem never thaws"
+
+
 @pytest.mark.slow
 def test_two_processes_train_through_an_unfreeze_boundary(tmp_path, data, make_recipe, initial_weights):
     """DDP (gloo, 2 CPU processes): groups that thaw at epoch 1 are registered with DDP from the start and
