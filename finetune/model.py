@@ -11,8 +11,9 @@ from typing import Callable
 import timm
 from torch import nn
 
-from .config import ModelConfig, resolve_weights_file
+from .config import ModelConfig
 from .errors import FinetuneError
+from .locate import resolve_weights_file
 from .weights import fit_state_dict, read_state_dict
 
 

@@ -26,11 +26,11 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .config import DataConfig, SourceSpec, parse_source
+from .config import DataConfig
 from .errors import FinetuneError
 from .images import IMAGE_EXTENSIONS, open_image, to_rgb
-from .locate import (hf_hub_cached, hf_hub_offline, hf_local_kind, hf_offline_message, torchvision_expected_files,
-                     torchvision_missing_message)
+from .locate import (SourceSpec, hf_hub_cached, hf_hub_offline, hf_local_kind, hf_offline_message, parse_source,
+                     torchvision_expected_files, torchvision_missing_message)
 
 # Column names tried, in order, when data.image_column / data.label_column are not given.
 IMAGE_COLUMNS = ("image", "img", "path", "file", "filename", "filepath", "image_path", "file_name")

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from finetune import FinetuneError
-from finetune.config import RecipeConfig, load_recipe, parse_source, save_recipe
+from finetune.config import RecipeConfig, load_recipe, save_recipe
+from finetune.locate import parse_source
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

@@ -26,7 +26,7 @@ def test_only_the_loop_imports_accelerate():
 
 def test_builders_do_not_import_the_entry_points():
     entry_points = {".api", ".cli", ".checkdata", ".bench", ".loop"}
-    builders = ["images.py", "locate.py", "sources.py", "badimages.py", "balance.py", "data.py", "metrics.py",
+    builders = ["typed.py", "images.py", "locate.py", "sources.py", "badimages.py", "balance.py", "data.py", "metrics.py",
                 "review.py", "model.py", "groups.py", "optim.py"]
     for name in builders:
         assert not imported_modules(PACKAGE / name) & entry_points, name

@@ -21,7 +21,8 @@ from PIL import Image
 
 import finetune
 from finetune import FinetuneError, cli
-from finetune.config import DataConfig, SourceSpec, parse_source
+from finetune.config import DataConfig
+from finetune.locate import SourceSpec, parse_source
 from finetune.data import build_splits
 from finetune.sources import FileSamples, HFSamples, load_source, wrap_in_memory
 

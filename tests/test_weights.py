@@ -189,7 +189,7 @@ def test_efficientnet_lite0_package_weights_classify_a_cat():
     import skimage.data
     from PIL import Image
 
-    from finetune.config import resolve_weights_file
+    from finetune.locate import resolve_weights_file
 
     messages: list[str] = []
     model = build_model(ModelConfig(backbone="efficientnet_lite0", pretrained=LITE0), num_classes=1000,
