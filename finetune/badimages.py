@@ -24,6 +24,7 @@ BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompress
 IGNORE_LABEL = -100  # torch's cross-entropy ignore_index: the loss and the metrics leave these samples out
 MAX_BAD_IN_A_ROW = 64  # more consecutive unreadable samples than this means the data, not a file, is broken
 LOG_GLOB = ".skipped-*.jsonl"
+DATA_REPORT_NAME = "data_report.json"
 
 
 def describe_error(error: BaseException) -> str:
@@ -63,3 +64,16 @@ def read_skip_logs(folder: Path) -> list[dict]:
 def remove_skip_logs(folder: Path) -> None:
     for path in folder.glob(LOG_GLOB):
         path.unlink(missing_ok=True)
+
+
+def save_data_report(folder: Path, on_bad_image: str, sizes: dict[str, int | None], final: bool = False) -> int:
+    """data_report.json in `folder` from every process's skip log (main process only): images per split and
+    every skipped file with its reason. `final` also removes the logs. Returns the skipped count."""
+    skipped = read_skip_logs(folder)
+    tmp = folder / (DATA_REPORT_NAME + ".tmp")  # beside the final name, then renamed: never half a file
+    tmp.write_text(json.dumps({"on_bad_image": on_bad_image, "images": sizes, "skipped_count": len(skipped),
+                               "skipped": skipped}, indent=2))
+    tmp.replace(folder / DATA_REPORT_NAME)
+    if final:
+        remove_skip_logs(folder)
+    return len(skipped)

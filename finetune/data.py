@@ -104,6 +104,12 @@ class Splits:
         targets = self.train.targets
         return list(targets) if self.train_indices is None else [targets[i] for i in self.train_indices]
 
+    def sizes(self) -> dict[str, int | None]:
+        """Images per split as the run uses them (test: None without one)."""
+        return {"train": len(self.train_indices) if self.train_indices is not None else len(self.train),
+                "val": len(self.val_indices) if self.val_indices is not None else len(self.val),
+                "test": len(self.test) if self.test is not None else None}
+
 
 def build_splits(cfg: DataConfig, seed: int, train: Any = None, val: Any = None,
                  class_names: Sequence[str] | None = None, test: Any = None) -> Splits:

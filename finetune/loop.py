@@ -31,7 +31,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .badimages import SkipLog, read_skip_logs, remove_skip_logs
+from .badimages import DATA_REPORT_NAME, SkipLog, save_data_report
 from .balance import BalancedSampler, inverse_frequency_weights
 from .batching import Batching, derive_batching
 from .config import RecipeConfig, TrainConfig
@@ -39,12 +39,13 @@ from .data import EpochSeeded, Splits, Transformed, build_loader, build_transfor
 from .errors import FinetuneError
 from .export import WEIGHTS_NAME, save_export
 from .groups import build_plan
+from .launch import check_process_count, check_processes_per_machine
 from .model import build_model
 from .metrics import classification_metrics
 from .optim import build_optimizer, drop_waiting_grads, lr_multiplier, set_lr
-from .plots import save_curves, save_image_grid
-from .review import HARD_EXAMPLES_PNG, hard_example_entries, rank_hard_examples, save_hard_examples
-from .rundir import DATA_REPORT_NAME, TEST_METRICS_NAME, RunDir
+from .plots import save_curves
+from .review import hard_example_entries, rank_hard_examples, save_hard_examples
+from .rundir import TEST_METRICS_NAME, RunDir
 
 STATE_NAME = "trainer_state.json"
 
@@ -70,7 +71,8 @@ def build_accelerator(config: RecipeConfig) -> Accelerator:
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and not cuda:
         raise FinetuneError("train.precision=fp16 needs a CUDA GPU; on CPU use bf16 or fp32 (or auto).")
-    _check_processes_per_machine(cuda)
+    if cuda:
+        check_processes_per_machine(torch.cuda.device_count())
     # Accelerate keeps its settings per Python process and refuses new ones; a second train() in the same
     # process (a notebook, the tests) may ask for another precision. The process group itself is kept.
     AcceleratorState._reset_state()
@@ -85,44 +87,10 @@ def build_accelerator(config: RecipeConfig) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.train.seed,
                                                   non_blocking=cuda),
     )
-    _check_process_count(accelerator.num_processes)
+    check_process_count(accelerator.num_processes)
     if cuda:
         torch.backends.cudnn.benchmark = True  # training batches have one fixed shape: tune kernels once
     return accelerator
-
-
-# The launcher's process count, in the variables and order Accelerate reads it from (torchrun, then MPI).
-_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-
-
-def _check_process_count(running: int) -> None:
-    """The process count Accelerate runs with must be the one the launcher started: otherwise every process
-    would train the whole recipe on its own, or one process would quietly do the work of N."""
-    name = next((v for v in _WORLD_SIZE_VARIABLES if v in os.environ), "WORLD_SIZE")
-    launched = int(os.environ.get(name, "1"))
-    if launched != running:
-        raise FinetuneError(f"the launcher started {launched} processes ({name}) but Accelerate runs {running}; "
-                            "check `accelerate config` (or ACCELERATE_* variables), or launch with torchrun "
-                            "--nproc_per_node N, which needs no configuration.")
-    # `accelerate launch --num_processes N` without --multi_gpu (or with --cpu) uses its simple launcher,
-    # which starts one process and expects MPI to start the rest; it sets ACCELERATE_USE_CPU always and
-    # MASTER_ADDR only when several processes were asked for. Without MPI, one process would run alone.
-    simple_launcher = "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ
-    if running == 1 and simple_launcher and name not in os.environ:
-        raise FinetuneError("`accelerate launch` was asked for several processes but started only this one (without "
-                            "--multi_gpu, and always with --cpu, it leaves starting the others to MPI). On GPUs add "
-                            "--multi_gpu; on CPU use `torchrun --nproc_per_node N -m finetune train ...` or "
-                            "`finetune train ... --processes N`. (For one process, unset MASTER_ADDR.)")
-
-
-def _check_processes_per_machine(cuda: bool) -> None:
-    """One process drives one GPU: more processes than GPUs on a machine would fail deep inside CUDA."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if cuda and local > torch.cuda.device_count():
-        n = torch.cuda.device_count()
-        raise FinetuneError(f"the launcher started {local} processes on this machine, which has {n} GPU(s); each "
-                            f"process drives one GPU. Start {n} (torchrun --nproc_per_node {n}, accelerate launch "
-                            f"--num_processes {n}) and set train.micro_batch_size if the batch does not fit.")
 
 
 def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[str], None] | None = None) -> TrainResult:
@@ -180,9 +148,10 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
     # --- the run directory: first write happens only now, after everything above was checked and built
     start_epoch, step, best_acc, best_epoch = 0, 0, -1.0, 0
     records: list[dict] = []
-    if run_dir.resuming and _checkpoint_dir(run_dir) is not None:
-        accelerator.load_state(str(_checkpoint_dir(run_dir)))
-        state = json.loads((_checkpoint_dir(run_dir) / STATE_NAME).read_text())
+    checkpoint = _checkpoint_dir(run_dir) if run_dir.resuming else None
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / STATE_NAME).read_text())
         start_epoch, step, best_acc, best_epoch = state["epoch"], state["step"], state["best_val_acc"], state["best_epoch"]
         if state.get("phase", 1) != plan.phase_at(start_epoch):
             raise FinetuneError(f"--resume {run_dir.path}: the checkpoint was saved for unfreezing phase {state['phase']} "
@@ -226,7 +195,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
         if main:
             run_dir.append_metrics(record)
             save_curves(records, run_dir.curves)
-            _write_data_report(run_dir, splits, config)
+            save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes())
             if improved:
                 save_export(accelerator.unwrap_model(model), run_dir.path, splits.class_names, data_cfg)
         log(f"epoch {epoch + 1}/{tc.epochs}: train loss {train_loss:.4f} | val loss {val['val_loss']:.4f} "
@@ -239,7 +208,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Callable[[
         return accelerator.prepare(build_loader(dataset, batching.per_device, False, workers, pin))
     test = _after_training(model, accelerator, config, run_dir, splits, eval_tf, bad, eval_loader, best_epoch,
                            channels_last)
-    skipped = _write_data_report(run_dir, splits, config, final=True) if main else 0
+    skipped = save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes(), final=True) if main else 0
     test_text = (f"; test acc {100 * test['test_acc']:.2f}% (balanced {100 * test['test_balanced_acc']:.2f}%)"
                  if test else "")
     skip_text = f"; {skipped} unreadable image(s) skipped, listed in {DATA_REPORT_NAME}" if skipped else ""
@@ -274,25 +243,8 @@ def _after_training(model, accelerator: Accelerator, config: RecipeConfig, run_d
             entries[split] = hard_example_entries(split, results, positions, dataset, splits.class_names)
             images += [base[dataset.indices[p]][0] for p in positions] if accelerator.is_main_process else []
         if accelerator.is_main_process:
-            save_hard_examples(entries, run_dir.path)
-            captions = [f"{e['split']} {e['index']}: given {e['given']}\npredicted {e['predicted']} "
-                        f"({100 * e['predicted_prob']:.0f}%)" for split in entries for e in entries[split]]
-            save_image_grid(images, captions, run_dir.path / HARD_EXAMPLES_PNG,
-                            title="highest loss first, train then val: review these labels")
+            save_hard_examples(entries, images, run_dir.path)
     return test
-
-
-def _write_data_report(run_dir: RunDir, splits: Splits, config: RecipeConfig, final: bool = False) -> int:
-    """data_report.json from every process's skip log (main process only). Returns the skipped count."""
-    skipped = read_skip_logs(run_dir.path)
-    sizes = {"train": len(splits.train_indices) if splits.train_indices is not None else len(splits.train),
-             "val": len(splits.val_indices) if splits.val_indices is not None else len(splits.val),
-             "test": len(splits.test) if splits.test is not None else None}
-    run_dir.write_json(DATA_REPORT_NAME, {"on_bad_image": config.data.on_bad_image, "images": sizes,
-                                          "skipped_count": len(skipped), "skipped": skipped})
-    if final:
-        remove_skip_logs(run_dir.path)
-    return len(skipped)
 
 
 def _main_process_run_dir(accelerator: Accelerator, run_dir: RunDir) -> RunDir:

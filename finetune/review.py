@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from .badimages import IGNORE_LABEL
+from .plots import save_image_grid
 
 HARD_EXAMPLES_JSON = "hard_examples.json"
 HARD_EXAMPLES_PNG = "hard_examples.png"
@@ -42,9 +43,14 @@ def hard_example_entries(split: str, results: dict, positions: Sequence[int], da
     } for pos in positions]
 
 
-def save_hard_examples(entries: dict[str, list[dict]], run_dir: Path) -> Path:
+def save_hard_examples(entries: dict[str, list[dict]], images: list, run_dir: Path) -> Path:
+    """hard_examples.json, and hard_examples.png drawing `images` (the entries' images, in their order)."""
     path = run_dir / HARD_EXAMPLES_JSON
     path.write_text(json.dumps({
         "about": "highest-loss images after training (best epoch, eval transform): check their labels first",
         **entries}, indent=2))
+    captions = [f"{e['split']} {e['index']}: given {e['given']}\npredicted {e['predicted']} "
+                f"({100 * e['predicted_prob']:.0f}%)" for split in entries for e in entries[split]]
+    save_image_grid(images, captions, run_dir / HARD_EXAMPLES_PNG,
+                    title="highest loss first, train then val: review these labels")
     return path

@@ -32,7 +32,6 @@ PLAN_NAME = "plan.json"
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
 CHECKPOINT_NAME = "checkpoint"
-DATA_REPORT_NAME = "data_report.json"
 TEST_METRICS_NAME = "test_metrics.json"
 
 

@@ -9,7 +9,7 @@ import finetune.loop as loop
 from finetune import FinetuneError
 from finetune.batching import derive_batching
 from finetune.config import load_recipe
-from finetune.launch import run_processes, without_processes_option
+from finetune.launch import check_process_count, run_processes, without_processes_option
 
 
 def test_global_batch_is_split_evenly_over_processes():
@@ -86,14 +86,14 @@ def no_launcher(monkeypatch):
 
 
 def test_one_process_without_a_launcher_passes(no_launcher):
-    loop._check_process_count(1)
+    check_process_count(1)
 
 
 def test_mpi_world_size_is_read_like_accelerate_reads_it(no_launcher):
     no_launcher.setenv("PMI_SIZE", "2")
-    loop._check_process_count(2)
+    check_process_count(2)
     with pytest.raises(FinetuneError, match=r"started 2 processes \(PMI_SIZE\) but Accelerate runs 1"):
-        loop._check_process_count(1)
+        check_process_count(1)
 
 
 def test_accelerate_launch_cpu_with_several_processes_but_one_started_is_refused(no_launcher):
@@ -101,7 +101,7 @@ def test_accelerate_launch_cpu_with_several_processes_but_one_started_is_refused
     no_launcher.setenv("ACCELERATE_USE_CPU", "True")
     no_launcher.setenv("MASTER_ADDR", "127.0.0.1")
     with pytest.raises(FinetuneError, match=r"started only this one.*torchrun --nproc_per_node N"):
-        loop._check_process_count(1)
+        check_process_count(1)
 
 
 def test_processes_option_is_removed_from_what_torchrun_runs():
