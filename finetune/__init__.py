@@ -15,7 +15,7 @@ from .errors import FinetuneError
 _EXPORTS = {
     "train": "api", "plan": "api", "check_data": "api", "lr_find": "api", "load": "api", "resolve": "api",
     "Predictor": "api", "TrainResult": "api",
-    "load_recipe": "config", "RecipeConfig": "config",
+    "load_recipe": "recipe.load", "RecipeConfig": "recipe.schema",
 }
 __all__ = [*_EXPORTS, "FinetuneError"]
 __version__ = "0.1.0"

@@ -7,21 +7,38 @@ the run directory, and hand over to the one loop. Everything is checked before a
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from torch.utils.data import Dataset
 
-from .config import RecipeConfig, RecipeLike, load_recipe, recipe_to_dict
-from .data import Splits, build_splits
+from .data.splits import Splits, build_splits
 from .errors import FinetuneError
-from .groups import Plan, build_plan
-from .loop import TrainResult
-from .lrfind import LRFindResult, find_lr
-from .loop import train as run_loop
-from .model import build_model
-from .predict import Predictor, load
-from .rundir import RunDir
+from .model.backbone import build_model
+from .model.groups import build_plan
+from .model.plan import Plan
+from .model.predict import Predictor, load
+from .recipe.load import load_recipe, recipe_to_dict
+from .recipe.schema import RecipeConfig, RecipeLike
+from .training.loop import train as run_loop
+from .training.lrfind import LRFindResult, find_lr
+from .training.rundir import RunDir
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    metrics: list[dict]  # one record per epoch, as in metrics.jsonl
+    best_epoch: int
+    best_val_acc: float
+    test: dict | None = None  # test metrics of the best epoch, when data.test is given
+    skipped_images: int = 0  # unreadable files skipped (listed in data_report.json)
+
+    @property
+    def final(self) -> dict:
+        return self.metrics[-1] if self.metrics else {}
+
 
 __all__ = ["train", "plan", "check_data", "lr_find", "load", "resolve", "resolve_run", "Predictor", "TrainResult",
            "LRFindResult"]
@@ -60,13 +77,13 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
     splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names, test_data)
     if config.data.on_bad_image == "error":
         _require_readable(splits)
-    return run_loop(config, run_dir, splits)
+    return TrainResult(**run_loop(config, run_dir, splits))
 
 
 def _require_readable(splits: Splits) -> None:
     """data.on_bad_image=error: decode every image once before anything is written, and list every bad
     file at once rather than stopping at the first one hours into a run."""
-    from .checkdata import find_unreadable
+    from .data.checkdata import find_unreadable
 
     bad = find_unreadable(splits.train, splits.train_indices) + find_unreadable(splits.val, splits.val_indices)
     if splits.test is not None:
@@ -111,7 +128,7 @@ def check_data(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | N
     """What `finetune check-data` reports on a recipe's data: per split class counts, imbalance, unreadable
     files, mode and size outliers, duplicates and leakage across splits; "trainable" False when it cannot
     train. Decodes every image once; trains nothing and writes nothing."""
-    from .checkdata import check_data as run_check
+    from .data.checkdata import check_data as run_check
 
     config = resolve(recipe, {**_flatten_overrides(overrides), **_flatten_overrides(kw_overrides)})
     return run_check(config.data, config.train.seed)
@@ -144,7 +161,7 @@ def _flatten_overrides(overrides: dict[str, Any] | Sequence[str] | None) -> dict
     if not overrides:
         return {}
     if not isinstance(overrides, dict):
-        from .config import parse_overrides
+        from .recipe.load import parse_overrides
 
         return parse_overrides(list(overrides))
     flat = {}

@@ -97,7 +97,7 @@ def _start_processes(args: argparse.Namespace, argv: list[str]) -> None:
     """`train --processes N`: check the recipe and run directory once, here, so that a mistake is reported
     once rather than by each of N processes, then hand over to torchrun (launch.py)."""
     from . import api
-    from .launch import run_processes, without_processes_option
+    from .training.launch import run_processes, without_processes_option
 
     if args.processes < 1:
         raise FinetuneError(f"--processes {args.processes}: give a number of processes, 1 or more.")
@@ -132,7 +132,7 @@ def _run(args: argparse.Namespace) -> None:
         plan = api.plan(recipe, overrides)
         print(plan.dumps() if args.json else plan.table())
     elif args.command == "check-data":
-        from .checkdata import format_report
+        from .data.checkdata import format_report
 
         report = api.check_data(recipe, overrides)
         print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -150,7 +150,7 @@ def _run(args: argparse.Namespace) -> None:
             for r in results:
                 print(r["image"] + ": " + ", ".join(f"{p['label']} {100 * p['prob']:.1f}%" for p in r["predictions"]))
     elif args.command == "bench":
-        from .bench import format_report, run_bench
+        from .training.bench import format_report, run_bench
 
         report = run_bench(api.resolve(recipe, overrides), steps=args.steps, warmup=args.warmup, repeats=args.repeats)
         print(json.dumps(report, indent=2) if args.json else format_report(report))

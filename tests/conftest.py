@@ -139,24 +139,21 @@ class Interrupted(Exception):
 
 
 @pytest.fixture
-def train_until_epoch_one(monkeypatch) -> Callable[..., None]:
-    """Runs finetune.train(recipe, output=...) and interrupts it right after the epoch-1 checkpoint."""
-    import finetune
-    import finetune.loop as loop
+def train_until_epoch_one() -> Callable[..., None]:
+    """Trains `recipe` into `output` as finetune.train does, interrupted right after the epoch-1 checkpoint
+    through the loop's `after_checkpoint` seam."""
+    from finetune import api
+    from finetune.data.splits import build_splits
+    from finetune.training import loop
 
     def run(recipe: dict, output: Path) -> None:
-        save_checkpoint = loop._save_checkpoint
-
-        def stop_after_epoch_one(accelerator, run_dir, state):
-            save_checkpoint(accelerator, run_dir, state)
-            if state["epoch"] == 1:
+        def stop_after_epoch_one(epoch: int) -> None:
+            if epoch == 1:
                 raise Interrupted
 
-        monkeypatch.setattr(loop, "_save_checkpoint", stop_after_epoch_one)
-        try:
-            with pytest.raises(Interrupted):
-                finetune.train(recipe, output=output)
-        finally:
-            monkeypatch.setattr(loop, "_save_checkpoint", save_checkpoint)
+        config, run_dir = api.resolve_run(recipe, output=output)
+        with pytest.raises(Interrupted):
+            loop.train(config, run_dir, build_splits(config.data, config.train.seed),
+                       after_checkpoint=stop_after_epoch_one)
 
     return run

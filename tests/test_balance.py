@@ -1,5 +1,5 @@
-"""Class imbalance and review: inverse-frequency loss weights, the balanced sampler (also sharded over
-processes), balanced and per-class accuracy, and hard examples, down to short runs with each."""
+"""finetune/data/balance.py: inverse-frequency loss weights and the balanced sampler (also sharded over
+processes), down to short runs with each that log balanced metrics and write hard examples."""
 
 from __future__ import annotations
 
@@ -13,12 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import finetune
-from finetune.badimages import IGNORE_LABEL
-from finetune.balance import BalancedSampler, inverse_frequency_weights
-from finetune.metrics import classification_metrics
-from finetune.data import Transformed
-from finetune.review import hard_example_entries, rank_hard_examples
-from finetune.sources import FileSamples
+from finetune.data.balance import BalancedSampler, inverse_frequency_weights
 
 # ----------------------------------------------------------------------------------------------------
 # Pure functions
@@ -67,35 +62,6 @@ def test_balanced_sampler_is_sharded_by_accelerate_and_follows_set_epoch():
     interleaved = [i for pair in zip(*shards) for batch in pair for i in batch]
     # 9 batches of 4: with drop_last each process takes 4, so the processes stay in step.
     assert interleaved == expected[:32] and len(interleaved) == 32
-
-
-def test_balanced_and_per_class_accuracy():
-    labels = torch.tensor([0, 0, 0, 0, 1, IGNORE_LABEL])
-    preds = torch.tensor([0, 0, 0, 0, 0, 1])
-    m = classification_metrics(torch.ones(6), preds, labels, ["common", "rare", "absent"], "val")
-    assert m["val_acc"] == pytest.approx(0.8)
-    assert m["val_balanced_acc"] == pytest.approx(0.5)  # (1.0 + 0.0) / 2 classes present
-    assert m["val_per_class_acc"] == {"common": 1.0, "rare": 0.0, "absent": None}
-    assert m["val_images"] == 5
-
-
-def test_hard_examples_rank_by_loss_and_leave_out_ignored():
-    losses = torch.tensor([0.1, 3.0, 9.0, 2.0])
-    labels = torch.tensor([0, 1, IGNORE_LABEL, 1])
-    assert rank_hard_examples(losses, labels, 2) == [1, 3]
-    assert rank_hard_examples(losses, labels, 10) == [1, 3, 0]
-
-
-def test_hard_example_entries_name_the_image_and_both_labels():
-    """Positions are in the view's order; the entry names the source image behind each."""
-    samples = FileSamples(["x.png", "y.png", "z.png"], [0, 1, 1], ["cat", "dog"], "folder")
-    view = Transformed(samples, [2, 0], lambda image: image, "val")
-    results = {"loss": torch.tensor([0.2, 4.0]), "pred": torch.tensor([1, 1]), "label": torch.tensor([1, 0]),
-               "pred_prob": torch.tensor([0.9, 0.95]), "given_prob": torch.tensor([0.9, 0.05])}
-    [entry] = hard_example_entries("val", results, rank_hard_examples(results["loss"], results["label"], 1), view,
-                                   samples.class_names)
-    assert entry == {"split": "val", "index": 0, "image": "x.png", "given": "cat", "predicted": "dog",
-                     "loss": 4.0, "given_prob": 0.05, "predicted_prob": 0.95}
 
 
 # ----------------------------------------------------------------------------------------------------

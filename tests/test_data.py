@@ -11,9 +11,12 @@ import torch
 from PIL import Image
 
 from finetune import FinetuneError
-from finetune.config import DataConfig
-from finetune.data import (Transformed, build_splits, build_transforms, load_source, natural_key,
-                           resolve_data_config, stratified_split)
+from finetune.data.loaders import Transformed
+from finetune.data.samples import natural_key
+from finetune.data.sources import load_source
+from finetune.data.splits import build_splits, stratified_split
+from finetune.data.transforms import build_transforms, resolve_data_config
+from finetune.recipe.schema import DataConfig
 
 
 def test_natural_class_order(image_folder):
@@ -161,9 +164,10 @@ def test_transforms_follow_the_backbone_config_and_image_size():
 
 
 def test_default_workers_share_the_cores_among_the_processes_on_a_machine(monkeypatch):
-    import finetune.data
+    import finetune.data.loaders as loaders
 
-    monkeypatch.setattr(finetune.data.os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
-    assert finetune.data.default_num_workers() == 8  # one process: capped at 8
-    assert finetune.data.default_num_workers(4) == 3  # 4 cores each, one left to its training process
-    assert finetune.data.default_num_workers(16) == 0  # a core each: load in the training process
+    monkeypatch.setattr(loaders.os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+    assert loaders.available_cores() == 16
+    assert loaders.default_num_workers() == 8  # one process: capped at 8
+    assert loaders.default_num_workers(4) == 3  # 4 cores each, one left to its training process
+    assert loaders.default_num_workers(16) == 0  # a core each: load in the training process

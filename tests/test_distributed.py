@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from finetune.optim import lr_multiplier
+from finetune.model.optim import lr_multiplier
 
 EPOCHS, BATCH = 2, 8
 TRAIN_IMAGES, VAL_IMAGES = 36, 9  # 3 classes x 15, 20% held out; 9 val images do not split over 2 processes
@@ -131,8 +131,9 @@ def test_torchrun_on_cpu_without_configuration_trains_as_two_processes(two_proce
     run, proc = two_processes
     # One process group of 2 (not two single-process jobs): each holds half the global batch, the update
     # count is that of one process, and only the main process prints.
-    assert f"2 process(es) on cpu in fp32 | global batch {BATCH} = 2 process(es) x {BATCH // 2} per device x 1 " \
-           f"accumulation step(s) | {TRAIN_IMAGES // BATCH} updates/epoch, {UPDATES} total" in proc.stdout
+    assert "  2 process(es) on cpu in fp32 | " in proc.stdout
+    assert f"  global batch {BATCH} = 2 process(es) x {BATCH // 2} per device x 1 accumulation step(s) | " \
+           f"{TRAIN_IMAGES // BATCH} updates/epoch, {UPDATES} total" in proc.stdout
     assert proc.stdout.count("epoch 1/2:") == 1 and proc.stdout.count("done: best val acc") == 1
     assert "1 process(es)" not in proc.stdout
 
@@ -188,11 +189,13 @@ def test_schedule_ends_at_the_last_update_on_two_processes(two_processes):
 # Faults: planted on process 1 by a wrapper that patches the loop, then runs the real CLI under torchrun.
 
 PLANTER = '''
-import atexit, json, os, sys, time
+import atexit, dataclasses, json, os, sys, time
 from pathlib import Path
 
-import finetune.data
-import finetune.loop as loop
+import torch
+
+import finetune.data.loaders
+import finetune.training.loop as loop
 from finetune.cli import main
 
 fault, at_update, record = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
@@ -200,17 +203,28 @@ rank = int(os.environ["RANK"])
 seen = {"updates": 0, "init_checksum": None, "epoch_seeds": []}
 atexit.register(lambda: (record / f"rank{rank}.json").write_text(json.dumps(seen)))
 
-forward = loop._forward_micro_batches
-def planted_forward(*args, **kwargs):
-    seen["updates"] += 1
-    if rank == 1 and seen["updates"] == at_update and fault == "raise":
-        seen["fault_time"] = time.time()
-        raise RuntimeError("planted fault")
-    update_loss, last_loss = forward(*args, **kwargs)
-    if rank == 1 and seen["updates"] == at_update and fault == "nan":
-        return update_loss * float("nan"), last_loss * float("nan")
-    return update_loss, last_loss
-loop._forward_micro_batches = planted_forward
+
+class PlantedLoss(torch.nn.Module):
+    # The session's loss, called once per micro-batch (one per update here: no accumulation).
+    def __init__(self, loss):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits, labels):
+        seen["updates"] += 1
+        if rank == 1 and seen["updates"] == at_update and fault == "raise":
+            seen["fault_time"] = time.time()
+            raise RuntimeError("planted fault")
+        value = self.loss(logits, labels)
+        return value * float("nan") if rank == 1 and seen["updates"] == at_update and fault == "nan" else value
+
+
+build_session = loop.build_session
+def planted_build_session(*args, **kwargs):
+    session = build_session(*args, **kwargs)
+    seen["init_checksum"] = sum(float(p.detach().double().abs().sum()) for p in session.model.parameters())
+    return dataclasses.replace(session, criterion=PlantedLoss(session.criterion))
+loop.build_session = planted_build_session
 
 evaluate = loop.evaluate
 def planted_evaluate(*args, **kwargs):
@@ -220,18 +234,11 @@ def planted_evaluate(*args, **kwargs):
     return evaluate(*args, **kwargs)
 loop.evaluate = planted_evaluate
 
-build_model = loop.build_model
-def recorded_build_model(*args, **kwargs):
-    model = build_model(*args, **kwargs)
-    seen["init_checksum"] = sum(float(p.detach().double().abs().sum()) for p in model.parameters())
-    return model
-loop.build_model = recorded_build_model
-
-set_epoch_seed = finetune.data.EpochSeeded.set_epoch_seed
+set_epoch_seed = finetune.data.loaders.EpochSeeded.set_epoch_seed
 def recorded_set_epoch_seed(self, seed):
     seen["epoch_seeds"].append(seed)
     set_epoch_seed(self, seed)
-finetune.data.EpochSeeded.set_epoch_seed = recorded_set_epoch_seed
+finetune.data.loaders.EpochSeeded.set_epoch_seed = recorded_set_epoch_seed
 
 main(sys.argv[4:])
 '''
@@ -343,3 +350,18 @@ def test_processes_option_trains_a_frozen_backbone_on_two_processes(workdir, rec
     head = {"fc.weight", "fc.bias"}
     assert [k for k in initial if k not in head and not torch.equal(trained[k], initial[k])] == []
     assert not torch.equal(trained["fc.weight"], initial["fc.weight"])
+
+
+def test_lr_find_on_two_processes_sweeps_the_same_losses_and_writes_once(workdir, recipe_file, env):
+    runs = {}
+    for processes, launch in ((1, finetune_cli), (2, torchrun)):
+        out = workdir / f"lr-find-{processes}"
+        args = ("-m", "finetune") if processes == 2 else ()
+        # (no --start: torchrun's argument parser takes it for an abbreviation of its own --start-method)
+        proc = launch(*args, "lr-find", recipe_file, "--output", out, "--steps", "12", "--end", "1e-2", cwd=workdir,
+                      env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.count("train with the override") == 1
+        runs[processes] = json.loads((out / "lr_find.json").read_text())
+    assert len(runs[2]["losses"]) == 12
+    assert runs[2]["losses"] == pytest.approx(runs[1]["losses"], abs=1e-4)

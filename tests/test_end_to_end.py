@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import finetune
 from finetune import FinetuneError
-from finetune.config import load_recipe
+from finetune.recipe.load import load_recipe
 
 # data_report.json is written by every run (an empty skip list included), so its absence never has to be
 # interpreted; hard_examples.* by every run with train.hard_examples > 0 (the default).
@@ -334,12 +334,12 @@ def test_plan_json_cli_parses(workdir, recipe_file):
 # Runs the real CLI with each optimizer update slowed down, so that a kill lands inside an epoch.
 SLOW_CLI = """
 import sys, time
-import finetune.loop as loop
-_multiplier = loop.lr_multiplier
-def slow_multiplier(*args):
+import finetune.training.session as session
+_multiplier = session.lr_multiplier
+def slow_multiplier(*args, **kwargs):
     time.sleep(0.25)
-    return _multiplier(*args)
-loop.lr_multiplier = slow_multiplier
+    return _multiplier(*args, **kwargs)
+session.lr_multiplier = slow_multiplier
 from finetune.cli import main
 main(sys.argv[1:])
 """
@@ -423,26 +423,3 @@ def test_fixed_size_backbone_at_another_image_size_trains_or_refuses_cleanly(tmp
         assert not run.exists()
     else:
         assert len(result.metrics) == 1 and listing(run) == RUN_FILES
-
-
-def test_default_run_folders_do_not_collide(tmp_path, monkeypatch):
-    from finetune.rundir import RunDir
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("finetune.rundir.time.strftime", lambda fmt: "20250101-120000")
-    first = RunDir.for_new_run(None, "test_resnet").path
-    assert first == tmp_path / "runs" / "20250101-120000-test_resnet"
-    first.mkdir(parents=True)
-    second = RunDir.for_new_run(None, "test_resnet").path
-    assert second != first and second.parent == first.parent and not second.exists()
-
-
-def test_default_run_folder_for_hub_backbone_on_collision(tmp_path, monkeypatch):
-    from finetune.rundir import RunDir
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("finetune.rundir.time.strftime", lambda fmt: "20250101-120000")
-    first = RunDir.for_new_run(None, "hf-hub:timm/resnet18.a1_in1k").path
-    first.mkdir(parents=True)
-    second = RunDir.for_new_run(None, "hf-hub:timm/resnet18.a1_in1k").path
-    assert second.parent == first.parent == tmp_path / "runs" and second != first

@@ -12,7 +12,7 @@ import yaml
 
 import finetune
 from finetune import FinetuneError
-from finetune.lrfind import smooth, suggest, sweep_lrs
+from finetune.training.lrfind import smooth, suggest, sweep_lrs
 
 
 def test_sweep_is_geometric_from_start_to_end():
@@ -55,16 +55,16 @@ def test_lr_find_writes_plot_and_json_into_a_new_folder_only(tmp_path, recipe):
 
 
 def test_lr_find_keeps_the_plan_ratios(tmp_path, recipe, monkeypatch):
-    import finetune.lrfind as lrfind
+    import finetune.training.loop as loop
 
     seen = []
-    original = lrfind.set_lr
+    original = loop.set_lr
 
     def record(optimizer, multiplier, epoch=0):
         original(optimizer, multiplier, epoch)
         seen.append({g["name"]: (g["lr"], g["peak_lr"]) for g in optimizer.param_groups})
 
-    monkeypatch.setattr(lrfind, "set_lr", record)
+    monkeypatch.setattr(loop, "set_lr", record)
     recipe["optim"] = {"lr": 1e-3, "head_lr_mult": 10.0, "layer_decay": 0.7}
     recipe["freeze"] = {"stages": 1, "unfreeze_at": 1}
     result = finetune.lr_find(recipe, output=tmp_path / "lrf", start=1e-5, end=1.0, steps=12)
@@ -74,10 +74,30 @@ def test_lr_find_keeps_the_plan_ratios(tmp_path, recipe, monkeypatch):
             assert now == (0.0 if waiting else pytest.approx(peak * lr / 1e-3, rel=1e-9)), (step, name)
 
 
-def test_only_the_main_process_sweeps(tmp_path, recipe, monkeypatch):
-    monkeypatch.setenv("RANK", "1")
-    assert finetune.lr_find(recipe, output=tmp_path / "lrf", steps=20) is None
-    assert not (tmp_path / "lrf").exists()
+def test_lr_find_and_train_see_the_same_updates(tmp_path, image_folder, tiny_recipe, monkeypatch):
+    """The sweep runs the training step itself: the same images per update (global batch 8 split into
+    micro-batches of 2 x 4 accumulation, not 3 x 3 = 9), augmented alike, and the same loss before the
+    first step (class weights and label smoothing included)."""
+    import finetune.training.session as session
+
+    build_model, batches = session.build_model, []
+
+    def recording_build_model(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        model.register_forward_pre_hook(lambda m, inputs: batches.append(
+            (inputs[0].shape[0], round(float(inputs[0].double().sum()), 3))) if m.training else None)
+        return model
+
+    monkeypatch.setattr(session, "build_model", recording_build_model)
+    recipe = tiny_recipe(image_folder(classes=3, per_class=5), **{
+        "train.batch_size": 8, "train.micro_batch_size": 3, "train.epochs": 2, "train.class_weights": "auto",
+        "data.val_fraction": 0.2, "train.hard_examples": 0})
+    trained = finetune.train(recipe, output=tmp_path / "run")  # 12 train images: 1 update per epoch
+    train_batches, batches[:] = list(batches), []
+    found = finetune.lr_find(recipe, output=tmp_path / "lrf", start=1e-6, end=1e-5, steps=10)
+    assert [n for n, _ in train_batches] == [2] * 8  # 2 epochs x 1 update x 4 micro-batches of 2
+    assert batches[:8] == train_batches  # the first two sweep updates: same images, same augmentation
+    assert found.losses[0] == pytest.approx(trained.metrics[0]["train_loss"], abs=1e-6)
 
 
 def test_lr_find_cli_prints_the_override(tmp_path, recipe):

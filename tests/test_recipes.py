@@ -3,12 +3,13 @@ its own backbone, and trains offline with a tiny backbone swapped in."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 import finetune
-from finetune.config import load_recipe
+from finetune.recipe.load import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 GALLERY = ["hotdog-resnet18", "linear-probe", "fastai-style", "vit-layer-decay", "partial-freeze"]
@@ -32,7 +33,8 @@ def test_recipe_starts_with_a_comment_that_explains_it(name):
     lines = (RECIPES / f"{name}.yaml").read_text().splitlines()
     comment = [line for line in lines[:lines.index(next(x for x in lines if not x.startswith("#")))]]
     assert len(comment) >= 4 and all(line.startswith("#") for line in comment)
-    assert "use" in " ".join(comment).lower()  # says when to use it
+    text = " ".join(line.lstrip("# ") for line in comment)
+    assert re.search(r"\bUse it (for|as|when)\b[^.]{20,}\.", text), "the comment must say when to use the recipe"
 
 
 @pytest.mark.parametrize("name", GALLERY)

@@ -21,10 +21,11 @@ from PIL import Image
 
 import finetune
 from finetune import FinetuneError, cli
-from finetune.config import DataConfig
-from finetune.locate import SourceSpec, parse_source
-from finetune.data import build_splits
-from finetune.sources import FileSamples, HFSamples, load_source, wrap_in_memory
+from finetune.data.samples import FileSamples, HFSamples
+from finetune.data.sources import load_source, wrap_in_memory
+from finetune.data.splits import build_splits
+from finetune.recipe.locate import SourceSpec, parse_source
+from finetune.recipe.schema import DataConfig
 
 CLASSES = ["cat", "dog", "c10"]  # sorted naturally by the readers that sort: c10, cat, dog
 PER_CLASS = 8

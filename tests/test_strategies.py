@@ -1,8 +1,10 @@
-"""Fine-tuning strategies (groups.py, optim.py, the loop's phases): freezing by stage and pattern, layer
-decay, lr_mult, the BatchNorm policy, gradual unfreezing and exact resume across an unfreeze boundary."""
+"""Fine-tuning strategies in training (the plan itself is tested in test_groups.py): the recipe and CLI checks
+of the freeze keys, LR ratios kept by the schedule, groups waiting for their phase, frozen stages bit for bit
+under each BatchNorm policy, and exact resume across an unfreeze boundary."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import subprocess
@@ -18,93 +20,88 @@ from torch import nn
 
 import finetune
 from finetune import FinetuneError
-from finetune.config import FreezeConfig, OptimConfig, load_recipe
-from finetune.groups import NORM_TYPES, build_plan
-from finetune.optim import build_optimizer, drop_waiting_grads, lr_multiplier, set_lr
+from finetune.model.groups import build_plan
+from finetune.model.optim import build_optimizer, drop_waiting_grads, lr_multiplier, set_lr
+from finetune.recipe.load import load_recipe
+from finetune.recipe.schema import FreezeConfig, OptimConfig
 
 OPTIM = OptimConfig(name="adamw", lr=1e-3, head_lr_mult=10.0, weight_decay=0.05)
-PLAN_BACKBONES = ["test_resnet", "test_vit", "test_efficientnet", "convnext_tiny"]
-
-
-@pytest.fixture(scope="module", params=PLAN_BACKBONES)
-def model(request) -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(request.param, pretrained=False, num_classes=4)
-
-
-def by_param(plan):
-    return {n: g for g in plan.groups for n in g.params}
-
-
-def head_names(model: nn.Module) -> set[str]:
-    ids = {id(p) for p in model.get_classifier().parameters()}
-    return {n for n, p in model.named_parameters() if id(p) in ids}
+BACKBONES = ["test_resnet", "test_vit", "test_efficientnet", "convnext_tiny"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# The plan on four architectures
+# Strategies the recipe and the CLI check
 
 
-@pytest.mark.parametrize("decay", [0.65, 0.9])
-def test_layer_decay_lrs_strictly_increase_with_depth_and_head_sits_mult_above_top(model, decay):
-    optim = OptimConfig(name="adamw", lr=1e-3, head_lr_mult=10.0, weight_decay=0.05, layer_decay=decay)
-    plan = build_plan(model, optim, FreezeConfig())
-    body = [g for g in plan.groups if "head" not in g.name]
-    lr_of_layer = {}
-    for g in body:
-        assert g.layer is not None, g.name
-        assert lr_of_layer.setdefault(g.layer, g.lr) == g.lr, "one LR per layer"
-    layers = sorted(lr_of_layer)
-    assert layers == list(range(len(layers))) and len(layers) >= 5
-    assert all(lr_of_layer[a] < lr_of_layer[b] for a, b in zip(layers, layers[1:]))
-    top = lr_of_layer[layers[-1]]
-    assert top == pytest.approx(1e-3, rel=1e-12)
-    assert lr_of_layer[0] == pytest.approx(1e-3 * decay ** layers[-1], rel=1e-12)
-    heads = [g for g in plan.groups if "head" in g.name]
-    assert {n for g in heads for n in g.params} == head_names(model)
-    for g in heads:
-        assert g.lr == pytest.approx(10.0 * top, rel=1e-12)
-        assert g.factors["head_lr_mult"] == 10.0 and "layer_decay" not in g.factors
-    for g in plan.groups:  # every factor shows, and their product is the LR
-        assert g.lr == pytest.approx(torch.tensor(list(g.factors.values()), dtype=torch.float64).prod().item())
+def test_cli_plan_with_unmatched_pattern_exits_nonzero_naming_it(tmp_path, image_folder, tiny_recipe):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(image_folder())))
+    proc = subprocess.run([sys.executable, "-m", "finetune", "plan", str(recipe), "freeze.patterns=[nomatch.*]"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "'nomatch.*'" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_no_decay_sets(model):
-    plan = build_plan(model, OPTIM, FreezeConfig())
-    groups = by_param(plan)
-    params = dict(model.named_parameters())
-    for m_name, module in model.named_modules():
-        for p_name, p in module.named_parameters(recurse=False):
-            name = f"{m_name}.{p_name}" if m_name else p_name
-            if isinstance(module, NORM_TYPES) or p_name == "bias":
-                assert groups[name].weight_decay == 0.0 and "no_decay" in groups[name].name, name
-            elif isinstance(module, (nn.Conv2d, nn.Linear)) and p_name == "weight":
-                assert groups[name].weight_decay == OPTIM.weight_decay, name
-    for token in ("cls_token", "pos_embed"):
-        if token in params:
-            assert params[token].ndim == 3 and groups[token].weight_decay == 0.0
+def test_recipe_checks_for_unfreezing_keys(tiny_recipe):
+    with pytest.raises(FinetuneError) as e:
+        load_recipe(tiny_recipe(**{"freeze.unfreeze_at": 5, "train.epochs": 3, "optim.layer_decay": 1.5,
+                                   "freeze.bn": "eva"}))
+    text = str(e.value)
+    assert "freeze.unfreeze_at" in text and "optim.layer_decay" in text and "freeze.bn" in text
+    with pytest.raises(FinetuneError, match="freeze.stages: 2 and freeze.backbone=true both set"):
+        load_recipe(tiny_recipe(**{"freeze.stages": 2, "freeze.backbone": True}))
+    with pytest.raises(FinetuneError, match="set one of them"):
+        load_recipe(tiny_recipe(**{"freeze.unfreeze_at": 1}))
+    config = load_recipe(tiny_recipe(), ["freeze.phases={0: 3, 1: 0}", "optim.lr_mult.layer1.*=0.5"])
+    assert config.freeze.phases == {0: 3, 1: 0} and config.optim.lr_mult == {"layer1.*": 0.5}
 
 
-def test_freeze_stages_follow_timms_group_matcher(model):
-    plan = build_plan(model, OPTIM, FreezeConfig(stages=2, bn="frozen"))
-    stages = timm.models.group_parameters(model, model.group_matcher(coarse=True))
-    first_two = {n for k in sorted(stages)[:2] for n in stages[k]}
-    frozen = {n for g in plan.groups if not g.trainable for n in g.params}
-    assert frozen == first_two
-    for g in plan.groups:
-        assert (g.lr == 0.0) == (not g.trainable)
-        if not g.trainable:
-            assert g.stage in (0, 1) and g.name.endswith(".frozen")
-    optimizer_params = {id(p) for g in plan.optimizer_groups(model) for p in g["params"]}
-    assert not optimizer_params & {id(p) for n, p in model.named_parameters() if n in frozen}
+# ----------------------------------------------------------------------------------------------------
+# The schedule keeps every ratio
+
+
+def test_lr_ratio_between_any_two_groups_is_the_same_at_every_step():
+    model = timm.create_model("test_vit", pretrained=False, num_classes=4)
+    optim = OptimConfig(name="adamw", lr=1e-3, head_lr_mult=10.0, weight_decay=0.05, layer_decay=0.7,
+                        lr_mult={"*.proj.*": 0.5})
+    plan = build_plan(model, optim, FreezeConfig(stages=2, phases={1: 0}))
+    optimizer = build_optimizer(optim, plan.optimizer_groups(model))
+    total, warmup = 100, 10
+    for epoch, update in itertools.product((0, 1), (0, 5, warmup, 50, 98, 99)):  # warmup, middle, end
+        set_lr(optimizer, lr_multiplier(update, total, warmup), epoch)
+        training = [g for g in optimizer.param_groups if epoch >= g["trains_from"]]
+        waiting = [g for g in optimizer.param_groups if epoch < g["trains_from"]]
+        assert len(training) > 5 and (waiting if epoch == 0 else not waiting)
+        assert all(g["lr"] == 0.0 for g in waiting)
+        for a, b in itertools.combinations(training, 2):
+            assert a["lr"] / b["lr"] == pytest.approx(a["peak_lr"] / b["peak_lr"], rel=1e-12), (a["name"], b["name"])
+
+
+def test_waiting_groups_are_skipped_by_the_optimizer():
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    plan = build_plan(model, OPTIM, FreezeConfig(backbone=True, unfreeze_at=1, bn="frozen"))
+    optimizer = build_optimizer(OPTIM, plan.optimizer_groups(model))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    set_lr(optimizer, 1.0, epoch=0)
+    drop_waiting_grads(optimizer, epoch=0)
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"fc.weight", "fc.bias"}
+    waiting = [p for g in optimizer.param_groups if g["trains_from"] == 1 for p in g["params"]]
+    assert waiting and all(p not in optimizer.state for p in waiting)  # no Adam moments built up
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training: frozen stages bit for bit, the BatchNorm policy, exact resume across an unfreeze boundary
 
 
 @pytest.mark.parametrize("bn", ["eval", "frozen"])
-def test_frozen_stages_bitwise_unchanged_after_training_steps(model, bn):
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_frozen_stages_bitwise_unchanged_after_training_steps(backbone, bn):
     """Two AdamW steps as the loop takes them (model.train(), then eval for the plan's BatchNorm layers)."""
-    import copy
-
-    model = copy.deepcopy(model)
+    torch.manual_seed(0)
+    model = timm.create_model(backbone, pretrained=False, num_classes=4)
     plan = build_plan(model, OPTIM, FreezeConfig(stages=2, bn=bn))
     plan.apply_freezing(model)
     optimizer = build_optimizer(OPTIM, plan.optimizer_groups(model))
@@ -139,130 +136,27 @@ def test_frozen_stages_bitwise_unchanged_after_training_steps(model, bn):
         assert affine and any(not torch.equal(before[k], after[k]) for k in affine)
 
 
-def test_plan_accounts_for_every_parameter_once(model):
-    freeze = FreezeConfig(stages=1, patterns=["*.bias"], bn="eval", phases={1: 0})
-    optim = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.8, lr_mult={"*.weight": 2.0})
-    plan = build_plan(model, optim, freeze)
-    listed = [n for g in plan.groups for n in g.params]
-    assert sorted(listed) == sorted(n for n, _ in model.named_parameters())
-    assert len({g.name for g in plan.groups}) == len(plan.groups)
-
-
-def test_lr_mult_and_patterns_show_as_factors_and_multiply():
-    model = timm.create_model("test_vit", pretrained=False, num_classes=4)
-    optim = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5,
-                        lr_mult={"blocks.5.*": 3.0, "*.qkv.*": 0.5})
-    plan = build_plan(model, optim, FreezeConfig(patterns=["patch_embed.*"]))
-    g = by_param(plan)
-    qkv = g["blocks.5.attn.qkv.weight"]
-    assert qkv.factors == {"optim.lr": 1e-3, "layer_decay": 1.0, "lr_mult[blocks.5.*]": 3.0, "lr_mult[*.qkv.*]": 0.5}
-    assert qkv.lr == pytest.approx(1e-3 * 1.5)
-    assert g["blocks.4.attn.qkv.weight"].lr == pytest.approx(1e-3 * 0.5 * 0.5)
-    assert g["patch_embed.proj.weight"].trains_from is None and g["patch_embed.proj.weight"].lr == 0
-    assert g["cls_token"].trainable
-
-
-@pytest.mark.parametrize("key", ["freeze.patterns", "optim.lr_mult"])
-def test_a_glob_matching_nothing_is_an_error_naming_it(key):
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=4)
-    optim, freeze = OPTIM, FreezeConfig()
-    if key == "freeze.patterns":
-        freeze = FreezeConfig(patterns=["layer1.*", "nomatch.*"])
-    else:
-        optim = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05, lr_mult={"nomatch.*": 2.0})
-    with pytest.raises(FinetuneError, match=r"nomatch\.\*.*no parameter"):
-        build_plan(model, optim, freeze)
-
-
-def test_cli_plan_with_unmatched_pattern_exits_nonzero_naming_it(tmp_path, image_folder, tiny_recipe):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(image_folder())))
-    proc = subprocess.run([sys.executable, "-m", "finetune", "plan", str(recipe), "freeze.patterns=[nomatch.*]"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "'nomatch.*'" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_freezing_everything_is_an_error():
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=4)
-    with pytest.raises(FinetuneError, match="no parameter to train"):
-        build_plan(model, OPTIM, FreezeConfig(backbone=True, patterns=["fc.*"], bn="frozen"))
-
-
-def test_too_many_stages_and_refreezing_are_errors():
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=4)  # 5 body stages
-    with pytest.raises(FinetuneError, match="5 stages"):
-        build_plan(model, OPTIM, FreezeConfig(stages=6))
-    with pytest.raises(FinetuneError, match="only thaw"):
-        build_plan(model, OPTIM, FreezeConfig(stages=2, phases={1: 3}))
-    plan = build_plan(model, OPTIM, FreezeConfig(backbone=True, phases={2: 3, 4: 0}))
-    assert plan.phases == ((0, 5), (2, 3), (4, 0))
-
-
-def test_recipe_checks_for_unfreezing_keys(tiny_recipe):
-    with pytest.raises(FinetuneError) as e:
-        load_recipe(tiny_recipe(**{"freeze.unfreeze_at": 5, "train.epochs": 3, "optim.layer_decay": 1.5,
-                                   "freeze.bn": "eva"}))
-    text = str(e.value)
-    assert "freeze.unfreeze_at" in text and "optim.layer_decay" in text and "freeze.bn" in text
-    with pytest.raises(FinetuneError, match="freeze.stages: 2 and freeze.backbone=true both set"):
-        load_recipe(tiny_recipe(**{"freeze.stages": 2, "freeze.backbone": True}))
-    with pytest.raises(FinetuneError, match="set one of them"):
-        load_recipe(tiny_recipe(**{"freeze.unfreeze_at": 1}))
-    config = load_recipe(tiny_recipe(), ["freeze.phases={0: 3, 1: 0}", "optim.lr_mult.layer1.*=0.5"])
-    assert config.freeze.phases == {0: 3, 1: 0} and config.optim.lr_mult == {"layer1.*": 0.5}
-
-
-def test_unfreeze_at_plan_keeps_every_group_from_step_zero():
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=4)
-    plan = build_plan(model, OPTIM, FreezeConfig(backbone=True, unfreeze_at=2, bn="frozen"))
-    body = [g for g in plan.groups if "head" not in g.name]
-    assert body and all(g.trains_from == 2 and g.trainable and g.lr == OPTIM.lr for g in body)
-    assert {g["name"] for g in plan.optimizer_groups(model)} == {g.name for g in plan.groups}
-    assert plan.phase_at(0) == plan.phase_at(1) == 1 and plan.phase_at(2) == 2
-    assert plan.frozen_norm_modules(model, 1) and plan.frozen_norm_modules(model, 2) == []
-    table = plan.table()
-    assert "from epoch 2 (phase 2)" in table and "phases:" in table
-
-
-# ----------------------------------------------------------------------------------------------------
-# The schedule keeps every ratio
-
-
-def test_lr_ratio_between_any_two_groups_is_the_same_at_every_step():
-    model = timm.create_model("test_vit", pretrained=False, num_classes=4)
-    optim = OptimConfig(name="adamw", lr=1e-3, head_lr_mult=10.0, weight_decay=0.05, layer_decay=0.7,
-                        lr_mult={"*.proj.*": 0.5})
-    plan = build_plan(model, optim, FreezeConfig(stages=2, phases={1: 0}))
-    optimizer = build_optimizer(optim, plan.optimizer_groups(model))
-    total, warmup = 100, 10
-    for epoch, update in itertools.product((0, 1), (0, 5, warmup, 50, 98, 99)):  # warmup, middle, end
-        set_lr(optimizer, lr_multiplier(update, total, warmup), epoch)
-        training = [g for g in optimizer.param_groups if epoch >= g["trains_from"]]
-        waiting = [g for g in optimizer.param_groups if epoch < g["trains_from"]]
-        assert len(training) > 5 and (waiting if epoch == 0 else not waiting)
-        assert all(g["lr"] == 0.0 for g in waiting)
-        for a, b in itertools.combinations(training, 2):
-            assert a["lr"] / b["lr"] == pytest.approx(a["peak_lr"] / b["peak_lr"], rel=1e-12), (a["name"], b["name"])
-
-
-def test_waiting_groups_are_skipped_by_the_optimizer():
+def test_batch_norm_without_affine_parameters_keeps_its_statistics_when_frozen():
+    """An affine=False BatchNorm in the frozen backbone has no parameter to freeze, yet freeze.bn=frozen
+    holds it in eval mode too: with the loop's rule (model.train(), then eval for the plan's norm layers)
+    its loaded running statistics survive training forward passes. Under bn=train they follow the batches."""
+    torch.manual_seed(0)
     model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
-    plan = build_plan(model, OPTIM, FreezeConfig(backbone=True, unfreeze_at=1, bn="frozen"))
-    optimizer = build_optimizer(OPTIM, plan.optimizer_groups(model))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
-    set_lr(optimizer, 1.0, epoch=0)
-    drop_waiting_grads(optimizer, epoch=0)
-    optimizer.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == head_names(model)
-    waiting = [p for g in optimizer.param_groups if g["trains_from"] == 1 for p in g["params"]]
-    assert waiting and all(p not in optimizer.state for p in waiting)  # no Adam moments built up
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training: frozen stages bit for bit, the BatchNorm policy, exact resume across an unfreeze boundary
+    norm = model.layer2[0].bn1 = nn.BatchNorm2d(model.layer2[0].bn1.num_features, affine=False)
+    with torch.no_grad():  # loaded statistics that a batch of noise would visibly move
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+    for bn in ("frozen", "train"):
+        plan = build_plan(model, OPTIM, FreezeConfig(backbone=True, bn=bn))
+        assert (("layer2.0.bn1", None) in plan.eval_norms) == (bn == "frozen")
+        before = copy.deepcopy(norm.state_dict())
+        for _ in range(3):
+            model.train()
+            for module in plan.frozen_norm_modules(model):
+                module.eval()
+            model(torch.randn(4, 3, 32, 32))
+        kept = all(torch.equal(before[k], v) for k, v in norm.state_dict().items())
+        assert kept == (bn == "frozen"), bn
 
 
 @pytest.fixture(scope="module")

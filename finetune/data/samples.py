@@ -1,0 +1,158 @@
+"""Labelled images decoded lazily: `samples[i]` is (PIL RGB image, class index), decoded only when asked.
+
+`.targets` and `.class_names` are known without decoding anything; `.name(i)` says where sample i comes
+from (a path, or `hf:beans@train[12]`) and `.raw(i)` gives its encoded bytes where there are any, so
+check-data can hash files without re-encoding them. `align` maps val and test onto the training classes
+by name, once per run. Reading a source string into samples is sources.py's job.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import re
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..errors import FinetuneError
+from .images import open_image, to_rgb
+
+
+def natural_key(text: str) -> list:
+    """Sort key putting c2 before c10 (numbers compared as numbers)."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+
+
+class ImageSamples(Dataset):
+    """Labelled images, decoded on access. Subclasses say how to decode sample i and where it comes from."""
+
+    def __init__(self, targets: Sequence[int], class_names: list[str], origin: str):
+        self.targets, self.class_names, self.origin = list(targets), list(class_names), origin
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.image(index), self.targets[index]
+
+    def image(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def name(self, index: int) -> str:
+        return f"{self.origin}[{index}]"
+
+    def raw(self, index: int) -> bytes | None:
+        """The encoded image (file bytes) where the source has them; None for pixel arrays."""
+        return None
+
+
+class FileSamples(ImageSamples):
+    """Image files on disk: folders, manifests, and Python lists of (path, label)."""
+
+    def __init__(self, paths: Sequence[str], targets: Sequence[int], class_names: list[str], origin: str):
+        super().__init__(targets, class_names, origin)
+        self.items = [str(p) for p in paths]
+
+    def image(self, index: int) -> Image.Image:
+        return open_image(self.items[index])
+
+    def name(self, index: int) -> str:
+        return self.items[index]
+
+    def raw(self, index: int) -> bytes:
+        return Path(self.items[index]).read_bytes()
+
+
+class ArraySamples(ImageSamples):
+    """Pixel arrays in memory (HxW grey or HxWxC), e.g. scikit-learn's digits."""
+
+    def __init__(self, arrays: Sequence[np.ndarray], targets: Sequence[int], class_names: list[str], origin: str):
+        super().__init__(targets, class_names, origin)
+        self.arrays = arrays
+
+    def image(self, index: int) -> Image.Image:
+        return to_rgb(Image.fromarray(np.asarray(self.arrays[index])))
+
+
+class IndexedSamples(ImageSamples):
+    """Any map-style dataset whose item [0] is an image (PIL, CHW tensor or array): torchvision datasets
+    and the Python API's own datasets. Labels come from `targets`, already mapped to class indices."""
+
+    def __init__(self, dataset: Any, targets: Sequence[int], class_names: list[str], origin: str):
+        super().__init__(targets, class_names, origin)
+        self.dataset = dataset
+
+    def image(self, index: int) -> Image.Image:
+        return as_pil(self.dataset[index][0])
+
+
+class HFSamples(ImageSamples):
+    """A Hugging Face Dataset. Images stay encoded in Arrow; `with_transform` decodes one row on access
+    with our decoder (EXIF orientation, every mode to RGB) instead of datasets' own."""
+
+    def __init__(self, dataset: Any, image_column: str, targets: Sequence[int], class_names: list[str], origin: str):
+        import datasets
+
+        super().__init__(targets, class_names, origin)
+        self.column = image_column
+        # decode=False keeps {"bytes", "path"}: bad files surface here, one sample at a time, not at load.
+        self.encoded = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+        self.decoded = self.encoded.with_transform(partial(_decode_column, image_column))
+
+    def image(self, index: int) -> Image.Image:
+        return self.decoded[index][self.column]
+
+    def raw(self, index: int) -> bytes:
+        cell = self.encoded[index][self.column]
+        return cell["bytes"] if cell.get("bytes") else Path(cell["path"]).read_bytes()
+
+    def name(self, index: int) -> str:
+        path = self.encoded[index][self.column].get("path")
+        return f"{self.origin}[{index}]" + (f" ({path})" if path else "")
+
+
+def _decode_column(column: str, batch: dict) -> dict:  # module level: loader workers pickle it
+    return {column: [open_image(io.BytesIO(c["bytes"]) if c.get("bytes") else c["path"]) for c in batch[column]]}
+
+
+def as_pil(image: Any) -> Image.Image:
+    """An image from a user's dataset (PIL, CHW tensor, HxW(xC) array) as 8-bit RGB."""
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if hasattr(image, "dim"):  # a torch tensor, CHW, uint8 or float in [0, 1]
+        from torchvision.transforms.functional import to_pil_image
+
+        return to_rgb(to_pil_image(image))
+    if isinstance(image, np.ndarray):
+        return to_rgb(Image.fromarray(image))
+    if isinstance(image, (str, os.PathLike)):
+        return open_image(image)
+    raise FinetuneError(f"cannot use a {type(image).__name__} as an image; give PIL images, CHW tensors, arrays "
+                        "or paths.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Source strings
+
+
+def align(samples: ImageSamples, class_names: list[str]) -> ImageSamples:
+    """`samples` with labels re-indexed onto the run's class list; classes the list lacks are an error."""
+    if samples.class_names == list(class_names):
+        return samples
+    index = {name: i for i, name in enumerate(class_names)}
+    present = sorted({samples.class_names[t] for t in samples.targets}, key=natural_key)
+    unknown = [name for name in present if name not in index]
+    if unknown:
+        raise FinetuneError(f"{samples.origin} has classes the training data lacks: {unknown[:10]}"
+                            f"{' ...' if len(unknown) > 10 else ''}; every class in validation and test must also "
+                            f"appear in training ({len(index)} training classes: {list(class_names)[:10]}).")
+    aligned = copy.copy(samples)
+    aligned.targets = [index[samples.class_names[t]] for t in samples.targets]
+    aligned.class_names = list(class_names)
+    return aligned

@@ -1,0 +1,31 @@
+"""The backbone's own preprocessing: timm's pretrained data config (mean, std, interpolation, crop) and its
+train/eval transforms, so a ViT and a ResNet each see the images they were trained on.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import timm.data
+import torch
+
+from ..recipe.schema import DataConfig
+
+
+def resolve_data_config(model: torch.nn.Module, cfg: DataConfig) -> dict:
+    """timm's preprocessing for this backbone (mean, std, interpolation, crop), at data.image_size if set."""
+    data_cfg = timm.data.resolve_model_data_config(model)
+    if cfg.image_size is not None:
+        data_cfg["input_size"] = (data_cfg["input_size"][0], cfg.image_size, cfg.image_size)
+    if cfg.crop_pct is not None:
+        data_cfg["crop_pct"] = cfg.crop_pct
+    if cfg.interpolation is not None:
+        data_cfg["interpolation"] = cfg.interpolation
+    return data_cfg
+
+
+def build_transforms(data_cfg: dict, cfg: DataConfig) -> tuple[Callable, Callable]:
+    """(train transform with augmentation, eval transform: resize + center crop), both from timm."""
+    train = timm.data.create_transform(**data_cfg, is_training=True, scale=cfg.scale, hflip=cfg.hflip,
+                                       color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment)
+    return train, timm.data.create_transform(**data_cfg, is_training=False)

@@ -1,0 +1,140 @@
+"""The recipe schema: typed, frozen sections with every default on one screen, each with its unit and reason.
+
+A recipe names a timm backbone and a data source; everything else has a default chosen to fine-tune well.
+Loading, overrides and checks are load.py's job; this module only declares what a recipe may say.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+# Defaults are a quality bar: a recipe naming only backbone, weights and data should train well.
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = ""  # required: a timm model name (`timm.list_models()`), e.g. resnet50, vit_small_patch16_224
+    # true: timm's default weights (hub or local HF cache); false: random init; or a weights file:
+    # a path (.safetensors, .pth, .pt, .bin) or `package:DIST_MODULE/path/in/package.pth` for weights
+    # shipped inside an installed Python package.
+    pretrained: Union[bool, str] = True
+    drop_path_rate: float = 0.0  # stochastic depth for ViTs/ConvNeXts; 0.1 helps long fine-tunes of big models
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # required: a source: a folder (one subfolder per class), a .csv/.jsonl manifest, hf:NAME_OR_DIR[@split],
+    # torchvision:NAME[@train|test] or sklearn:digits (grammar: locate.parse_source)
+    train: str = ""
+    val: str | None = None  # none: a stratified, seeded split of train (val_fraction of every class)
+    test: str | None = None  # evaluated once after training, with the best epoch's weights; none: no test
+    val_fraction: float = 0.2  # share of each class held out when `val` is absent
+    image_size: int | None = None  # pixels (square); none: the backbone's pretrained input size
+    # Eval-time centre crop: resize to image_size / crop_pct, crop image_size. none: the backbone's (often
+    # 0.875); 1.0 keeps the whole image, right when objects touch the border (digits, documents).
+    crop_pct: float | None = None
+    # Resampling filter for resizes; none: the backbone's (usually bicubic). bilinear is smoother when
+    # upsampling very small images (bicubic overshoots at hard edges).
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+    # Training augmentation, passed to timm's create_transform. Gentle enough for small datasets.
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range, as in timm's train.py
+    hflip: float = 0.5  # probability; set 0 when a mirror image means something else (digits, text)
+    color_jitter: float = 0.4  # brightness/contrast/saturation strength; 0 turns it off
+    auto_augment: str | None = None  # a timm policy string such as rand-m9-mstd0.5; none: off
+    num_workers: int | None = None  # loader processes per training process; none: min(8, cores / processes - 1)
+    # hf: and manifests: the column holding images (or image paths) and the one holding labels. none: found
+    # automatically (an Image feature and a ClassLabel; else a column named image/path/file, label/class).
+    image_column: str | None = None
+    label_column: str | None = None
+    root: str = "data"  # folder holding torchvision:NAME datasets, relative to the working directory
+    download: bool = False  # torchvision only: fetch missing files into root; off so a run never downloads by surprise
+    # An unreadable, truncated or empty image file: skip (listed in data_report.json; the run goes on) or
+    # error (every image is decoded once before training and all bad files are listed; nothing is written).
+    on_bad_image: Literal["skip", "error"] = "skip"
+    # shuffle: each image once per epoch. balanced: every class drawn equally often (with replacement), for
+    # data where rare classes matter as much as common ones.
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    # The backbone's peak learning rate (the head gets lr × head_lr_mult). None: the optimizer's usual
+    # fine-tuning scale, 3e-4 for adamw and 0.01 for sgd, at batch_size 64.
+    lr: float | None = None
+    head_lr_mult: float = 10.0  # the new head learns this many times faster than the pretrained body
+    # None: 0.05 for adamw (decoupled decay), 1e-4 for sgd (L2). Never applied to norms and biases.
+    weight_decay: float | None = None
+    momentum: float = 0.9  # sgd only (Nesterov)
+    # Layer-wise LR decay in (0, 1] (BEiT/MAE): the top body block learns at lr, each block below at
+    # layer_decay times the one above; blocks come from timm's group_matcher(coarse=False). None: off.
+    # 0.65-0.75 suits ViTs; convnets need less (0.8-0.9). The head sits head_lr_mult above the top block.
+    layer_decay: float | None = None
+    # LR multipliers by parameter-name glob, e.g. {"stem.*": 0.1}; several matches multiply. A glob that
+    # matches no parameter is an error (it is almost always a typo).
+    lr_mult: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    # true: the whole body is frozen, only the head trains (a linear probe; BatchNorm follows `bn`).
+    backbone: bool = False
+    # Freeze the first N groups of timm's group_matcher(coarse=True): the stem, then stages (convnets)
+    # or blocks (ViTs). `finetune plan` shows the stage of every group. 0: none.
+    stages: int = 0
+    # Parameter-name globs (fnmatch) frozen for the whole run, e.g. ["patch_embed.*", "*.norm*"].
+    patterns: list[str] = field(default_factory=list)
+    # BatchNorm inside frozen parts. eval (default): running statistics fixed (module in eval mode), the
+    # affine trains and absorbs a domain shift; the frozen part computes the same function on any number
+    # of devices and at any batch size. train: batch statistics, running statistics and affine all update
+    # (fastai's train_bn). frozen: statistics and affine fixed, bit for bit as loaded. README: measurements.
+    bn: Literal["train", "eval", "frozen"] = "eval"
+    # Gradual unfreezing. unfreeze_at E: what backbone/stages froze trains from epoch E (0-based: after
+    # E finished epochs), fastai-style. phases {EPOCH: STAGES}: from EPOCH on, only the first STAGES
+    # stages stay frozen, e.g. {0: 4, 2: 2, 4: 0}; stages may only thaw. Both none/empty: no phases.
+    unfreeze_at: int | None = None
+    phases: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64  # global: images per optimizer update, summed over all processes
+    # Images one device holds in one forward/backward pass; none: batch_size / processes. When smaller,
+    # gradient accumulation fills the global batch, so the recipe trains the same on 1 GPU or 8.
+    micro_batch_size: int | None = None
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
+    seed: int = 0  # one seed for model init, data order, split and augmentation
+    warmup_epochs: float = 1.0  # linear warmup, then cosine to zero; protects the body from the random head
+    label_smoothing: float = 0.1  # cross-entropy smoothing; regularises small fine-tuning sets
+    grad_clip: float | None = None  # max global gradient norm; none: no clipping
+    # auto: weigh each class's loss by inverse frequency (N / (classes x count)), so rare classes count as much
+    # as common ones; none: every image weighs the same.
+    class_weights: Literal["none", "auto"] = "none"
+    # After training: this many highest-loss train and val images (the likely label errors) go into
+    # hard_examples.json and a PNG grid; 0 skips the extra inference pass over train and val.
+    hard_examples: int = 24
+    # BatchNorm statistics over the whole global batch instead of each device's share (several GPUs only):
+    # worth it when the per-device batch is small (under ~16); costs a synchronisation per BatchNorm layer.
+    sync_bn: bool = False
+    # Images and conv weights in NHWC layout, which tensor cores prefer. none: on for convolutional nets
+    # on CUDA, off on CPU and for ViTs (one patch-embedding conv gains nothing).
+    channels_last: bool | None = None
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+REQUIRED = {"model.backbone": "a timm model name", "data.train": "a data source"}
+# Per-optimizer defaults for `optim.lr` and `optim.weight_decay` when a recipe leaves them out.
+OPTIMIZER_DEFAULTS = {"adamw": {"lr": 3e-4, "weight_decay": 0.05}, "sgd": {"lr": 0.01, "weight_decay": 1e-4}}
+
+RecipeLike = Union[str, Path, dict, RecipeConfig]  # what load_recipe and the API accept

@@ -1,0 +1,262 @@
+"""The training loop: the one module in finetune that talks to Accelerate. It reads top to bottom:
+
+setup (processes -> run directory -> session -> accelerate), then one loop of epochs (train, validate,
+log, export the best, checkpoint), then scoring with the best epoch and a summary. The same code runs
+on CPU, one GPU or many processes: `train.batch_size` is global and batching.py splits it into
+per-device micro-batches and accumulation steps, the schedule counts optimizer updates, and only the
+main process writes files. Every update the processes exchange their losses before gradients are
+averaged (faults.py), so a fault on any process stops all of them before anything of it is applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import time
+import traceback
+from typing import Callable, Iterator
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import broadcast_object_list, set_seed
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from ..data.badimages import save_data_report
+from ..data.loaders import build_loader
+from ..data.splits import Splits
+from ..model.export import WEIGHTS_NAME, save_export
+from ..model.optim import drop_waiting_grads, set_lr
+from ..recipe.schema import RecipeConfig
+from ..reporting.plots import save_curves
+from ..reporting.review import score_after_training
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .evaluate import evaluate, predict_all
+from .faults import exchange_losses, resume_hint, stop_on_fault
+from .launch import check_process_count, check_processes_per_machine
+from .rundir import RunDir
+from .runtime import resolve_precision
+from .session import Session, build_session, describe
+
+Log = Callable[[str], None]
+
+
+def build_accelerator(config: RecipeConfig) -> tuple[Accelerator, str]:
+    """The Accelerator for this machine and launcher, and the precision it runs."""
+    cuda = torch.cuda.is_available()
+    precision = resolve_precision(config.train.precision, cuda)
+    if cuda:
+        check_processes_per_machine(torch.cuda.device_count())
+    forget_accelerator_state()
+    accelerator = Accelerator(
+        # Without cpu=True, torchrun on a machine without GPUs would start N unrelated single-process jobs;
+        # with it, the processes form one gloo group.
+        cpu=not cuda,
+        mixed_precision={"fp32": "no"}.get(precision, precision),
+        # Shuffling seeded by (seed, epoch): every process agrees on the order, and resume repeats it.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.train.seed,
+                                                  non_blocking=cuda),
+    )
+    check_process_count(accelerator.num_processes)
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # training batches have one fixed shape: tune kernels once
+    return accelerator, precision
+
+
+def forget_accelerator_state() -> None:
+    """Accelerate keeps its settings per Python process and refuses different ones later, but a second
+    run in one process (a notebook, the tests) may ask for another precision. Accelerate has no public
+    way to start over; these resets are the ones its own test suite uses (tests/test_loop.py runs two
+    precisions in one process). The process group itself is kept."""
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+def start_session(config: RecipeConfig, splits: Splits, accelerator: Accelerator, precision: str,
+                  skip_log_folder, log: Log) -> Session:
+    """The run's objects, built with identical initial weights on every process and prepared for it."""
+    set_seed(config.train.seed)
+    s = build_session(config, splits, accelerator.num_processes, accelerator.process_index,
+                      accelerator.device.type == "cuda", precision, skip_log_folder, log)
+    s.criterion.to(accelerator.device)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(s.model, s.optimizer, s.train_loader,
+                                                                     s.val_loader)
+    return dataclasses.replace(s, model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader)
+
+
+def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None = None,
+          after_checkpoint: Callable[[int], None] | None = None) -> dict:
+    """Train as the recipe says; return the per-epoch records, the best epoch and the test metrics.
+    `after_checkpoint(epoch)` runs on every process once epoch's checkpoint is complete (tests use it to
+    interrupt a run where a kill would leave it)."""
+    accelerator, precision = build_accelerator(config)
+    log = log or accelerator.print
+    main, tc = accelerator.is_main_process, config.train
+    run_dir = _main_process_run_dir(accelerator, run_dir)
+    s = start_session(config, splits, accelerator, precision, run_dir.path, log)
+    log(describe(s, config, splits))
+    log(f"run directory: {run_dir.path}")
+
+    # --- the run directory: the first write happens only now, after everything was checked and built
+    start_epoch, update, best_acc, best_epoch = 0, 0, -1.0, 0
+    records: list[dict] = []
+    checkpoint = find_checkpoint(run_dir) if run_dir.resuming else None
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint, s.plan.phase_at)
+        start_epoch, update, best_acc, best_epoch = (state["epoch"], state["step"], state["best_val_acc"],
+                                                     state["best_epoch"])
+        log(f"resuming {run_dir.path} after epoch {start_epoch} (update {update}, phase {s.plan.phase_at(start_epoch)})")
+    if main:
+        records = run_dir.keep_metrics_through(start_epoch) if run_dir.resuming else []
+        if not run_dir.resuming:
+            run_dir.create()
+        run_dir.write_recipe(config)
+        run_dir.write_plan(s.plan.to_json())
+    accelerator.wait_for_everyone()
+
+    for epoch in range(start_epoch, tc.epochs):
+        if len(s.plan.phases) > 1 and (epoch == start_epoch or any(e == epoch for e, _ in s.plan.phases)):
+            log(f"phase {s.plan.phase_at(epoch)} from epoch {epoch + 1}: {s.plan.describe_phase(s.plan.phase_at(epoch))}")
+        started = time.perf_counter()
+        bar = tqdm(total=s.batching.updates_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
+                   dynamic_ncols=True, **({} if main else {"disable": True}))  # TQDM_DISABLE=1 silences it
+        losses = []
+        for update, loss in train_epoch(s, accelerator, epoch, update, resume_hint(run_dir, epoch)):
+            losses.append(loss)
+            bar.update()
+            if update % 20 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}")
+        bar.close()
+        seconds = time.perf_counter() - started
+        train_loss = sum(losses) / max(1, len(losses))
+
+        val = evaluate(s, accelerator, s.val_loader, splits.class_names)
+        improved = val["val_acc"] > best_acc
+        if improved:
+            best_acc, best_epoch = val["val_acc"], epoch + 1
+        records.append({"epoch": epoch + 1, "step": update, "phase": s.plan.phase_at(epoch),
+                        "train_loss": round(train_loss, 6), **val,
+                        "lr": {g["name"]: g["lr"] for g in s.optimizer.param_groups},
+                        "epoch_seconds": round(seconds, 2),
+                        "train_images_per_second": round(len(losses) * tc.batch_size / seconds, 1)})
+        if main:
+            run_dir.append_metrics(records[-1])
+            save_curves(records, run_dir.curves)
+            save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes())
+            if improved:
+                save_export(accelerator.unwrap_model(s.model), run_dir.path, splits.class_names, s.data_cfg)
+        log(f"epoch {epoch + 1}/{tc.epochs}: train loss {train_loss:.4f} | val loss {val['val_loss']:.4f} "
+            f"acc {100 * val['val_acc']:.2f}% (balanced {100 * val['val_balanced_acc']:.2f}%)"
+            f"{' (best, exported)' if improved else ''} | {seconds:.1f}s")
+        save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": update, "best_val_acc": best_acc,
+                                               "best_epoch": best_epoch, "phase": s.plan.phase_at(epoch + 1)})
+        if after_checkpoint is not None:
+            after_checkpoint(epoch + 1)
+
+    # --- after training: the best epoch's weights (the export) score test, then train and val for review
+    accelerator.wait_for_everyone()  # the main process wrote the export
+    accelerator.unwrap_model(s.model).load_state_dict(load_file(str(run_dir.path / WEIGHTS_NAME)))
+    test = score_after_training(lambda view: predict_all(s, accelerator, _eval_loader(s, accelerator, view)), splits,
+                                s.eval_view, tc.hard_examples, run_dir.path if main else None, best_epoch)
+    skipped = save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes(), final=True) if main else 0
+    log(f"done: best val acc {100 * best_acc:.2f}% at epoch {best_epoch}"
+        + (f"; test acc {100 * test['test_acc']:.2f}% (balanced {100 * test['test_balanced_acc']:.2f}%)" if test else "")
+        + (f"; {skipped} unreadable image(s) skipped, listed in data_report.json" if skipped else "")
+        + f"; model in {run_dir.path}")
+    accelerator.end_training()
+    return {"run_dir": str(run_dir.path.resolve()), "metrics": records, "best_epoch": best_epoch,
+            "best_val_acc": best_acc, "test": test, "skipped_images": skipped}
+
+
+def _main_process_run_dir(accelerator: Accelerator, run_dir: RunDir) -> RunDir:
+    """Every process adopts the main process's run directory: a default name carries the second it was
+    chosen in, so processes started a moment apart would each pick their own. Each process checked its
+    choice (an existing non-empty directory is refused) before this broadcast, the run's first
+    collective, and the main process writes nothing before it: no check can see another process's files."""
+    return broadcast_object_list([run_dir])[0]
+
+
+def _eval_loader(s: Session, accelerator: Accelerator, view):
+    """A prepared loader over `view` (a split with the eval transform), batched like validation."""
+    return accelerator.prepare(build_loader(view, s.batching.per_device, False, s.runtime.workers,
+                                            s.runtime.pin_memory))
+
+
+def train_epoch(s: Session, accelerator: Accelerator, epoch: int, update: int, fault_hint: str = "",
+                phase_epoch: int | None = None) -> Iterator[tuple[int, float]]:
+    """One epoch of `updates_per_epoch` optimizer updates, each over `accumulation` micro-batches per
+    process. Yields, after each update, the update count and that update's loss averaged over processes.
+    The training loop takes every update; the LR finder stops when it has seen enough, and trains every
+    pass in the unfreezing phase of one epoch (`phase_epoch`, default `epoch`)."""
+    phase_epoch = epoch if phase_epoch is None else phase_epoch
+    # The phase, the augmentation and dropout seeds and the data order are functions of the epoch alone,
+    # so a resumed run repeats them: seeds per (seed, epoch, process), loader workers following suit.
+    keep_eval = _enter_phase(s, accelerator, phase_epoch)
+    set_seed(s.seed + 1000 * (epoch + 1), device_specific=True)
+    s.train_set.set_epoch_seed(int(torch.randint(2**62, ())))
+    s.train_loader.set_epoch(epoch)
+    s.model.train()
+    for module in keep_eval:
+        module.eval()
+    micro_batches = iter(s.train_loader)
+    for _ in range(s.batching.updates_per_epoch):
+        set_lr(s.optimizer, s.schedule(update), phase_epoch)
+        update_loss, last_loss, failure = None, None, None
+        try:
+            update_loss, last_loss = _forward_micro_batches(s, accelerator, micro_batches)
+        except Exception as e:
+            if accelerator.num_processes == 1:
+                raise  # nobody else to stop: the exception itself is the clearest report
+            failure = e
+            print(f"[process {accelerator.process_index}] finetune: update {update + 1} failed, stopping every "
+                  f"process:\n{''.join(traceback.format_exception(e))}", file=sys.stderr, flush=True)
+        losses, failed = exchange_losses(accelerator, update_loss)
+        stop_on_fault(losses, failed, update, failure, fault_hint)
+        accelerator.backward(last_loss)  # the backward that averages gradients over processes
+        drop_waiting_grads(s.optimizer, phase_epoch)  # before clipping: a waiting group must not shrink the others
+        if s.grad_clip is not None:
+            accelerator.clip_grad_norm_(s.model.parameters(), s.grad_clip)
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        update += 1
+        yield update, sum(losses) / len(losses)
+    # The micro-batches that fill no global batch (fewer than `accumulation`): drained, so the loader
+    # ends its epoch as Accelerate expects; they come first in another epoch's order.
+    for _ in micro_batches:
+        pass
+
+
+def _enter_phase(s: Session, accelerator: Accelerator, epoch: int) -> list[torch.nn.Module]:
+    """Set up the unfreezing phase `epoch` trains in; return the BatchNorm layers to keep in eval mode.
+    Groups whose phase has not begun get LR 0 and their gradients dropped before every step, so they
+    stay bit for bit. In one process their gradients are switched off, saving the backward pass; under
+    DDP they stay on (see session.py) and are computed, averaged, then dropped. Same weights either way."""
+    model = accelerator.unwrap_model(s.model)
+    if accelerator.num_processes == 1:
+        s.plan.apply_freezing(model, epoch)
+    return s.plan.frozen_norm_modules(model, epoch)
+
+
+def _forward_micro_batches(s: Session, accelerator: Accelerator, micro_batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward every micro-batch of one update, and backward all but the last inside `no_sync` (gradients
+    add up locally, no communication). Returns the update's loss (the mean over its micro-batches) and
+    the last micro-batch's loss, whose backward, the one that averages gradients over processes, waits
+    until every process has reported a finite loss. Accumulation is written out rather than taken from
+    `accelerator.accumulate()`, which would run that averaging backward before the losses are known."""
+    update_loss = torch.zeros((), device=accelerator.device)
+    accumulation = s.batching.accumulation
+    for i in range(accumulation):
+        images, labels = next(micro_batches)
+        if s.runtime.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        last = i == accumulation - 1
+        # DDP decides at forward time whether the coming backward synchronises, so forward goes inside too.
+        with contextlib.nullcontext() if last else accelerator.no_sync(s.model):
+            # Equal micro-batches, each loss divided by their count: the gradients add up to the global mean.
+            loss = s.criterion(s.model(images), labels) / accumulation
+            if not last:
+                accelerator.backward(loss)
+        update_loss += loss.detach()
+    return update_loss, loss

@@ -1,0 +1,106 @@
+"""Everything one run trains with, built once from the recipe, the data and this machine: the model, its
+plan and optimizer, the loss, the batch split, the datasets and loaders, the LR schedule.
+
+The training loop, the LR finder and the benchmark all start from a `Session`, so they train the same
+model with the same batches, loss, precision and memory layout. Building it touches no process group:
+the loop hands the model, optimizer and loaders to Accelerate afterwards (`accelerator.prepare`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.badimages import SkipLog
+from ..data.balance import BalancedSampler, inverse_frequency_weights
+from ..data.loaders import EpochSeeded, Transformed, build_loader
+from ..data.splits import Splits
+from ..data.transforms import build_transforms, resolve_data_config
+from ..model.backbone import build_model
+from ..model.groups import build_plan
+from ..model.optim import build_optimizer, lr_multiplier
+from ..model.plan import Plan
+from ..recipe.schema import RecipeConfig
+from .batching import Batching, derive_batching
+from .runtime import Runtime, adapt_model, resolve_runtime
+
+
+@dataclass(frozen=True)
+class Session:
+    model: torch.nn.Module
+    plan: Plan
+    optimizer: torch.optim.Optimizer
+    criterion: torch.nn.Module  # (logits, labels) -> the mean loss of a micro-batch
+    runtime: Runtime
+    batching: Batching
+    train_set: EpochSeeded  # the training view; its loader workers reseed every epoch
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    schedule: Callable[[int], float]  # optimizer update -> multiplier of every group's peak LR
+    total_updates: int
+    warmup_updates: int
+    seed: int  # train.seed: augmentation and dropout are seeded by (seed, epoch, process)
+    grad_clip: float | None
+    data_cfg: dict  # timm's preprocessing of this backbone (the export records it)
+    eval_view: Callable[[Dataset, list[int] | None, str], Transformed]  # a split with the eval transform
+
+
+def build_session(config: RecipeConfig, splits: Splits, processes: int, process_index: int, cuda: bool,
+                  precision: str, skip_log_folder: Path | None, log: Callable[[str], None]) -> Session:
+    """Build the run's objects in dependency order. The caller seeds torch first (identical init on
+    every process). `skip_log_folder`: where loader workers record unreadable files (None: nowhere)."""
+    tc, dc = config.train, config.data
+    # The class list sizes the head; the model's pretrained config gives the transforms; the runtime
+    # settings depend on the model (conv net or not); SyncBatchNorm conversion comes before the plan,
+    # which keeps references to the norm modules.
+    model = build_model(config.model, len(splits.class_names), log, dc.image_size)
+    data_cfg = resolve_data_config(model, dc)
+    train_tf, eval_tf = build_transforms(data_cfg, dc)
+    runtime = resolve_runtime(tc, dc, model, precision, processes, cuda)
+    model = adapt_model(model, runtime)
+    plan = build_plan(model, config.optim, config.freeze)
+    # Gradients go on now for every group that trains in any phase: DDP registers the parameters that
+    # require gradients when it wraps the model and never looks again, so a group thawing later must be
+    # on from the start (it waits at LR 0 with its gradients dropped). Never-trained groups stay off.
+    plan.apply_freezing(model)
+    optimizer = build_optimizer(config.optim, plan.optimizer_groups(model), fused=cuda)
+
+    skip_log = SkipLog.for_process(skip_log_folder, process_index) if skip_log_folder is not None else None
+    bad = {"on_bad_image": dc.on_bad_image, "skip_log": skip_log}
+
+    def eval_view(base: Dataset, indices: list[int] | None, split: str) -> Transformed:
+        return Transformed(base, indices, eval_tf, split, substitute=False, **bad)
+    train_set = EpochSeeded(Transformed(splits.train, splits.train_indices, train_tf, "train", **bad))
+    val_set = eval_view(splits.val, splits.val_indices, "val")
+    batching = derive_batching(tc.batch_size, tc.micro_batch_size, processes, len(train_set))
+    sampler = BalancedSampler(splits.train_targets, tc.seed) if dc.sampler == "balanced" else None
+    train_loader = build_loader(train_set, batching.per_device, True, runtime.workers, runtime.pin_memory, sampler)
+    val_loader = build_loader(val_set, batching.per_device, False, runtime.workers, runtime.pin_memory)
+    weights = (inverse_frequency_weights(splits.train_targets, len(splits.class_names))
+               if tc.class_weights == "auto" else None)
+    criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing)
+
+    total = tc.epochs * batching.updates_per_epoch
+    warmup = min(round(tc.warmup_epochs * batching.updates_per_epoch), total - 1)
+    return Session(model, plan, optimizer, criterion, runtime, batching, train_set, train_loader, val_loader,
+                   partial(lr_multiplier, total_updates=total, warmup_updates=warmup), total, warmup, tc.seed,
+                   tc.grad_clip, data_cfg, eval_view)
+
+
+def describe(session: Session, config: RecipeConfig, splits: Splits) -> str:
+    """The set-up as printed before training: what trains on what, how the batch is split, the plan."""
+    size = session.data_cfg["input_size"]
+    weights = getattr(session.criterion, "weight", None)  # a loss of one's own may have none
+    lines = [f"finetune: {config.model.backbone} -> {len(splits.class_names)} classes | "
+             f"{len(session.train_set)} train, {len(session.val_loader.dataset)} val images | input {size[1]}x{size[2]}",
+             f"  {session.runtime.describe()}",
+             f"  {session.batching.describe()}, {session.total_updates} total, {session.warmup_updates} warmup"]
+    if weights is not None or config.data.sampler == "balanced":
+        lines.append(f"  class balance: sampler {config.data.sampler}, loss weights {config.train.class_weights}"
+                     + (f" ({weights.min():.3g} to {weights.max():.3g})" if weights is not None else ""))
+    return "\n".join(lines + [session.plan.table()])

@@ -1,0 +1,48 @@
+"""finetune/model: the backbone (backbone.py), the export in timm's format (export.py) and loading it for
+prediction (predict.py). Weights: test_weights.py; the plan: test_groups.py; the schedule: test_optim.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import finetune
+from finetune import FinetuneError
+from finetune.model.backbone import build_model, fixed_input_size
+from finetune.model.export import CONFIG_NAME, WEIGHTS_NAME, save_export
+from finetune.recipe.schema import ModelConfig
+
+
+def test_backbones_built_for_one_input_size_take_the_recipes_size():
+    assert fixed_input_size("test_vit") and not fixed_input_size("test_resnet")
+    model = build_model(ModelConfig(backbone="test_vit", pretrained=False), 3, lambda _: None, image_size=48)
+    assert model(torch.zeros(1, 3, 48, 48)).shape == (1, 3)
+
+
+def test_export_loads_in_timm_and_in_finetune_with_identical_logits(tmp_path):
+    model = build_model(ModelConfig(backbone="test_resnet", pretrained=False), 3, lambda _: None).eval()
+    torch.nn.init.normal_(model.get_classifier().weight)  # not the zero head: logits must differ per image
+    data_cfg = timm.data.resolve_model_data_config(model)
+    save_export(model, tmp_path, ["cat", "dog", "owl"], data_cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no scratch folder left
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config["architecture"] == "test_resnet" and config["label_names"] == ["cat", "dog", "owl"]
+    images = torch.randn(2, 3, *data_cfg["input_size"][1:])
+    with torch.no_grad():
+        expected = model(images)
+        reloaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()(images)
+    assert torch.equal(reloaded, expected)
+    predictor = finetune.load(tmp_path, device="cpu")
+    assert predictor.label_names == ["cat", "dog", "owl"]
+    assert torch.allclose(predictor.logits(images), expected)
+    top = predictor.predict(Image.new("RGB", (40, 30), (10, 200, 30)), top_k=2)[0]
+    assert len(top) == 2 and top[0]["prob"] >= top[1]["prob"] and top[0]["label"] in predictor.label_names
+
+
+def test_loading_a_folder_without_an_export_says_what_it_needs(tmp_path):
+    with pytest.raises(FinetuneError, match=f"has no {CONFIG_NAME}.*written by `finetune train`"):
+        finetune.load(tmp_path)

@@ -1,0 +1,47 @@
+"""finetune/training/session.py: what a run trains with, built once from the recipe, data and machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune.data.splits import build_splits
+from finetune.recipe.load import load_recipe
+from finetune.training.session import build_session
+
+
+@pytest.fixture
+def build(image_folder, tiny_recipe):
+    def make(**overrides):
+        config = load_recipe(tiny_recipe(image_folder(classes=3, per_class=10), **overrides))
+        splits = build_splits(config.data, config.train.seed)
+        return build_session(config, splits, 1, 0, False, "fp32", None, lambda _: None), config, splits
+    return make
+
+
+def test_the_loss_follows_the_recipe(build):
+    s, _, _ = build(**{"train.class_weights": "auto", "train.label_smoothing": 0.2})
+    assert s.criterion.label_smoothing == 0.2 and torch.allclose(s.criterion.weight, torch.ones(3))  # balanced data
+    plain, config, _ = build()
+    assert plain.criterion.weight is None and plain.criterion.label_smoothing == config.train.label_smoothing
+
+
+def test_warmup_never_takes_the_whole_run_and_the_schedule_spans_every_update(build):
+    s, config, splits = build(**{"train.warmup_epochs": 50.0, "train.epochs": 2})
+    assert s.total_updates == 2 * s.batching.updates_per_epoch and s.warmup_updates == s.total_updates - 1
+    assert s.schedule(s.total_updates - 1) > 0 and s.schedule(s.warmup_updates) == pytest.approx(1.0, abs=0.5)
+
+
+def test_the_optimizer_holds_exactly_the_plans_trainable_groups(build):
+    s, _, _ = build(**{"freeze.stages": 1})
+    in_optimizer = {id(p) for g in s.optimizer.param_groups for p in g["params"]}
+    planned = {n for g in s.plan.groups if g.trainable for n in g.params}
+    assert in_optimizer == {id(p) for n, p in s.model.named_parameters() if n in planned}
+    assert [g["lr"] for g in s.optimizer.param_groups] == [g.lr for g in s.plan.groups if g.trainable]
+
+
+def test_views_use_the_eval_transform_for_validation(build):
+    s, _, splits = build(**{"data.hflip": 1.0})
+    val = s.val_loader.dataset
+    assert val.substitute is False and val.indices == splits.val_indices
+    assert torch.equal(val[0][0], s.eval_view(splits.val, splits.val_indices, "val")[0][0])  # deterministic
