@@ -141,6 +141,9 @@ def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None
     Writes lr_find.png and lr_find.json into `output`, a new folder (default runs/<time>-<backbone>-lr-find).
     `epoch` picks the unfreezing phase to sweep (the one that epoch trains in)."""
     config = resolve(recipe, {**_flatten_overrides(overrides), **_flatten_overrides(kw_overrides)})
+    if config.optim.name == "lbfgs":
+        raise FinetuneError("lr-find sweeps a learning rate, but optim.name=lbfgs finds its own steps by line search; "
+                            "there is nothing to sweep. Leave optim.lr at 1 for lbfgs, or sweep for adamw or sgd.")
     if not 0 <= epoch < config.train.epochs:
         raise FinetuneError(f"lr-find: --epoch {epoch} is outside the recipe's epochs 0..{config.train.epochs - 1}.")
     if output is None:

@@ -16,6 +16,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 # Tiny models on a shared 2-core machine: intra-op threads only add spin-wait overhead (up to 100x slower
 # when another process holds the other core).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Caches (features of frozen backbones) go to a folder of this session, never the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = __import__("tempfile").mkdtemp(prefix="finetune-test-cache-")
 
 import copy  # noqa: E402
 from pathlib import Path  # noqa: E402

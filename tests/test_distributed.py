@@ -341,7 +341,7 @@ def test_processes_option_trains_a_frozen_backbone_on_two_processes(workdir, rec
     run = workdir / "frozen"
     proc = finetune_cli("train", recipe_file, "model.backbone=test_resnet",
                         f"model.pretrained={workdir / 'initial.safetensors'}", "freeze.backbone=true", "freeze.bn=frozen",
-                        "train.epochs=1",
+                        "train.epochs=1", "data.feature_cache=none",  # the whole model under DDP, not the head alone
                         "--processes", "2", "--output", run, cwd=workdir, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es) on cpu" in proc.stdout

@@ -9,6 +9,7 @@ by name, once per run. Reading a source string into samples is sources.py's job.
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import os
 import re
@@ -51,6 +52,17 @@ class ImageSamples(Dataset):
         """The encoded image (file bytes) where the source has them; None for pixel arrays."""
         return None
 
+    def fingerprint(self) -> str | None:
+        """A digest that changes whenever an image or a label changes, so caches keyed by it are never
+        stale; None when the source has no identity that outlives the process (caches stay in memory)."""
+        return None
+
+    def _digest(self, *parts: Any) -> str:
+        digest = hashlib.sha256(repr((type(self).__name__, self.class_names, self.targets)).encode())
+        for part in parts:
+            digest.update(part if isinstance(part, bytes) else repr(part).encode())
+        return digest.hexdigest()
+
 
 class FileSamples(ImageSamples):
     """Image files on disk: folders, manifests, and Python lists of (path, label)."""
@@ -68,6 +80,17 @@ class FileSamples(ImageSamples):
     def raw(self, index: int) -> bytes:
         return Path(self.items[index]).read_bytes()
 
+    def fingerprint(self) -> str:
+        """Paths, sizes and modification times: a file touched or replaced changes it."""
+        stats = []
+        for path in self.items:
+            try:
+                st = os.stat(path)
+                stats.append((path, st.st_size, st.st_mtime_ns))
+            except OSError:  # unreadable now: it will be a bad image, and its absence is part of the identity
+                stats.append((path, None, None))
+        return self._digest(stats)
+
 
 class ArraySamples(ImageSamples):
     """Pixel arrays in memory (HxW grey or HxWxC), e.g. scikit-learn's digits."""
@@ -78,6 +101,9 @@ class ArraySamples(ImageSamples):
 
     def image(self, index: int) -> Image.Image:
         return to_rgb(Image.fromarray(np.asarray(self.arrays[index])))
+
+    def fingerprint(self) -> str:
+        return self._digest(*(np.ascontiguousarray(a).tobytes() for a in self.arrays))
 
 
 class IndexedSamples(ImageSamples):
@@ -112,6 +138,11 @@ class HFSamples(ImageSamples):
         cell = self.encoded[index][self.column]
         return cell["bytes"] if cell.get("bytes") else Path(cell["path"]).read_bytes()
 
+    def fingerprint(self) -> str | None:
+        """datasets' own fingerprint of the table (it changes with every transform of the data)."""
+        fingerprint = getattr(self.encoded, "_fingerprint", None)
+        return self._digest(fingerprint) if fingerprint else None
+
     def name(self, index: int) -> str:
         path = self.encoded[index][self.column].get("path")
         return f"{self.origin}[{index}]" + (f" ({path})" if path else "")
@@ -135,10 +166,6 @@ def as_pil(image: Any) -> Image.Image:
         return open_image(image)
     raise FinetuneError(f"cannot use a {type(image).__name__} as an image; give PIL images, CHW tensors, arrays "
                         "or paths.")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Source strings
 
 
 def align(samples: ImageSamples, class_names: list[str]) -> ImageSamples:

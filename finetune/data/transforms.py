@@ -25,7 +25,11 @@ def resolve_data_config(model: torch.nn.Module, cfg: DataConfig) -> dict:
 
 
 def build_transforms(data_cfg: dict, cfg: DataConfig) -> tuple[Callable, Callable]:
-    """(train transform with augmentation, eval transform: resize + center crop), both from timm."""
+    """(train transform with augmentation, eval transform: resize + center crop), both from timm. With
+    data.augment false, training gets the eval transform too."""
+    evaluation = timm.data.create_transform(**data_cfg, is_training=False)
+    if not cfg.augment:
+        return evaluation, evaluation
     train = timm.data.create_transform(**data_cfg, is_training=True, scale=cfg.scale, hflip=cfg.hflip,
                                        color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment)
-    return train, timm.data.create_transform(**data_cfg, is_training=False)
+    return train, evaluation

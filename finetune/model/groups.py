@@ -65,7 +65,7 @@ def build_plan(model: nn.Module, optim: OptimConfig, freeze: FreezeConfig) -> Pl
     for p in params:
         if p.stage is not None:
             first.setdefault(p.stage, p.name)
-    plan = Plan(groups, phases, freeze.bn, eval_norms, tuple(first[s] for s in sorted(first)))
+    plan = Plan(groups, phases, freeze.batch_norm(), eval_norms, tuple(first[s] for s in sorted(first)))
     check_coverage(plan, model)
     return plan
 
@@ -113,7 +113,7 @@ def describe_parameters(model: nn.Module, optim: OptimConfig,
             else:
                 continue  # no affine, no running statistics: train and eval mode compute the same
             norms[m_name] = (None if None in starts else max(starts), affine)
-    batch_norm, eval_norms = _batch_norm_policy(freeze.bn, norms, part, pinned)
+    batch_norm, eval_norms = _batch_norm_policy(freeze.batch_norm(), norms, part, pinned)
 
     params = []
     for name, param in named:

@@ -13,9 +13,18 @@ import torch
 
 from ..recipe.schema import OptimConfig
 
+LBFGS_ITERATIONS = 25  # per epoch: 10 epochs of a linear probe run 250, enough to converge on a few thousand images
+
 
 def build_optimizer(cfg: OptimConfig, param_groups: list[dict], fused: bool = False) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay) or SGD with Nesterov momentum over explicit-LR groups."""
+    """AdamW (decoupled weight decay) or SGD with Nesterov momentum over explicit-LR groups; or L-BFGS,
+    which takes one group and finds its steps by line search (its L2 penalty is added to the loss by the
+    fit, features.fit_epoch_lbfgs, so each group's weight decay is kept on the group for it)."""
+    if cfg.name == "lbfgs":
+        one_group = {"params": [p for g in param_groups for p in g["params"]],
+                     "name": "+".join(g["name"] for g in param_groups)}
+        return torch.optim.LBFGS([one_group], lr=cfg.lr, max_iter=LBFGS_ITERATIONS, history_size=LBFGS_ITERATIONS,
+                                 line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
     if cfg.name == "adamw":
         # fused kernels are the fastest AdamW on CUDA; CPU uses the default foreach implementation.
         return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))

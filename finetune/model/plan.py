@@ -64,6 +64,13 @@ class Plan:
         n = self.phases[phase - 1][1]
         return "nothing frozen by stage" if n == 0 else "stage 0 frozen" if n == 1 else f"stages 0-{n - 1} frozen"
 
+    @property
+    def body_fixed(self) -> bool:
+        """Nothing before the head changes in any phase: no body parameter ever trains and BatchNorm keeps
+        its statistics (freeze.bn eval or frozen), so the body computes one fixed function of each image
+        and its outputs can be computed once (data.feature_cache)."""
+        return self.bn != "train" and all(not g.trainable for g in self.groups if "head" not in g.name)
+
     def table(self) -> str:
         rows = [("group", "stage", "layer", "tensors", "parameters", "peak lr", "wd", "trains", "bn", "lr factors",
                  "e.g.")]
@@ -87,6 +94,13 @@ class Plan:
         if len(self.phases) > 1:
             lines.append("phases: " + "; ".join(f"{i + 1}) from epoch {e}: {self.describe_phase(i + 1)}"
                                                 for i, (e, _) in enumerate(self.phases)))
+        if self.body_fixed:
+            lines.append("the body never changes: only the head trains, on features computed once per image "
+                         "(data.feature_cache=none runs the whole model every step)")
+        elif any(not g.trainable for g in self.groups) and all(
+                not g.trainable or g.bn != "-" or "head" in g.name for g in self.groups):
+            lines.append("the body is frozen but its BatchNorm affine trains (freeze.bn=eval), so the body still runs "
+                         "forward and backward every step; freeze.bn=frozen makes a linear probe on cached features")
         lines.append(f"BatchNorm in frozen parts: {self.bn}; stages: "
                      + ", ".join(f"{i}={name}" for i, name in enumerate(self.stage_examples)))
         return "\n".join(lines)

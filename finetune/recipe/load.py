@@ -130,14 +130,16 @@ def _set_dotted(raw: dict, dotted: str, value: Any, errors: list[str]) -> None:
 
 
 def _resolve_defaults(config: RecipeConfig) -> RecipeConfig:
-    """Fill the optimizer-dependent defaults so the saved recipe shows the numbers actually used."""
+    """Fill the defaults that depend on other keys (the optimizer's LR and weight decay, freeze.bn auto), so
+    the saved recipe shows the settings actually used."""
     per_opt = OPTIMIZER_DEFAULTS[config.optim.name]
     optim = dataclasses.replace(
         config.optim,
         lr=per_opt["lr"] if config.optim.lr is None else config.optim.lr,
         weight_decay=per_opt["weight_decay"] if config.optim.weight_decay is None else config.optim.weight_decay,
     )
-    return dataclasses.replace(config, optim=optim)
+    freeze = dataclasses.replace(config.freeze, bn=config.freeze.batch_norm())
+    return dataclasses.replace(config, optim=optim, freeze=freeze)
 
 
 def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
@@ -162,6 +164,7 @@ def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
         ("data.hflip", 0 <= c.data.hflip <= 1, "is a probability, in [0, 1]"),
         ("data.color_jitter", c.data.color_jitter >= 0, "must be >= 0"),
         ("data.num_workers", c.data.num_workers is None or c.data.num_workers >= 0, "must be >= 0 or null"),
+        ("data.feature_views", 1 <= c.data.feature_views <= 64, "must be between 1 and 64"),
         ("train.hard_examples", c.train.hard_examples >= 0, "must be >= 0 (0 turns hard examples off)"),
         ("model.drop_path_rate", 0 <= c.model.drop_path_rate < 1, "must be in [0, 1)"),
         ("optim.layer_decay", c.optim.layer_decay is None or 0 < c.optim.layer_decay <= 1, "must be in (0, 1] or null"),
@@ -176,6 +179,11 @@ def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
          "thaws what freeze.backbone or freeze.stages froze; set one of them too"),
         ("freeze.unfreeze_at", c.freeze.unfreeze_at is None or not c.freeze.phases,
          "and freeze.phases both set; unfreeze_at E is the same as phases {E: 0}: keep one"),
+        ("optim.name", c.optim.name != "lbfgs" or (c.freeze.backbone and c.freeze.batch_norm() == "frozen"
+                                                   and c.freeze.unfreeze_at is None and not c.freeze.phases
+                                                   and c.data.feature_cache == "auto"),
+         "fits a linear probe's head on cached features: it needs freeze.backbone=true for the whole run, "
+         "freeze.bn auto or frozen and data.feature_cache auto; use adamw or sgd to train more than the head"),
         ("freeze.phases", all(0 <= e < c.train.epochs and n >= 0 for e, n in c.freeze.phases.items()),
          f"maps epochs in [0, {c.train.epochs - 1}] to numbers of frozen stages >= 0"),
     ]

@@ -43,6 +43,9 @@ class DataConfig:
     hflip: float = 0.5  # probability; set 0 when a mirror image means something else (digits, text)
     color_jitter: float = 0.4  # brightness/contrast/saturation strength; 0 turns it off
     auto_augment: str | None = None  # a timm policy string such as rand-m9-mstd0.5; none: off
+    # false: training images get the eval transform too (no random crop, flip or jitter), e.g. to compare a
+    # run against one that trains on cached features.
+    augment: bool = True
     num_workers: int | None = None  # loader processes per training process; none: min(8, cores / processes - 1)
     # hf: and manifests: the column holding images (or image paths) and the one holding labels. none: found
     # automatically (an Image feature and a ClassLabel; else a column named image/path/file, label/class).
@@ -56,13 +59,26 @@ class DataConfig:
     # shuffle: each image once per epoch. balanced: every class drawn equally often (with replacement), for
     # data where rare classes matter as much as common ones.
     sampler: Literal["shuffle", "balanced"] = "shuffle"
+    # When nothing before the head trains in any phase (a linear probe: freeze.backbone with BatchNorm held),
+    # auto runs the body once per image and trains the head on its cached outputs, 20x+ faster per epoch;
+    # none always runs the whole model. The plan printout says which.
+    feature_cache: Literal["auto", "none"] = "auto"
+    # Views per training image whose features are cached: 1 is the eval transform (the usual linear probe);
+    # K > 1 adds K - 1 augmented views made once, and each epoch draws one view per image.
+    feature_views: int = 1
+    # Where caches live between runs, keyed by the data's and the backbone's identity (never inside the
+    # dataset folder); none: $XDG_CACHE_HOME/finetune, else ~/.cache/finetune.
+    cache_dir: str | None = None
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["adamw", "sgd"] = "adamw"
+    # lbfgs: a linear probe's head fitted as an L2-regularised logistic regression on the whole training
+    # set of cached features (full-batch L-BFGS with line search, as CLIP-style probes do); only for a body
+    # that never changes, and weight_decay is then the L2 coefficient on the mean loss.
+    name: Literal["adamw", "sgd", "lbfgs"] = "adamw"
     # The backbone's peak learning rate (the head gets lr × head_lr_mult). None: the optimizer's usual
-    # fine-tuning scale, 3e-4 for adamw and 0.01 for sgd, at batch_size 64.
+    # fine-tuning scale, 3e-4 for adamw and 0.01 for sgd, at batch_size 64; lbfgs: its step scale, 1.
     lr: float | None = None
     head_lr_mult: float = 10.0  # the new head learns this many times faster than the pretrained body
     # None: 0.05 for adamw (decoupled decay), 1e-4 for sgd (L2). Never applied to norms and biases.
@@ -86,16 +102,24 @@ class FreezeConfig:
     stages: int = 0
     # Parameter-name globs (fnmatch) frozen for the whole run, e.g. ["patch_embed.*", "*.norm*"].
     patterns: list[str] = field(default_factory=list)
-    # BatchNorm inside frozen parts. eval (default): running statistics fixed (module in eval mode), the
-    # affine trains and absorbs a domain shift; the frozen part computes the same function on any number
-    # of devices and at any batch size. train: batch statistics, running statistics and affine all update
-    # (fastai's train_bn). frozen: statistics and affine fixed, bit for bit as loaded. README: measurements.
-    bn: Literal["train", "eval", "frozen"] = "eval"
+    # BatchNorm inside frozen parts. eval: running statistics fixed (module in eval mode), the affine trains
+    # and absorbs a domain shift; the frozen part computes the same function on any number of devices and
+    # at any batch size. train: batch statistics, running statistics and affine all update (fastai's
+    # train_bn). frozen: statistics and affine fixed, bit for bit as loaded. auto (default): frozen for a
+    # linear probe (freeze.backbone for the whole run: the body never changes, its features are computed
+    # once), eval otherwise. README: measurements.
+    bn: Literal["auto", "train", "eval", "frozen"] = "auto"
     # Gradual unfreezing. unfreeze_at E: what backbone/stages froze trains from epoch E (0-based: after
     # E finished epochs), fastai-style. phases {EPOCH: STAGES}: from EPOCH on, only the first STAGES
     # stages stay frozen, e.g. {0: 4, 2: 2, 4: 0}; stages may only thaw. Both none/empty: no phases.
     unfreeze_at: int | None = None
     phases: dict[int, int] = field(default_factory=dict)
+
+    def batch_norm(self) -> str:
+        """`bn` with auto decided: frozen when the whole body stays frozen for the whole run, else eval."""
+        if self.bn != "auto":
+            return self.bn
+        return "frozen" if self.backbone and self.unfreeze_at is None and not self.phases else "eval"
 
 
 @dataclass(frozen=True)
@@ -135,6 +159,7 @@ class RecipeConfig:
 
 REQUIRED = {"model.backbone": "a timm model name", "data.train": "a data source"}
 # Per-optimizer defaults for `optim.lr` and `optim.weight_decay` when a recipe leaves them out.
-OPTIMIZER_DEFAULTS = {"adamw": {"lr": 3e-4, "weight_decay": 0.05}, "sgd": {"lr": 0.01, "weight_decay": 1e-4}}
+OPTIMIZER_DEFAULTS = {"adamw": {"lr": 3e-4, "weight_decay": 0.05}, "sgd": {"lr": 0.01, "weight_decay": 1e-4},
+                      "lbfgs": {"lr": 1.0, "weight_decay": 1e-3}}
 
 RecipeLike = Union[str, Path, dict, RecipeConfig]  # what load_recipe and the API accept

@@ -24,7 +24,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..data.badimages import save_data_report
+from ..data.badimages import SkipLog, save_data_report
 from ..data.loaders import build_loader
 from ..data.splits import Splits
 from ..model.export import WEIGHTS_NAME, save_export
@@ -35,6 +35,7 @@ from ..reporting.review import score_after_training
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import evaluate, predict_all
 from .faults import exchange_losses, resume_hint, stop_on_fault
+from .features import fit_epoch_lbfgs, use_cached_features
 from .launch import check_process_count, check_processes_per_machine
 from .rundir import RunDir
 from .runtime import resolve_precision
@@ -80,6 +81,9 @@ def start_session(config: RecipeConfig, splits: Splits, accelerator: Accelerator
     set_seed(config.train.seed)
     s = build_session(config, splits, accelerator.num_processes, accelerator.process_index,
                       accelerator.device.type == "cuda", precision, skip_log_folder, log)
+    if config.data.feature_cache == "auto" and s.plan.body_fixed:
+        s = use_cached_features(s, splits, config.data, config.train.seed, accelerator.device,
+                                accelerator.is_main_process, accelerator.wait_for_everyone, log)
     s.criterion.to(accelerator.device)
     model, optimizer, train_loader, val_loader = accelerator.prepare(s.model, s.optimizer, s.train_loader,
                                                                      s.val_loader)
@@ -114,8 +118,11 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
             run_dir.create()
         run_dir.write_recipe(config)
         run_dir.write_plan(s.plan.to_json())
+        for bad in s.skipped:  # found while the features were cached, before the directory existed
+            SkipLog.for_process(run_dir.path, 0).record(bad["split"], bad["file"], bad["reason"])
     accelerator.wait_for_everyone()
 
+    epoch_updates = fit_epoch_lbfgs if config.optim.name == "lbfgs" else train_epoch  # lbfgs: full-batch head fit
     for epoch in range(start_epoch, tc.epochs):
         if len(s.plan.phases) > 1 and (epoch == start_epoch or any(e == epoch for e, _ in s.plan.phases)):
             log(f"phase {s.plan.phase_at(epoch)} from epoch {epoch + 1}: {s.plan.describe_phase(s.plan.phase_at(epoch))}")
@@ -123,7 +130,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
         bar = tqdm(total=s.batching.updates_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
                    dynamic_ncols=True, **({} if main else {"disable": True}))  # TQDM_DISABLE=1 silences it
         losses = []
-        for update, loss in train_epoch(s, accelerator, epoch, update, resume_hint(run_dir, epoch)):
+        for update, loss in epoch_updates(s, accelerator, epoch, update, resume_hint(run_dir, epoch)):
             losses.append(loss)
             bar.update()
             if update % 20 == 0:
@@ -137,16 +144,17 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
         if improved:
             best_acc, best_epoch = val["val_acc"], epoch + 1
         records.append({"epoch": epoch + 1, "step": update, "phase": s.plan.phase_at(epoch),
+                        "features_cached": s.features_cached,
                         "train_loss": round(train_loss, 6), **val,
                         "lr": {g["name"]: g["lr"] for g in s.optimizer.param_groups},
                         "epoch_seconds": round(seconds, 2),
-                        "train_images_per_second": round(len(losses) * tc.batch_size / seconds, 1)})
+                        "train_images_per_second": round(len(losses) * s.batching.global_batch / seconds, 1)})
         if main:
             run_dir.append_metrics(records[-1])
             save_curves(records, run_dir.curves)
             save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes())
             if improved:
-                save_export(accelerator.unwrap_model(s.model), run_dir.path, splits.class_names, s.data_cfg)
+                save_export(s.network, run_dir.path, splits.class_names, s.data_cfg)
         log(f"epoch {epoch + 1}/{tc.epochs}: train loss {train_loss:.4f} | val loss {val['val_loss']:.4f} "
             f"acc {100 * val['val_acc']:.2f}% (balanced {100 * val['val_balanced_acc']:.2f}%)"
             f"{' (best, exported)' if improved else ''} | {seconds:.1f}s")
@@ -157,7 +165,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
 
     # --- after training: the best epoch's weights (the export) score test, then train and val for review
     accelerator.wait_for_everyone()  # the main process wrote the export
-    accelerator.unwrap_model(s.model).load_state_dict(load_file(str(run_dir.path / WEIGHTS_NAME)))
+    s.network.load_state_dict(load_file(str(run_dir.path / WEIGHTS_NAME)))
     test = score_after_training(lambda view: predict_all(s, accelerator, _eval_loader(s, accelerator, view)), splits,
                                 s.eval_view, tc.hard_examples, run_dir.path if main else None, best_epoch)
     skipped = save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes(), final=True) if main else 0
@@ -233,10 +241,9 @@ def _enter_phase(s: Session, accelerator: Accelerator, epoch: int) -> list[torch
     Groups whose phase has not begun get LR 0 and their gradients dropped before every step, so they
     stay bit for bit. In one process their gradients are switched off, saving the backward pass; under
     DDP they stay on (see session.py) and are computed, averaged, then dropped. Same weights either way."""
-    model = accelerator.unwrap_model(s.model)
     if accelerator.num_processes == 1:
-        s.plan.apply_freezing(model, epoch)
-    return s.plan.frozen_norm_modules(model, epoch)
+        s.plan.apply_freezing(s.network, epoch)
+    return s.plan.frozen_norm_modules(s.network, epoch)
 
 
 def _forward_micro_batches(s: Session, accelerator: Accelerator, micro_batches) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.badimages import SkipLog
 from ..data.balance import BalancedSampler, inverse_frequency_weights
@@ -32,7 +32,8 @@ from .runtime import Runtime, adapt_model, resolve_runtime
 
 @dataclass(frozen=True)
 class Session:
-    model: torch.nn.Module
+    model: torch.nn.Module  # what each step runs: the network, or its head alone on cached features
+    network: torch.nn.Module  # the whole model, unwrapped: the plan's, the export's and the checkpoint's
     plan: Plan
     optimizer: torch.optim.Optimizer
     criterion: torch.nn.Module  # (logits, labels) -> the mean loss of a micro-batch
@@ -41,6 +42,8 @@ class Session:
     train_set: EpochSeeded  # the training view; its loader workers reseed every epoch
     train_loader: DataLoader
     val_loader: DataLoader | None
+    sampler: Sampler | None  # the training loader's sampler when it is not plain shuffling
+    train_transform: Callable  # the augmentation (features.py draws augmented views with it)
     schedule: Callable[[int], float]  # optimizer update -> multiplier of every group's peak LR
     total_updates: int
     warmup_updates: int
@@ -48,6 +51,8 @@ class Session:
     grad_clip: float | None
     data_cfg: dict  # timm's preprocessing of this backbone (the export records it)
     eval_view: Callable[[Dataset, list[int] | None, str], Transformed]  # a split with the eval transform
+    features_cached: bool = False  # the head trains on the body's cached outputs (features.py)
+    skipped: tuple[dict, ...] = ()  # unreadable files found while building it (split, file, reason)
 
 
 def build_session(config: RecipeConfig, splits: Splits, processes: int, process_index: int, cuda: bool,
@@ -87,9 +92,9 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
 
     total = tc.epochs * batching.updates_per_epoch
     warmup = min(round(tc.warmup_epochs * batching.updates_per_epoch), total - 1)
-    return Session(model, plan, optimizer, criterion, runtime, batching, train_set, train_loader, val_loader,
-                   partial(lr_multiplier, total_updates=total, warmup_updates=warmup), total, warmup, tc.seed,
-                   tc.grad_clip, data_cfg, eval_view)
+    return Session(model, model, plan, optimizer, criterion, runtime, batching, train_set, train_loader, val_loader,
+                   sampler, train_tf, partial(lr_multiplier, total_updates=total, warmup_updates=warmup), total,
+                   warmup, tc.seed, tc.grad_clip, data_cfg, eval_view)
 
 
 def describe(session: Session, config: RecipeConfig, splits: Splits) -> str:

@@ -1,0 +1,218 @@
+"""The feature cache: when the plan says the body never changes (a linear probe), the body runs once per
+image and the head trains on its cached outputs.
+
+Features are what timm's `forward_head(forward_features(x), pre_logits=True)` returns in eval mode: the
+pooled (and, for ViTs, normed) vector the classifier reads. Each training image gets `data.feature_views`
+of them: view 0 through the eval transform (the usual linear probe), views 1.. through the training
+augmentation, drawn once with a fixed seed; each epoch then draws one view per image. Validation and test
+use the eval view.
+
+The cache lives in `data.cache_dir`, one safetensors file per (data, backbone weights, preprocessing,
+views) key, so a second run or a resumed one skips the body entirely; a changed image file, label or
+weight gives another key, never a stale cache. Sources without a lasting identity (Python objects) are
+cached in memory for the run only. Unreadable images are recorded as during training and kept in the
+cache's metadata, so a run that finds the cache reports them too; their rows carry IGNORE_LABEL, which
+the loss and the metrics leave out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+
+from ..atomic import replacing
+from ..data.badimages import SkipLog, read_skip_logs
+from ..data.loaders import EpochSeeded, Transformed, build_loader
+from ..data.splits import Splits
+from ..recipe.schema import DataConfig
+from .faults import NonFiniteLoss
+from .session import Session
+
+VERSION = 1  # part of every key: bump when what a cache file holds changes
+
+
+class FeatureView(Dataset):
+    """Cached features of one split, in the shape of the image view it replaces (data.loaders.Transformed):
+    `indices` into the source, `name(position)`, and (features, label) items. With several views per
+    image, each access draws one of them from torch's generator, which the loop seeds per epoch."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, view: Transformed):
+        self.features, self.labels, self.view = features, labels, view
+        self.indices = view.indices
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, position: int):
+        views = self.features.shape[1]
+        k = int(torch.randint(views, ())) if views > 1 else 0
+        return self.features[position, k], int(self.labels[position])
+
+    def name(self, position: int) -> str:
+        return self.view.name(position)
+
+
+class Head(torch.nn.Module):
+    """What trains on cached features: the model's classifier, after the dropout its forward_head applies."""
+
+    def __init__(self, classifier: torch.nn.Module, drop_rate: float):
+        super().__init__()
+        self.classifier, self.drop_rate = classifier, drop_rate
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.nn.functional.dropout(features, self.drop_rate, self.training))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune"
+
+
+def use_cached_features(s: Session, splits: Splits, dc: DataConfig, seed: int, device: torch.device,
+                        is_main: bool, barrier: Callable[[], None], log: Callable[[str], None]) -> Session:
+    """The session with its model, datasets and loaders swapped for the head on cached features. The main
+    process fills a missing disk cache while the others wait, then every process reads it."""
+    network = s.network.to(device).eval()
+    body_id = _weights_digest(network)
+    views = {"train": (splits.train, splits.train_indices, dc.feature_views),
+             "val": (splits.val, splits.val_indices, 1)}
+    if splits.test is not None:
+        views["test"] = (splits.test, None, 1)
+    cached: dict[str, FeatureView] = {}
+    skipped: list[dict] = []  # unreadable files, for the run's data report once its directory exists
+
+    def extract(view: Transformed, k: int):
+        return _extract(network, view, s.train_transform, k, seed, device, s.runtime, s.batching.per_device, log)
+    for split, (base, indices, k) in views.items():
+        image_view = s.eval_view(base, indices, split)
+        key = _key(base, body_id, s.data_cfg, dc, split, k, seed, image_view.indices)
+        path = None if key is None else Path(dc.cache_dir or default_cache_dir()) / f"features-{key}.safetensors"
+        if path is not None and is_main and not path.is_file():
+            _save(path, *extract(image_view, k))
+        barrier()
+        features, labels, bad = _load(path) if path is not None else extract(image_view, k)
+        skipped += bad
+        cached[split] = FeatureView(features, labels, image_view)
+        log(f"features: {split} {tuple(features.shape)} {'from ' + str(path) if path else 'in memory'}")
+
+    def feature_view(base: Dataset, indices: list[int] | None, split: str) -> FeatureView:
+        return cached[split]
+    runtime = dataclasses.replace(s.runtime, channels_last=False, workers=0)  # in-memory vectors
+    batching = s.batching
+    if isinstance(s.optimizer, torch.optim.LBFGS):  # one full-batch fit per epoch (fit_epoch_lbfgs)
+        n = len(cached["train"]) * dc.feature_views
+        batching = dataclasses.replace(batching, global_batch=n, per_device=n, accumulation=1, updates_per_epoch=1)
+    train_set = EpochSeeded(cached["train"])
+    return dataclasses.replace(
+        s, model=Head(network.get_classifier(), getattr(network, "drop_rate", 0.0)), runtime=runtime,
+        features_cached=True, skipped=tuple(skipped), batching=batching,
+        train_set=train_set, eval_view=feature_view,
+        train_loader=build_loader(train_set, s.batching.per_device, True, 0, runtime.pin_memory, s.sampler),
+        val_loader=build_loader(cached["val"], s.batching.per_device, False, 0, runtime.pin_memory))
+
+
+def fit_epoch_lbfgs(s: Session, accelerator, epoch: int, update: int, fault_hint: str = "") -> Iterator[tuple[int, float]]:
+    """optim.name=lbfgs: one epoch is one L-BFGS step (up to LBFGS_ITERATIONS iterations with a strong-Wolfe
+    line search) on the L2-regularised loss over every cached training view: a logistic regression of
+    the head that converges in seconds, as CLIP-style linear probes fit theirs. Every process holds all
+    the features and runs the same full-batch fit without collectives; the heads are then averaged, so
+    float differences between devices cannot build up. Yields once, like train_epoch does per update."""
+    head = accelerator.unwrap_model(s.model).train()
+    data = s.train_set.dataset
+    views = data.features.shape[1]
+    x = data.features.reshape(-1, data.features.shape[-1]).to(accelerator.device)
+    y = data.labels.repeat_interleave(views).to(accelerator.device)
+    named = dict(s.network.named_parameters())
+    decayed = [(named[n], g.weight_decay) for g in s.plan.groups if g.trainable and g.weight_decay for n in g.params]
+
+    evaluated = []  # the line search evaluates the loss where it steps: the last is where the fit ends
+
+    def closure() -> torch.Tensor:
+        s.optimizer.zero_grad()
+        loss = s.criterion(head(x), y) + sum(wd / 2 * p.pow(2).sum() for p, wd in decayed)
+        loss.backward()
+        evaluated.append(float(loss.detach()))
+        return loss
+    s.optimizer.step(closure)
+    loss = evaluated[-1]
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"the L-BFGS fit of epoch {epoch + 1} reached a loss of {loss}. {fault_hint}")
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(accelerator.reduce(p.detach().clone(), reduction="mean"))
+    yield update + 1, loss
+
+
+@torch.no_grad()
+def _extract(network: torch.nn.Module, view: Transformed, train_transform: Callable, k: int, seed: int,
+             device: torch.device, runtime, batch_size: int,
+             log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(features [N, k, D], labels [N] with IGNORE_LABEL for unreadable images, the unreadable files)."""
+    folder = tempfile.mkdtemp(prefix="finetune-features-")  # loader workers append unreadable files here
+    skip_log = SkipLog.for_process(Path(folder), 0)
+    per_view = []
+    for v in range(k):
+        # View 0: the eval transform; views 1..: the training augmentation with a seed per view.
+        torch.manual_seed(seed * 1000 + v)
+        image_view = Transformed(view.base, view.indices, train_transform if v else view.transform, view.split,
+                                 "skip", skip_log if v == 0 else None, substitute=False)
+        loader = build_loader(image_view, batch_size, False, runtime.workers, runtime.pin_memory)
+        feats, labels = [], []
+        for images, targets in loader:
+            images = images.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.precision == "bf16"):
+                feats.append(network.forward_head(network.forward_features(images), pre_logits=True).float().cpu())
+            labels.append(targets)
+        per_view.append(torch.cat(feats))
+        log(f"features: {view.split} view {v + 1}/{k} of {len(view)} images computed")
+    bad = read_skip_logs(Path(folder))
+    shutil.rmtree(folder, ignore_errors=True)
+    return torch.stack(per_view, dim=1).contiguous(), torch.cat(labels), bad
+
+
+def _key(base, body_id: str, data_cfg: dict, dc: DataConfig, split: str, k: int, seed: int,
+         indices: list[int]) -> str | None:
+    source = base.fingerprint() if hasattr(base, "fingerprint") else None
+    if source is None:
+        return None
+    augmentation = {"scale": dc.scale, "hflip": dc.hflip, "color_jitter": dc.color_jitter,
+                    "auto_augment": dc.auto_augment, "seed": seed} if k > 1 else None
+    text = json.dumps([VERSION, source, body_id, {k: str(v) for k, v in data_cfg.items()}, split, k,
+                       augmentation, hashlib.sha256(repr(indices).encode()).hexdigest()], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _weights_digest(network: torch.nn.Module) -> str:
+    """The body's identity: its architecture and every tensor but the classifier's."""
+    head = {t.data_ptr() for t in network.get_classifier().state_dict().values()}
+    digest = hashlib.sha256(type(network).__name__.encode())
+    for name, tensor in network.state_dict().items():
+        if tensor.data_ptr() not in head:
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _save(path: Path, features: torch.Tensor, labels: torch.Tensor, bad: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path) as tmp:  # two runs filling one cache each rename a whole file into place
+        save_file({"features": features, "labels": labels}, str(tmp), metadata={"bad": json.dumps(bad)})
+
+
+def _load(path: Path) -> tuple[torch.Tensor, torch.Tensor, list]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        bad = json.loads((f.metadata() or {}).get("bad", "[]"))
+    tensors = load_file(str(path))
+    return tensors["features"], tensors["labels"], bad
