@@ -16,8 +16,9 @@ def test_global_batch_is_split_evenly_over_processes():
 
 @pytest.mark.parametrize("processes", [1, 2, 4, 8])
 def test_updates_per_epoch_do_not_depend_on_the_process_count(processes):
-    # 1000 // 64: the remainder of the shuffled data waits for another epoch's order, on any process count
-    assert derive_batching(64, None, processes, 1000).updates_per_epoch == 15
+    # ceil(1000 / 64): every image once, the last batch topped up with 24 drawn again, on any process count
+    b = derive_batching(64, None, processes, 1000)
+    assert b.updates_per_epoch == 16 and b.images_per_epoch == 1024
 
 
 def test_micro_batch_size_caps_the_per_device_batch_and_accumulation_fills_the_rest():
@@ -40,12 +41,22 @@ def test_batch_that_does_not_divide_over_the_processes_is_refused_with_a_suggest
         derive_batching(10, None, 4, 100)
 
 
-def test_batch_larger_than_the_training_set_is_refused():
-    with pytest.raises(FinetuneError, match="larger than the 20 training images"):
-        derive_batching(32, None, 1, 20)
+def test_batch_larger_than_the_training_set_makes_one_update_per_epoch():
+    b = derive_batching(32, None, 1, 20)
+    assert (b.updates_per_epoch, b.images_per_epoch) == (1, 32)
+
+
+@pytest.mark.parametrize("images, processes, expected", [
+    (1088, 1, 64), (5000, 8, 64), (500, 1, 32), (245, 1, 16), (40, 1, 8), (3, 1, 8), (40, 3, 9), (245, 16, 16),
+])
+def test_auto_batch_aims_for_16_updates_per_epoch_between_8_and_64(images, processes, expected):
+    b = derive_batching("auto", None, processes, images)
+    assert b.global_batch == expected and b.auto and b.global_batch % processes == 0
+    assert b.updates_per_epoch >= 16 or b.global_batch <= 9  # 8 is the floor: BatchNorm needs a few images
+    assert "auto: the largest of 64, 32, 16, 8" in b.describe()
 
 
 def test_describe_names_every_derived_quantity():
     text = derive_batching(64, 8, 2, 1000).describe()
     assert "global batch 64 = 2 process(es) x 8 per device x 4 accumulation step(s)" in text
-    assert "15 updates/epoch" in text
+    assert "16 updates/epoch, the last topped up with 24 image(s) drawn again" in text

@@ -171,3 +171,24 @@ def test_default_workers_share_the_cores_among_the_processes_on_a_machine(monkey
     assert loaders.default_num_workers() == 8  # one process: capped at 8
     assert loaders.default_num_workers(4) == 3  # 4 cores each, one left to its training process
     assert loaders.default_num_workers(16) == 0  # a core each: load in the training process
+
+
+@pytest.mark.parametrize("size, fixed, asked, expected", [
+    (224, False, "auto", 160), (288, False, "auto", 224), (160, False, "auto", 128), (64, False, "auto", 64),
+    (224, True, "auto", 224),
+    (224, False, 200, 200), (224, False, None, 224),
+])
+def test_training_crops_default_to_three_quarters_of_the_eval_size_for_conv_nets(size, fixed, asked, expected):
+    from finetune.data.transforms import train_size
+
+    assert train_size({"input_size": (3, size, size)}, DataConfig(train_image_size=asked), fixed) == expected
+
+
+def test_the_train_transform_crops_at_the_training_size_and_eval_at_the_full_size():
+    from PIL import Image
+
+    data_cfg = {"input_size": (3, 224, 224), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                "crop_pct": 0.875, "crop_mode": "center"}
+    train, evaluation = build_transforms(data_cfg, DataConfig(), 160)
+    image = Image.new("RGB", (300, 240))
+    assert train(image).shape == (3, 160, 160) and evaluation(image).shape == (3, 224, 224)

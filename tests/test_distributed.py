@@ -27,7 +27,8 @@ from finetune.model.optim import lr_multiplier
 
 EPOCHS, BATCH = 2, 8
 TRAIN_IMAGES, VAL_IMAGES = 36, 9  # 3 classes x 15, 20% held out; 9 val images do not split over 2 processes
-UPDATES = EPOCHS * (TRAIN_IMAGES // BATCH)
+PER_EPOCH = -(-TRAIN_IMAGES // BATCH)  # every image each epoch: the last batch is topped up
+UPDATES = EPOCHS * PER_EPOCH
 TOLERANCE = 1e-4  # max abs difference between the weights trained on 1 and on 2 processes
 
 # About 100 s of launches in all: `-m "not slow"` skips them in a quick local loop; CI runs them (the README's
@@ -133,7 +134,8 @@ def test_torchrun_on_cpu_without_configuration_trains_as_two_processes(two_proce
     # count is that of one process, and only the main process prints.
     assert "  2 process(es) on cpu in fp32 | " in proc.stdout
     assert f"  global batch {BATCH} = 2 process(es) x {BATCH // 2} per device x 1 accumulation step(s) | " \
-           f"{TRAIN_IMAGES // BATCH} updates/epoch, {UPDATES} total" in proc.stdout
+           f"{PER_EPOCH} updates/epoch, the last topped up with {PER_EPOCH * BATCH - TRAIN_IMAGES} image(s) drawn " \
+           f"again, {UPDATES} total" in proc.stdout
     assert proc.stdout.count("epoch 1/2:") == 1 and proc.stdout.count("done: best val acc") == 1
     assert "1 process(es)" not in proc.stdout
 
@@ -179,7 +181,7 @@ def test_schedule_ends_at_the_last_update_on_two_processes(two_processes):
     run, _ = two_processes
     last = read_metrics(run)[-1]
     assert last["step"] == UPDATES
-    warmup = TRAIN_IMAGES // BATCH  # train.warmup_epochs defaults to 1
+    warmup = min(PER_EPOCH, int(0.2 * UPDATES))  # train.warmup_epochs 1, at most a fifth of the run
     peak = yaml.safe_load((run / "recipe.yaml").read_text())["optim"]["lr"]
     # metrics.jsonl logs the LR that each epoch's last update used
     assert last["lr"]["backbone"] == pytest.approx(peak * lr_multiplier(UPDATES - 1, UPDATES, warmup), rel=1e-9)
@@ -242,7 +244,7 @@ finetune.data.loaders.EpochSeeded.set_epoch_seed = recorded_set_epoch_seed
 
 main(sys.argv[4:])
 '''
-FAULT_BATCH = 16  # 2 updates per epoch: update 3 is in epoch 2, after the checkpoint of epoch 1
+FAULT_BATCH = 18  # 2 updates per epoch (36 images): update 3 is in epoch 2, after the checkpoint of epoch 1
 
 
 def run_with_fault(fault: str, workdir: Path, recipe_file: Path,

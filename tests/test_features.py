@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,42 @@ def test_lbfgs_is_refused_where_the_body_would_change(tmp_path, data, overrides,
 def test_lr_find_refuses_lbfgs(tmp_path, data):
     with pytest.raises(finetune.FinetuneError, match="nothing to sweep"):
         finetune.lr_find(probe(data, tmp_path / "cache", **{"optim.name": "lbfgs"}), output=tmp_path / "lrf")
+
+
+def test_a_fine_tune_starts_from_a_head_fitted_on_the_pretrained_features(tmp_path, data, capsys):
+    """train.head_init probe (auto: with pretrained weights): the head is fitted on the body's cached
+    features before the body trains, so the first epoch starts from a head that separates the classes."""
+    from conftest import build_tiny_recipe
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = tmp_path / "pretrained.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet", num_classes=3).state_dict().items()},
+              str(weights))
+    for init in ("auto", "zero"):
+        recipe = build_tiny_recipe(data, **{"model.pretrained": str(weights), "train.head_init": init,
+                                            "train.epochs": 1, "train.hard_examples": 0,
+                                            "data.cache_dir": str(tmp_path / "cache")})
+        finetune.train(recipe, output=tmp_path / init)
+        out = capsys.readouterr().out
+        assert ("head initialised by a linear probe" in out) is (init == "auto")
+        if init == "auto":  # the colour of each class is easy: the fitted head gets the training images right
+            right = float(re.search(r"(\d+\.\d)% of the training images right", out).group(1))
+            assert right >= 90
+
+
+def test_a_resumed_fine_tune_does_not_fit_its_head_again(tmp_path, data, capsys, train_until_epoch_one):
+    from conftest import build_tiny_recipe
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "pretrained.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet", num_classes=3).state_dict().items()},
+              str(weights))
+    recipe = build_tiny_recipe(data, **{"model.pretrained": str(weights), "train.epochs": 2, "train.hard_examples": 0,
+                                        "train.head_init": "probe", "data.cache_dir": str(tmp_path / "cache")})
+    whole = finetune.train(recipe, output=tmp_path / "whole")
+    train_until_epoch_one(recipe, tmp_path / "stopped")
+    capsys.readouterr()
+    resumed = finetune.train(resume=tmp_path / "stopped")
+    assert "head initialised" not in capsys.readouterr().out  # the checkpoint holds the trained head
+    assert [r["train_loss"] for r in resumed.metrics] == [r["train_loss"] for r in whole.metrics]

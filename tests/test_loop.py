@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+from PIL import Image
+
 import finetune
 
 
@@ -23,3 +27,90 @@ def test_set_up_is_printed_once_with_every_derived_setting(tmp_path, image_folde
                  "global batch 8 = 1 process(es) x 8 per device x 1 accumulation step(s)",
                  "class balance: sampler shuffle, loss weights auto"):
         assert out.count(line) == 1, line
+
+
+class CountingImages(torch.utils.data.Dataset):
+    """Coloured squares that count how often each is read (loader workers 0: reads happen here)."""
+
+    def __init__(self, n: int):
+        self.reads = [0] * n
+        self.targets = [i % 3 for i in range(n)]
+        self.classes = ["a", "b", "c"]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        self.reads[i] += 1
+        return Image.new("RGB", (16, 16), ((80 * self.targets[i]) % 256, 100, 50)), self.targets[i]
+
+
+def test_every_training_image_is_seen_every_epoch(tmp_path, tiny_recipe, image_folder):
+    """21 images, global batch 8: 3 updates an epoch, every image at least once, 3 drawn again."""
+    train = CountingImages(21)
+    recipe = tiny_recipe(image_folder(), **{"train.epochs": 2, "train.batch_size": 8, "train.hard_examples": 0,
+                                            "train.ema": None})
+    result = finetune.train(recipe, train_data=train, val_data=CountingImages(6), output=tmp_path / "run")
+    assert [r["step"] for r in result.metrics] == [3, 6]
+    assert min(train.reads) >= 2 and sum(train.reads) == 2 * 24
+
+
+def test_a_group_that_thaws_warms_up_again(tmp_path, image_folder, tiny_recipe, monkeypatch):
+    import finetune.training.loop as loop
+
+    trace, original = [], loop.set_lr
+
+    def record(optimizer, *args):
+        original(optimizer, *args)
+        trace.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+
+    monkeypatch.setattr(loop, "set_lr", record)
+    recipe = tiny_recipe(image_folder(classes=3, per_class=12), **{
+        "freeze.backbone": True, "freeze.unfreeze_at": 1, "train.epochs": 3, "train.batch_size": 4,
+        "train.warmup_epochs": 0.5, "train.hard_examples": 0})
+    result = finetune.train(recipe, output=tmp_path / "run")
+    per_epoch = result.metrics[0]["step"]
+    body = next(name for name in trace[0] if name.startswith("backbone") and ".no_decay" not in name)
+    head = [t["head"] for t in trace]
+    thawed = [t[body] for t in trace[per_epoch:]]
+    assert all(t[body] == 0 for t in trace[:per_epoch])  # frozen in epoch 0
+    warmup = round(0.5 * per_epoch)
+    peak = json_plan_lr(tmp_path / "run", body)
+    # From its thaw it climbs linearly over the warmup (1/(w+1), 2/(w+1), ...) times the cosine the head follows.
+    for k in range(warmup):
+        cosine = head[per_epoch + k] / head_peak(tmp_path / "run")
+        assert thawed[k] == pytest.approx(peak * cosine * (k + 1) / (warmup + 1), rel=1e-9)
+    cosine = head[per_epoch + warmup] / head_peak(tmp_path / "run")
+    assert thawed[warmup] == pytest.approx(peak * cosine, rel=1e-9)  # then the schedule alone
+
+
+def json_plan_lr(run, name: str) -> float:
+    import json
+
+    return next(g["lr"] for g in json.loads((run / "plan.json").read_text()) if g["name"] == name)
+
+
+def head_peak(run) -> float:
+    return json_plan_lr(run, "head")
+
+
+@pytest.mark.parametrize("decay", [0.999999, 0.6])
+def test_the_better_of_the_model_and_its_moving_average_is_exported(tmp_path, image_folder, tiny_recipe, decay):
+    """After one epoch the export is the model or its EMA, whichever validated better (metrics.jsonl says
+    which); a very slow average is still almost the initial weights and cannot win."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    recipe = tiny_recipe(image_folder(classes=3, per_class=10), **{"train.ema": decay, "train.epochs": 1,
+                                                                    "train.hard_examples": 0})
+    [record] = finetune.train(recipe, output=run).metrics
+    exported = load_file(str(run / "model.safetensors"))
+    model = load_file(str(run / "checkpoint" / "model.safetensors"))
+    ema = {k.removeprefix("module."): v for k, v in
+           torch.load(run / "checkpoint" / "custom_checkpoint_0.pkl", weights_only=True).items()}
+    assert record["exported"] == ("ema" if record["ema_val_acc"] > record["val_acc"] else "model")
+    chosen, other = (ema, model) if record["exported"] == "ema" else (model, ema)
+    assert all(torch.equal(exported[k], chosen[k]) for k in exported)
+    assert not all(torch.equal(exported[k], other[k]) for k in exported)
+    if decay > 0.9999:
+        assert record["exported"] == "model"

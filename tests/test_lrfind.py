@@ -60,8 +60,8 @@ def test_lr_find_keeps_the_plan_ratios(tmp_path, recipe, monkeypatch):
     seen = []
     original = loop.set_lr
 
-    def record(optimizer, multiplier, epoch=0):
-        original(optimizer, multiplier, epoch)
+    def record(optimizer, multiplier, epoch=0, *rest):
+        original(optimizer, multiplier, epoch, *rest)
         seen.append({g["name"]: (g["lr"], g["peak_lr"]) for g in optimizer.param_groups})
 
     monkeypatch.setattr(loop, "set_lr", record)
@@ -89,10 +89,10 @@ def test_lr_find_and_train_see_the_same_updates(tmp_path, image_folder, tiny_rec
         return model
 
     monkeypatch.setattr(session, "build_model", recording_build_model)
-    recipe = tiny_recipe(image_folder(classes=3, per_class=5), **{
+    recipe = tiny_recipe(image_folder(classes=3, per_class=3), **{
         "train.batch_size": 8, "train.micro_batch_size": 3, "train.epochs": 2, "train.class_weights": "auto",
         "data.val_fraction": 0.2, "train.hard_examples": 0})
-    trained = finetune.train(recipe, output=tmp_path / "run")  # 12 train images: 1 update per epoch
+    trained = finetune.train(recipe, output=tmp_path / "run")  # 6 train images: 1 update of 8 per epoch
     train_batches, batches[:] = list(batches), []
     found = finetune.lr_find(recipe, output=tmp_path / "lrf", start=1e-6, end=1e-5, steps=10)
     assert [n for n, _ in train_batches] == [2] * 8  # 2 epochs x 1 update x 4 micro-batches of 2

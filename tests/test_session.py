@@ -26,9 +26,9 @@ def test_the_loss_follows_the_recipe(build):
     assert plain.criterion.weight is None and plain.criterion.label_smoothing == config.train.label_smoothing
 
 
-def test_warmup_never_takes_the_whole_run_and_the_schedule_spans_every_update(build):
-    s, config, splits = build(**{"train.warmup_epochs": 50.0, "train.epochs": 2})
-    assert s.total_updates == 2 * s.batching.updates_per_epoch and s.warmup_updates == s.total_updates - 1
+def test_warmup_never_takes_more_than_a_fifth_of_the_run_and_the_schedule_spans_every_update(build):
+    s, config, splits = build(**{"train.warmup_epochs": 50.0, "train.epochs": 5})
+    assert s.total_updates == 5 * s.batching.updates_per_epoch and s.warmup_updates == int(0.2 * s.total_updates)
     assert s.schedule(s.total_updates - 1) > 0 and s.schedule(s.warmup_updates) == pytest.approx(1.0, abs=0.5)
 
 
@@ -45,3 +45,12 @@ def test_views_use_the_eval_transform_for_validation(build):
     val = s.val_loader.dataset
     assert val.substitute is False and val.indices == splits.val_indices
     assert torch.equal(val[0][0], s.eval_view(splits.val, splits.val_indices, "val")[0][0])  # deterministic
+
+
+def test_every_training_image_is_drawn_each_epoch_and_updates_are_whole(build):
+    s, _, splits = build(**{"train.batch_size": 7})  # 24 images: 4 updates of 7, 4 images drawn again
+    for epoch in (0, 1):
+        s.sampler.set_epoch(epoch)
+        drawn = list(s.sampler)
+        assert len(drawn) == 28 == s.batching.images_per_epoch and set(drawn) == set(range(24))
+    assert list(s.sampler) == drawn  # a pure function of (seed, epoch): a resumed epoch draws the same

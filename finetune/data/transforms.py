@@ -24,12 +24,24 @@ def resolve_data_config(model: torch.nn.Module, cfg: DataConfig) -> dict:
     return data_cfg
 
 
-def build_transforms(data_cfg: dict, cfg: DataConfig) -> tuple[Callable, Callable]:
-    """(train transform with augmentation, eval transform: resize + center crop), both from timm. With
-    data.augment false, training gets the eval transform too."""
+def train_size(data_cfg: dict, cfg: DataConfig, fixed_input_size: bool) -> int:
+    """The side of a training crop: data.train_image_size, or with auto 3/4 of the eval size rounded to a
+    multiple of 32 (224 -> 160, 160 -> 128, 288 -> 224) for backbones that take any size and inputs of 128
+    px or more."""
+    size = data_cfg["input_size"][-1]
+    if cfg.train_image_size == "auto":
+        return max(32, round(0.75 * size / 32) * 32) if not fixed_input_size and size >= 128 else size
+    return size if cfg.train_image_size is None else cfg.train_image_size
+
+
+def build_transforms(data_cfg: dict, cfg: DataConfig, train_side: int | None = None) -> tuple[Callable, Callable]:
+    """(train transform with augmentation at `train_side` px, eval transform: resize + center crop at the
+    data config's size), both from timm. With data.augment false, training gets the eval transform too."""
     evaluation = timm.data.create_transform(**data_cfg, is_training=False)
     if not cfg.augment:
         return evaluation, evaluation
-    train = timm.data.create_transform(**data_cfg, is_training=True, scale=cfg.scale, hflip=cfg.hflip,
+    side = train_side or data_cfg["input_size"][-1]
+    train = timm.data.create_transform(**{**data_cfg, "input_size": (data_cfg["input_size"][0], side, side)},
+                                       is_training=True, scale=cfg.scale, hflip=cfg.hflip,
                                        color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment)
     return train, evaluation

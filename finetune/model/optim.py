@@ -44,10 +44,23 @@ def lr_multiplier(update: int, total_updates: int, warmup_updates: int) -> float
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, multiplier: float, epoch: int = 0) -> None:
-    """Every group at its peak LR times the multiplier; a group whose phase has not begun at LR 0."""
+def rewarm_multiplier(update: int, thaw_update: int, warmup_updates: int) -> float:
+    """A group that thaws mid-run warms up again over `warmup_updates` from its first update: its Adam
+    moments start from zero, and jumping straight into the cosine would hit freshly thawed weights with
+    nearly the full LR while their gradients are still those of a head-only model."""
+    if warmup_updates <= 0:
+        return 1.0
+    return min(1.0, max(0, update - thaw_update + 1) / (warmup_updates + 1))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, multiplier: float, epoch: int = 0, update: int = 0,
+           updates_per_epoch: int = 0, rewarm_updates: int = 0) -> None:
+    """Every group at its peak LR times the multiplier; a group whose phase has not begun at LR 0, and one
+    that thawed mid-run times its own warmup (rewarm_multiplier) for `rewarm_updates` after its thaw."""
     for group in optimizer.param_groups:
-        group["lr"] = group["peak_lr"] * multiplier if epoch >= group.get("trains_from", 0) else 0.0
+        start = group.get("trains_from", 0)
+        rewarm = rewarm_multiplier(update, start * updates_per_epoch, rewarm_updates) if start else 1.0
+        group["lr"] = group["peak_lr"] * multiplier * rewarm if epoch >= start else 0.0
 
 
 def drop_waiting_grads(optimizer: torch.optim.Optimizer, epoch: int) -> None:

@@ -28,7 +28,7 @@ from ..data.splits import Splits, build_splits
 from ..model.backbone import build_model
 from ..model.groups import build_plan
 from ..recipe.schema import DataConfig, RecipeConfig, TrainConfig
-from .batching import derive_batching
+from .batching import AUTO_LARGEST, derive_batching
 from .loop import build_accelerator, start_session, train_epoch
 from .session import Session
 
@@ -50,9 +50,12 @@ class RandomImages(Dataset):
 
 def run_bench(config: RecipeConfig, steps: int = 20, warmup: int = 3, repeats: int = 3,
               num_classes: int = 10) -> dict:
+    # The step on images is what is timed, also for a recipe whose head would train on cached features;
+    # batch_size auto would follow the stand-in data's size, so it is the largest auto choice here.
+    batch = AUTO_LARGEST if config.train.batch_size == "auto" else config.train.batch_size
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, feature_cache="none"),
+                                 train=dataclasses.replace(config.train, batch_size=batch))
     tc = config.train
-    # The step on images is what is timed, also for a recipe whose head would train on cached features.
-    config = dataclasses.replace(config, data=dataclasses.replace(config.data, feature_cache="none"))
     accelerator, precision = build_accelerator(config)
     session = start_session(config, _stand_in_splits(tc.batch_size, num_classes), accelerator, precision, None,
                             lambda _: None)

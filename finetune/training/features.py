@@ -32,10 +32,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from ..atomic import replacing
-from ..data.badimages import SkipLog, read_skip_logs
+from ..data.badimages import IGNORE_LABEL, SkipLog, read_skip_logs
 from ..data.loaders import EpochSeeded, Transformed, build_loader
 from ..data.splits import Splits
-from ..recipe.schema import DataConfig
+from ..recipe.schema import DataConfig, RecipeConfig
 from .faults import NonFiniteLoss
 from .session import Session
 
@@ -83,27 +83,17 @@ def use_cached_features(s: Session, splits: Splits, dc: DataConfig, seed: int, d
     """The session with its model, datasets and loaders swapped for the head on cached features. The main
     process fills a missing disk cache while the others wait, then every process reads it."""
     network = s.network.to(device).eval()
-    body_id = _weights_digest(network)
+    body_id = _weights_digest(network)  # once: hashing every tensor of a big body takes a moment
     views = {"train": (splits.train, splits.train_indices, dc.feature_views),
              "val": (splits.val, splits.val_indices, 1)}
     if splits.test is not None:
         views["test"] = (splits.test, None, 1)
     cached: dict[str, FeatureView] = {}
     skipped: list[dict] = []  # unreadable files, for the run's data report once its directory exists
-
-    def extract(view: Transformed, k: int):
-        return _extract(network, view, s.train_transform, k, seed, device, s.runtime, s.batching.per_device, log)
     for split, (base, indices, k) in views.items():
-        image_view = s.eval_view(base, indices, split)
-        key = _key(base, body_id, s.data_cfg, dc, split, k, seed, image_view.indices)
-        path = None if key is None else Path(dc.cache_dir or default_cache_dir()) / f"features-{key}.safetensors"
-        if path is not None and is_main and not path.is_file():
-            _save(path, *extract(image_view, k))
-        barrier()
-        features, labels, bad = _load(path) if path is not None else extract(image_view, k)
+        cached[split], bad = split_features(s, network, body_id, base, indices, split, k, dc, seed, device, is_main,
+                                            barrier, log)
         skipped += bad
-        cached[split] = FeatureView(features, labels, image_view)
-        log(f"features: {split} {tuple(features.shape)} {'from ' + str(path) if path else 'in memory'}")
 
     def feature_view(base: Dataset, indices: list[int] | None, split: str) -> FeatureView:
         return cached[split]
@@ -116,9 +106,80 @@ def use_cached_features(s: Session, splits: Splits, dc: DataConfig, seed: int, d
     return dataclasses.replace(
         s, model=Head(network.get_classifier(), getattr(network, "drop_rate", 0.0)), runtime=runtime,
         features_cached=True, skipped=tuple(skipped), batching=batching,
+        ema_decay=None, head_init="zero",  # the head of a probe converges smoothly; no second head is needed
         train_set=train_set, eval_view=feature_view,
         train_loader=build_loader(train_set, s.batching.per_device, True, 0, runtime.pin_memory, s.sampler),
         val_loader=build_loader(cached["val"], s.batching.per_device, False, 0, runtime.pin_memory))
+
+
+def split_features(s: Session, network: torch.nn.Module, body_id: str, base: Dataset, indices: list[int] | None,
+                   split: str, k: int, dc: DataConfig, seed: int, device: torch.device, is_main: bool,
+                   barrier: Callable[[], None], log: Callable[[str], None]) -> tuple[FeatureView, list]:
+    """One split's features (k views), from the disk cache when there is one for this key (the main process
+    fills it while the others wait), else computed; and its unreadable files."""
+    image_view = s.eval_view(base, indices, split)
+    key = _key(base, body_id, s.data_cfg, dc, split, k, seed, image_view.indices)
+    path = None if key is None else Path(dc.cache_dir or default_cache_dir()) / f"features-{key}.safetensors"
+
+    def extract():
+        return _extract(network, image_view, s.train_transform, k, seed, device, s.runtime, s.batching.per_device, log)
+    if path is not None and is_main and not path.is_file():
+        _save(path, *extract())
+    barrier()
+    features, labels, bad = _load(path) if path is not None else extract()
+    log(f"features: {split} {tuple(features.shape)} {'from ' + str(path) if path else 'in memory'}")
+    return FeatureView(features, labels, image_view), bad
+
+
+PROBE_L2 = 1e-2  # the probe head's L2 on the mean loss: best of 3e-3, 1e-2, 3e-2 on flowers17 (README)
+
+
+def init_head_by_probe(s: Session, splits: Splits, dc: DataConfig, seed: int, device: torch.device, is_main: bool,
+                       barrier: Callable[[], None], average: Callable[[torch.Tensor], torch.Tensor],
+                       log: Callable[[str], None]) -> list[dict]:
+    """train.head_init probe (LP-FT, Kumar et al., ICLR 2022): before the body trains, fit the new head as
+    an L2-regularised logistic regression on the pretrained body's features of the training images (eval
+    transform, computed once and cached like a linear probe's), so the first updates of the body follow a
+    head that already separates the classes rather than a zero one, and the pretrained features are not
+    pulled around while the head catches up. Returns the unreadable files met."""
+    network = s.network
+    training = network.training
+    network.eval()
+    view, bad = split_features(s, network, _weights_digest(network), splits.train, splits.train_indices, "train", 1,
+                               dc, seed, device, is_main, barrier, log)
+    keep = view.labels != IGNORE_LABEL
+    x, y = view.features[keep, 0].to(device), view.labels[keep].to(device)
+    head = network.get_classifier()
+    optimizer = torch.optim.LBFGS(list(head.parameters()), lr=1.0, max_iter=100, history_size=20,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(x), y) + PROBE_L2 / 2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.grad = None
+            p.copy_(average(p.detach().clone()))  # identical on every process, whatever the device rounding
+        accuracy = (head(x).argmax(-1) == y).float().mean().item()
+    network.train(training)
+    log(f"head initialised by a linear probe on the pretrained features (train.head_init=probe): "
+        f"{100 * accuracy:.1f}% of the training images right before the body trains")
+    return bad
+
+
+def start_head(s: Session, config: RecipeConfig, splits: Splits, accelerator, log: Callable[[str], None]) -> Session:
+    """A fresh run's head: with train.head_init probe, fitted on the pretrained body's features first."""
+    if s.head_init != "probe":
+        return s
+    bad = init_head_by_probe(s, splits, config.data, config.train.seed, accelerator.device,
+                             accelerator.is_main_process, accelerator.wait_for_everyone,
+                             lambda t: accelerator.reduce(t, "mean"), log)
+    if s.ema is not None:
+        s.ema.set(s.network)  # the average starts from the fitted head too
+    return dataclasses.replace(s, skipped=s.skipped + tuple(bad))
 
 
 def fit_epoch_lbfgs(s: Session, accelerator, epoch: int, update: int, fault_hint: str = "") -> Iterator[tuple[int, float]]:

@@ -22,6 +22,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast_object_list, set_seed
 from safetensors.torch import load_file
+from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from ..data.badimages import SkipLog, save_data_report
@@ -35,7 +36,7 @@ from ..reporting.review import score_after_training
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import evaluate, predict_all
 from .faults import exchange_losses, resume_hint, stop_on_fault
-from .features import fit_epoch_lbfgs, use_cached_features
+from .features import fit_epoch_lbfgs, start_head, use_cached_features
 from .launch import check_process_count, check_processes_per_machine
 from .rundir import RunDir
 from .runtime import resolve_precision
@@ -87,7 +88,13 @@ def start_session(config: RecipeConfig, splits: Splits, accelerator: Accelerator
     s.criterion.to(accelerator.device)
     model, optimizer, train_loader, val_loader = accelerator.prepare(s.model, s.optimizer, s.train_loader,
                                                                      s.val_loader)
-    return dataclasses.replace(s, model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader)
+    # The moving average copies the network where it now lives; registered, it is saved and resumed with
+    # the checkpoint.
+    ema = ModelEmaV3(s.network, decay=s.ema_decay) if s.ema_decay else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    return dataclasses.replace(s, model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader,
+                               ema=ema)
 
 
 def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None = None,
@@ -112,6 +119,8 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
         start_epoch, update, best_acc, best_epoch = (state["epoch"], state["step"], state["best_val_acc"],
                                                      state["best_epoch"])
         log(f"resuming {run_dir.path} after epoch {start_epoch} (update {update}, phase {s.plan.phase_at(start_epoch)})")
+    else:
+        s = start_head(s, config, splits, accelerator, log)
     if main:
         records = run_dir.keep_metrics_through(start_epoch) if run_dir.resuming else []
         if not run_dir.resuming:
@@ -140,12 +149,17 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
         train_loss = sum(losses) / max(1, len(losses))
 
         val = evaluate(s, accelerator, s.val_loader, splits.class_names)
-        improved = val["val_acc"] > best_acc
+        if s.ema is not None:  # the average, validated like the model; the better of the two is the candidate
+            val.update(evaluate(dataclasses.replace(s, model=s.ema.module), accelerator, s.val_loader,
+                                splits.class_names, "ema_val"))
+        candidate = "ema" if s.ema is not None and val["ema_val_acc"] > val["val_acc"] else "model"
+        acc = val["ema_val_acc"] if candidate == "ema" else val["val_acc"]
+        improved = acc > best_acc
         if improved:
-            best_acc, best_epoch = val["val_acc"], epoch + 1
+            best_acc, best_epoch = acc, epoch + 1
         records.append({"epoch": epoch + 1, "step": update, "phase": s.plan.phase_at(epoch),
                         "features_cached": s.features_cached,
-                        "train_loss": round(train_loss, 6), **val,
+                        "train_loss": round(train_loss, 6), **val, "exported": candidate if improved else None,
                         "lr": {g["name"]: g["lr"] for g in s.optimizer.param_groups},
                         "epoch_seconds": round(seconds, 2),
                         "train_images_per_second": round(len(losses) * s.batching.global_batch / seconds, 1)})
@@ -154,10 +168,12 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
             save_curves(records, run_dir.curves)
             save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes())
             if improved:
-                save_export(s.network, run_dir.path, splits.class_names, s.data_cfg)
+                save_export(s.ema.module if candidate == "ema" else s.network, run_dir.path, splits.class_names,
+                            s.data_cfg)
         log(f"epoch {epoch + 1}/{tc.epochs}: train loss {train_loss:.4f} | val loss {val['val_loss']:.4f} "
             f"acc {100 * val['val_acc']:.2f}% (balanced {100 * val['val_balanced_acc']:.2f}%)"
-            f"{' (best, exported)' if improved else ''} | {seconds:.1f}s")
+            + (f" | EMA acc {100 * val['ema_val_acc']:.2f}%" if s.ema is not None else "")
+            + (f" (best, {'EMA ' if candidate == 'ema' else ''}exported)" if improved else "") + f" | {seconds:.1f}s")
         save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": update, "best_val_acc": best_acc,
                                                "best_epoch": best_epoch, "phase": s.plan.phase_at(epoch + 1)})
         if after_checkpoint is not None:
@@ -210,7 +226,7 @@ def train_epoch(s: Session, accelerator: Accelerator, epoch: int, update: int, f
         module.eval()
     micro_batches = iter(s.train_loader)
     for _ in range(s.batching.updates_per_epoch):
-        set_lr(s.optimizer, s.schedule(update), phase_epoch)
+        set_lr(s.optimizer, s.schedule(update), phase_epoch, update, s.batching.updates_per_epoch, s.rewarm_updates)
         update_loss, last_loss, failure = None, None, None
         try:
             update_loss, last_loss = _forward_micro_batches(s, accelerator, micro_batches)
@@ -228,6 +244,8 @@ def train_epoch(s: Session, accelerator: Accelerator, epoch: int, update: int, f
             accelerator.clip_grad_norm_(s.model.parameters(), s.grad_clip)
         s.optimizer.step()
         s.optimizer.zero_grad(set_to_none=True)
+        if s.ema is not None:
+            s.ema.update(s.network, step=update)
         update += 1
         yield update, sum(losses) / len(losses)
     # The micro-batches that fill no global batch (fewer than `accumulation`): drained, so the loader

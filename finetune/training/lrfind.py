@@ -31,6 +31,7 @@ from ..errors import FinetuneError
 from ..recipe.schema import RecipeConfig
 from ..reporting.plots import save_lr_find
 from .faults import NonFiniteLoss
+from .features import start_head
 from .loop import build_accelerator, start_session, train_epoch
 
 RULE = "steepest descent of the smoothed loss against log(LR) (fastai's 'steep')"
@@ -89,12 +90,15 @@ def find_lr(config: RecipeConfig, splits: Splits, output: Path, start: float = 1
         raise FinetuneError(f"lr-find: --steps {steps} is too few for a smoothed curve; give 10 or more (100 is usual).")
     accelerator, precision = build_accelerator(config)
     log = log or accelerator.print
-    session = start_session(config, splits, accelerator, precision, None, log)
+    # The session and the head that `finetune train` would start from.
+    session = start_head(start_session(config, splits, accelerator, precision, None, log), config, splits,
+                         accelerator, log)
     lrs_planned = sweep_lrs(start, end, steps)
     # Only the schedule differs from training: every group's peak LR scaled alike, so the ratios stay.
-    session = dataclasses.replace(session, schedule=lambda update: lrs_planned[update] / config.optim.lr)
+    session = dataclasses.replace(session, schedule=lambda update: lrs_planned[update] / config.optim.lr,
+                                  rewarm_updates=0)
     log(f"lr-find: {config.model.backbone}, phase {session.plan.phase_at(epoch)} (epoch {epoch + 1}), base LR "
-        f"(optim.lr) {start:.1e} -> {end:.1e} over up to {steps} updates of {config.train.batch_size} images "
+        f"(optim.lr) {start:.1e} -> {end:.1e} over up to {steps} updates of {session.batching.global_batch} images "
         f"({session.batching.describe()})")
 
     lrs, losses, smoothed, best, stopped = [], [], [], math.inf, f"reached --end {end:g}"

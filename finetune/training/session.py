@@ -17,17 +17,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.badimages import SkipLog
-from ..data.balance import BalancedSampler, inverse_frequency_weights
 from ..data.loaders import EpochSeeded, Transformed, build_loader
+from ..data.sampling import BalancedSampler, EpochShuffle, inverse_frequency_weights
 from ..data.splits import Splits
-from ..data.transforms import build_transforms, resolve_data_config
-from ..model.backbone import build_model
+from ..data.transforms import build_transforms, resolve_data_config, train_size
+from ..model.backbone import build_model, fixed_input_size
 from ..model.groups import build_plan
 from ..model.optim import build_optimizer, lr_multiplier
 from ..model.plan import Plan
 from ..recipe.schema import RecipeConfig
 from .batching import Batching, derive_batching
 from .runtime import Runtime, adapt_model, resolve_runtime
+
+WARMUP_SHARE = 0.2  # the most of a run that warmup may take
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class Session:
     grad_clip: float | None
     data_cfg: dict  # timm's preprocessing of this backbone (the export records it)
     eval_view: Callable[[Dataset, list[int] | None, str], Transformed]  # a split with the eval transform
+    rewarm_updates: int = 0  # a group thawing mid-run warms up again over this many updates (0: LR-find)
+    ema_decay: float | None = None  # per update; None: no moving average of the weights
+    head_init: str = "zero"  # "probe": the loop fits the head on cached features before the body trains
+    train_side: int = 0  # pixels of a training crop (data.train_image_size decided)
+    ema: torch.nn.Module | None = None  # timm's ModelEmaV3 of the network, made by the loop on the device
     features_cached: bool = False  # the head trains on the body's cached outputs (features.py)
     skipped: tuple[dict, ...] = ()  # unreadable files found while building it (split, file, reason)
 
@@ -65,7 +72,8 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
     # which keeps references to the norm modules.
     model = build_model(config.model, len(splits.class_names), log, dc.image_size)
     data_cfg = resolve_data_config(model, dc)
-    train_tf, eval_tf = build_transforms(data_cfg, dc)
+    train_side = train_size(data_cfg, dc, fixed_input_size(config.model.backbone))
+    train_tf, eval_tf = build_transforms(data_cfg, dc, train_side)
     runtime = resolve_runtime(tc, dc, model, precision, processes, cuda)
     model = adapt_model(model, runtime)
     plan = build_plan(model, config.optim, config.freeze)
@@ -83,7 +91,8 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
     train_set = EpochSeeded(Transformed(splits.train, splits.train_indices, train_tf, "train", **bad))
     val_set = eval_view(splits.val, splits.val_indices, "val")
     batching = derive_batching(tc.batch_size, tc.micro_batch_size, processes, len(train_set))
-    sampler = BalancedSampler(splits.train_targets, tc.seed) if dc.sampler == "balanced" else None
+    sampler = (BalancedSampler(splits.train_targets, tc.seed, batching.images_per_epoch) if dc.sampler == "balanced"
+               else EpochShuffle(len(train_set), batching.images_per_epoch, tc.seed))
     train_loader = build_loader(train_set, batching.per_device, True, runtime.workers, runtime.pin_memory, sampler)
     val_loader = build_loader(val_set, batching.per_device, False, runtime.workers, runtime.pin_memory)
     weights = (inverse_frequency_weights(splits.train_targets, len(splits.class_names))
@@ -91,10 +100,22 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
     criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing)
 
     total = tc.epochs * batching.updates_per_epoch
-    warmup = min(round(tc.warmup_epochs * batching.updates_per_epoch), total - 1)
+    # A warmup of whole epochs would eat most of a short run: it never takes more than a fifth of it.
+    warmup = min(round(tc.warmup_epochs * batching.updates_per_epoch), int(WARMUP_SHARE * total))
     return Session(model, model, plan, optimizer, criterion, runtime, batching, train_set, train_loader, val_loader,
                    sampler, train_tf, partial(lr_multiplier, total_updates=total, warmup_updates=warmup), total,
-                   warmup, tc.seed, tc.grad_clip, data_cfg, eval_view)
+                   warmup, tc.seed, tc.grad_clip, data_cfg, eval_view, rewarm_updates=warmup,
+                   ema_decay=_ema_decay(tc.ema, total),
+                   head_init=tc.head_init if tc.head_init != "auto" else
+                   "probe" if config.model.pretrained is not False and not plan.body_fixed else "zero",
+                   train_side=train_side)
+
+
+def _ema_decay(ema: float | str | None, total_updates: int) -> float | None:
+    """train.ema as a decay per update; auto: the weight of an update halves after a tenth of the run."""
+    if ema == "auto":
+        return 0.5 ** (1 / max(1.0, total_updates / 10))
+    return ema
 
 
 def describe(session: Session, config: RecipeConfig, splits: Splits) -> str:
@@ -102,9 +123,13 @@ def describe(session: Session, config: RecipeConfig, splits: Splits) -> str:
     size = session.data_cfg["input_size"]
     weights = getattr(session.criterion, "weight", None)  # a loss of one's own may have none
     lines = [f"finetune: {config.model.backbone} -> {len(splits.class_names)} classes | "
-             f"{len(session.train_set)} train, {len(session.val_loader.dataset)} val images | input {size[1]}x{size[2]}",
+             f"{len(session.train_set)} train, {len(session.val_loader.dataset)} val images | input {size[1]}x{size[2]}"
+             + (f", training crops {session.train_side}x{session.train_side}" if session.train_side != size[2] else ""),
              f"  {session.runtime.describe()}",
-             f"  {session.batching.describe()}, {session.total_updates} total, {session.warmup_updates} warmup"]
+             f"  {session.batching.describe()}, {session.total_updates} total, {session.warmup_updates} warmup"
+             + (" (and again for each group that thaws)" if session.rewarm_updates and len(session.plan.phases) > 1
+                else "")
+             + (f" | EMA of the weights, decay {session.ema_decay:.4g}" if session.ema_decay else "")]
     if weights is not None or config.data.sampler == "balanced":
         lines.append(f"  class balance: sampler {config.data.sampler}, loss weights {config.train.class_weights}"
                      + (f" ({weights.min():.3g} to {weights.max():.3g})" if weights is not None else ""))

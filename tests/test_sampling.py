@@ -13,7 +13,41 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import finetune
-from finetune.data.balance import BalancedSampler, inverse_frequency_weights
+from finetune.data.sampling import BalancedSampler, EpochShuffle, inverse_frequency_weights
+
+
+@pytest.mark.parametrize("images, per_device, accumulation", [(21, 4, 1), (21, 2, 2), (5, 4, 1)])
+def test_every_image_is_drawn_each_epoch_on_two_processes_in_whole_updates(images, per_device, accumulation):
+    """An epoch of EpochShuffle through Accelerate's sharding on two processes: together they see every
+    image (the remainder is not left out), each the same number of micro-batches (no process waits), and
+    every update the same number of images."""
+    from accelerate.data_loader import prepare_data_loader
+
+    from finetune.training.batching import derive_batching
+
+    batching = derive_batching(2 * per_device * accumulation, per_device, 2, images)
+    shards = []
+    for process in range(2):
+        loader = DataLoader(list(range(images)), batch_size=batching.per_device,
+                            sampler=EpochShuffle(images, batching.images_per_epoch, seed=3))
+        prepared = prepare_data_loader(loader, torch.device("cpu"), num_processes=2, process_index=process,
+                                       put_on_device=False, use_seedable_sampler=True)
+        prepared.set_epoch(2)
+        shards.append([batch.tolist() for batch in prepared])
+    assert len(shards[0]) == len(shards[1]) == batching.updates_per_epoch * batching.accumulation
+    assert all(len(batch) == per_device for shard in shards for batch in shard)
+    drawn = [i for shard in shards for batch in shard for i in batch]
+    assert set(drawn) == set(range(images)) and len(drawn) == batching.images_per_epoch
+
+
+def test_epoch_shuffle_changes_order_by_epoch_and_repeats_only_to_fill():
+    sampler = EpochShuffle(10, 16, seed=0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(first[:10]) == list(range(10)) and len(set(first[10:])) == 6  # 6 drawn again, no twice-twice
+    assert first != second and len(second) == 16
+
 
 # ----------------------------------------------------------------------------------------------------
 # Pure functions
