@@ -34,13 +34,11 @@ def inverse_frequency_weights(targets: Sequence[int], num_classes: int) -> torch
     return torch.tensor(weights, dtype=torch.float32)
 
 
-class EpochShuffle(Sampler[int]):
-    """Every one of `n` images once, in a new order each epoch, then as many more as fill the last global
-    batch (drawn from another permutation, so no image comes twice before every image came once). No
-    image is left out of an epoch, and no update is smaller than the others."""
+class _EpochSampler(Sampler[int]):
+    """`length` indices per epoch from a generator seeded by (seed, epoch) alone; set_epoch picks the epoch."""
 
-    def __init__(self, n: int, length: int, seed: int):
-        self.n, self.length, self.seed, self.epoch = n, length, seed, 0
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self.epoch = length, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -48,32 +46,35 @@ class EpochShuffle(Sampler[int]):
     def __len__(self) -> int:
         return self.length
 
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+
+
+class EpochShuffle(_EpochSampler):
+    """Every one of `n` images once, in a new order each epoch, then as many more as fill the last global
+    batch (drawn from another permutation, so no image comes twice before every image came once). No
+    image is left out of an epoch, and no update is smaller than the others."""
+
+    def __init__(self, n: int, length: int, seed: int):
+        super().__init__(length, seed)
+        self.n = n
+
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        drawn = 0
+        generator, drawn = self._generator(), 0
         while drawn < self.length:  # more than one pass only when the batch is larger than the data
             order = torch.randperm(self.n, generator=generator)[: self.length - drawn].tolist()
             drawn += len(order)
             yield from order
 
 
-class BalancedSampler(Sampler[int]):
+class BalancedSampler(_EpochSampler):
     """Draws `length` positions per epoch (default: one per image), with replacement, every class equally
     likely."""
 
     def __init__(self, targets: Sequence[int], seed: int, length: int | None = None):
         targets = np.asarray(targets, dtype=np.int64)
-        counts = np.bincount(targets)
-        self.weights = torch.tensor(1.0 / counts[targets], dtype=torch.float64)
-        self.seed, self.epoch = seed, 0
-        self.length = len(self.weights) if length is None else length
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length
+        self.weights = torch.tensor(1.0 / np.bincount(targets)[targets], dtype=torch.float64)
+        super().__init__(len(self.weights) if length is None else length, seed)
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        yield from torch.multinomial(self.weights, self.length, replacement=True, generator=generator).tolist()
+        yield from torch.multinomial(self.weights, self.length, replacement=True, generator=self._generator()).tolist()
