@@ -76,7 +76,7 @@ def default_num_workers(processes_on_machine: int = 1) -> int:
 def build_loader(dataset: Dataset, batch_size: int, training: bool, num_workers: int, pin_memory: bool,
                  sampler: Sampler | None = None) -> DataLoader:
     """A loader of one device's micro-batches. Accelerate shards it across processes later.
-    `sampler` (e.g. balance.BalancedSampler) replaces shuffling."""
+    `sampler` (sampling.EpochShuffle or BalancedSampler: whole global batches) replaces shuffling."""
     return DataLoader(
         dataset,
         batch_size=batch_size,

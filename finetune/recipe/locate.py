@@ -2,7 +2,7 @@
 dataset's files live, weights files (also inside installed packages) and timm backbone names. Cheap
 looks, no loading.
 
-The recipe check (config.py) asks before anything loads, so that a missing dataset is reported with the
+The recipe check (load.py) asks before anything loads, so that a missing dataset is reported with the
 other recipe problems; the source readers (sources.py) and the model builder ask again when they open
 it. Both get the same answers and the same messages from here.
 """

@@ -1,7 +1,7 @@
 """Plain YAML values to typed, frozen dataclasses, strictly: each value is converted by its declared type
 (YAML reads `1e-4` as a string, a command line gives every value as text), an unknown key gets a "did you
 mean", and every problem is collected instead of raised, so that one error can list them all.
-Generic: it knows type hints, not recipes (config.py owns the recipe schema).
+Generic: it knows type hints, not recipes (schema.py owns the recipe schema).
 """
 
 from __future__ import annotations
