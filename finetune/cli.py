@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             _start_processes(args, sys.argv[1:] if argv is None else argv)
         _run(args)
     except FinetuneError as e:
-        if not e.raised_on_every_process or os.environ.get("RANK", "0") == "0":
+        if not e.reported_elsewhere and (not e.raised_on_every_process or os.environ.get("RANK", "0") == "0"):
             print(f"finetune: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

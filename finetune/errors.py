@@ -8,8 +8,10 @@ its traceback.
 class FinetuneError(Exception):
     """A user-fixable problem. The message says what is wrong and what to do about it."""
 
-    def __init__(self, message: str, *, raised_on_every_process: bool = False):
+    def __init__(self, message: str, *, raised_on_every_process: bool = False, reported_elsewhere: bool = False):
         super().__init__(message)
+        # True on the processes that learnt of another process's exception: that process prints it.
+        self.reported_elsewhere = reported_elsewhere
         # True when every process of a distributed run raises this same error (a fault they stopped on
         # together): the CLI then prints it once, from the main process, instead of once per process.
         self.raised_on_every_process = raised_on_every_process

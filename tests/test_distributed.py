@@ -299,8 +299,9 @@ def test_non_finite_loss_on_one_process_stops_both_at_the_same_update(nan_loss):
     run, record, proc, _ = nan_loss
     assert proc.returncode != 0
     assert "training stopped at update 3: the loss is nan on process 1 (of 2)" in proc.stderr
+    assert "nor of the 1 update after it" in proc.stderr  # the health is read at the end of epoch 2
     updates = [json.loads((record / f"rank{r}.json").read_text())["updates"] for r in (0, 1)]
-    assert updates == [3, 3]
+    assert updates == [4, 4]
 
 
 @pytest.mark.parametrize("fault", ["raised", "nan_loss"])

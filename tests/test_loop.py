@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -23,7 +25,7 @@ def test_set_up_is_printed_once_with_every_derived_setting(tmp_path, image_folde
     recipe = tiny_recipe(image_folder(), **{"train.epochs": 1, "train.hard_examples": 0, "train.class_weights": "auto"})
     finetune.train(recipe, output=tmp_path / "run")
     out = capsys.readouterr().out
-    for line in ("1 process(es) on cpu in fp32 | 0 loader workers per process | channels_last off | sync_bn off",
+    for line in ("1 process(es) on cpu in fp32 | 0 loader workers per process | channels_last on | sync_bn off",
                  "global batch 8 = 1 process(es) x 8 per device x 1 accumulation step(s)",
                  "class balance: sampler shuffle, loss weights auto"):
         assert out.count(line) == 1, line
@@ -114,3 +116,50 @@ def test_the_better_of_the_model_and_its_moving_average_is_exported(tmp_path, im
     assert not all(torch.equal(exported[k], other[k]) for k in exported)
     if decay > 0.9999:
         assert record["exported"] == "model"
+
+
+def planted_nan(monkeypatch, at_call: int) -> dict:
+    """Make the loss of the `at_call`-th micro-batch NaN; record the network and its weights just before."""
+    import finetune.training.loop as loop
+    seen = {"calls": 0}
+    build = loop.build_session
+
+    def planted(*args, **kwargs):
+        s = build(*args, **kwargs)
+        seen["network"], criterion = s.network, s.criterion
+
+        class Planted(torch.nn.Module):
+            def forward(self, logits, labels):
+                seen["calls"] += 1
+                if seen["calls"] == at_call:
+                    seen["before"] = {n: p.detach().clone() for n, p in s.network.named_parameters()}
+                    return criterion(logits, labels) * float("nan")
+                return criterion(logits, labels)
+        return dataclasses.replace(s, criterion=Planted())
+    monkeypatch.setattr(loop, "build_session", planted)
+    return seen
+
+
+def test_a_non_finite_loss_leaves_the_weights_as_they_were_before_it(tmp_path, image_folder, tiny_recipe, monkeypatch):
+    """The health is read at the end of the epoch; the bad update 3 and the ones queued after it are
+    skipped on the device, so the weights are those after update 2."""
+    seen = planted_nan(monkeypatch, at_call=3)
+    recipe = tiny_recipe(image_folder(), **{"train.epochs": 2, "train.batch_size": 4, "train.hard_examples": 0,
+                                            "train.ema": None})
+    with pytest.raises(finetune.FinetuneError, match=r"stopped at update 3: the loss is nan, so nothing of that update "
+                                                     r"was applied \(nor of the \d updates after it"):
+        finetune.train(recipe, output=tmp_path / "run")
+    after = dict(seen["network"].named_parameters())
+    assert seen["calls"] > 3 and all(torch.equal(after[n].detach(), before) for n, before in seen["before"].items())
+    assert not (tmp_path / "run" / "checkpoint").exists()  # the first epoch never finished cleanly
+
+
+def test_the_host_waits_for_the_device_once_per_epoch_not_once_per_update(tmp_path, image_folder, tiny_recipe,
+                                                                         monkeypatch):
+    from finetune.training import faults
+    reads, check = [], faults.FaultWatch.check
+    monkeypatch.setattr(faults.FaultWatch, "check", lambda self, **kw: reads.append(len(self.rows)) or check(self, **kw))
+    recipe = tiny_recipe(image_folder(), **{"train.epochs": 2, "train.batch_size": 4, "train.hard_examples": 0})
+    result = finetune.train(recipe, output=tmp_path / "run")
+    updates = result.metrics[0]["step"]
+    assert updates > 2 and reads == [updates, updates]  # one read of all the epoch's updates, per epoch

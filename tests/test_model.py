@@ -10,6 +10,8 @@ import timm
 import torch
 from PIL import Image
 
+from safetensors.torch import load_file
+
 import finetune
 from finetune import FinetuneError
 from finetune.model.backbone import build_model, fixed_input_size
@@ -41,6 +43,17 @@ def test_export_loads_in_timm_and_in_finetune_with_identical_logits(tmp_path):
     assert torch.allclose(predictor.logits(images), expected)
     top = predictor.predict(Image.new("RGB", (40, 30), (10, 200, 30)), top_k=2)[0]
     assert len(top) == 2 and top[0]["prob"] >= top[1]["prob"] and top[0]["label"] in predictor.label_names
+
+
+def test_a_channels_last_model_exports_the_same_weights_in_the_standard_layout(tmp_path):
+    """safetensors refuses strided tensors; the export must neither fail nor change the training model."""
+    model = build_model(ModelConfig(backbone="test_resnet", pretrained=False), 3, lambda _: None).eval()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    model.to(memory_format=torch.channels_last)
+    save_export(model, tmp_path, ["a", "b", "c"], timm.data.resolve_model_data_config(model))
+    saved = load_file(str(tmp_path / WEIGHTS_NAME))
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], v) for k, v in expected.items())
+    assert next(model.parameters()).is_contiguous(memory_format=torch.channels_last)  # the model is untouched
 
 
 def test_loading_a_folder_without_an_export_says_what_it_needs(tmp_path):

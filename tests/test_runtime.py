@@ -39,9 +39,10 @@ def test_sync_bn_on_cpu_processes_is_refused_with_advice():
 @pytest.mark.parametrize("backbone, device, expected", [
     ("test_resnet", "cuda", True),  # a conv net on a GPU
     ("test_vit", "cuda", False),  # one patch-embedding convolution does not make a conv net
-    ("test_resnet", "cpu", False),
+    ("test_resnet", "cpu", True),  # oneDNN's NHWC kernels pay on CPUs too
+    ("test_vit", "cpu", False),
 ])
-def test_channels_last_defaults_to_conv_nets_on_gpus(backbone, device, expected):
+def test_channels_last_defaults_to_conv_nets(backbone, device, expected):
     model, channels_last = adapted(timm.create_model(backbone), TrainConfig(), 1, device)
     assert channels_last is expected
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))

@@ -8,6 +8,7 @@ run directory; each file is then renamed into place, so a crash mid-write never 
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +24,10 @@ DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "c
 def save_export(model: torch.nn.Module, run_dir: Path, label_names: list[str], data_cfg: dict) -> None:
     """Write the model's weights and timm config into `run_dir` atomically (weights first: a config
     always describes weights at least as new as itself)."""
+    if any(not t.is_contiguous() for t in model.state_dict().values()):
+        # channels_last weights: safetensors stores only contiguous tensors, and a file's layout must not
+        # depend on how the run trained. The copy lives only while the files are written.
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     scratch = run_dir / f".export.tmp{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
     try:

@@ -4,17 +4,16 @@ setup (processes -> run directory -> session -> accelerate), then one loop of ep
 log, export the best, checkpoint), then scoring with the best epoch and a summary. The same code runs
 on CPU, one GPU or many processes: `train.batch_size` is global and batching.py splits it into
 per-device micro-batches and accumulation steps, the schedule counts optimizer updates, and only the
-main process writes files. Every update the processes exchange their losses before gradients are
-averaged (faults.py), so a fault on any process stops all of them before anything of it is applied.
+main process writes files. Every update the processes exchange their losses on the device before
+gradients are averaged, and the host reads them every few updates (faults.py): a fault on any process
+stops all of them, and nothing of the bad update is applied.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
 import time
-import traceback
 from typing import Callable, Iterator
 
 import torch
@@ -35,7 +34,7 @@ from ..reporting.plots import save_curves
 from ..reporting.review import score_after_training
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import evaluate, predict_all
-from .faults import exchange_losses, resume_hint, stop_on_fault
+from .faults import FAULT_CHECK_UPDATES, FaultWatch, resume_hint
 from .features import fit_epoch_lbfgs, start_head, use_cached_features
 from .launch import check_process_count, check_processes_per_machine
 from .rundir import RunDir
@@ -142,11 +141,11 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
         for update, loss in epoch_updates(s, accelerator, epoch, update, resume_hint(run_dir, epoch)):
             losses.append(loss)
             bar.update()
-            if update % 20 == 0:
-                bar.set_postfix(loss=f"{loss:.3f}")
+            if update % FAULT_CHECK_UPDATES == 0:  # the health was just read: no extra wait for the device
+                bar.set_postfix(loss=f"{float(loss):.3f}")
         bar.close()
+        train_loss = float(torch.stack([torch.as_tensor(x) for x in losses]).mean()) if losses else 0.0
         seconds = time.perf_counter() - started
-        train_loss = sum(losses) / max(1, len(losses))
 
         val = evaluate(s, accelerator, s.val_loader, splits.class_names)
         if s.ema is not None:  # the average, validated like the model; the better of the two is the candidate
@@ -209,9 +208,12 @@ def _eval_loader(s: Session, accelerator: Accelerator, view):
 
 
 def train_epoch(s: Session, accelerator: Accelerator, epoch: int, update: int, fault_hint: str = "",
-                phase_epoch: int | None = None) -> Iterator[tuple[int, float]]:
+                phase_epoch: int | None = None, check_every: int = FAULT_CHECK_UPDATES
+                ) -> Iterator[tuple[int, torch.Tensor]]:
     """One epoch of `updates_per_epoch` optimizer updates, each over `accumulation` micro-batches per
-    process. Yields, after each update, the update count and that update's loss averaged over processes.
+    process. Yields, after each update, the update count and that update's loss averaged over processes,
+    as a device tensor: reading it makes the host wait for the device, so the loop reads it only where
+    faults.py reads the health anyway (every `check_every` updates, and at the end of the epoch).
     The training loop takes every update; the LR finder stops when it has seen enough, and trains every
     pass in the unfreezing phase of one epoch (`phase_epoch`, default `epoch`)."""
     phase_epoch = epoch if phase_epoch is None else phase_epoch
@@ -224,8 +226,9 @@ def train_epoch(s: Session, accelerator: Accelerator, epoch: int, update: int, f
     s.model.train()
     for module in keep_eval:
         module.eval()
+    watch = FaultWatch(accelerator, s.optimizer, check_every, fault_hint)
     micro_batches = iter(s.train_loader)
-    for _ in range(s.batching.updates_per_epoch):
+    for i in range(s.batching.updates_per_epoch):
         set_lr(s.optimizer, s.schedule(update), phase_epoch, update, s.batching.updates_per_epoch, s.rewarm_updates)
         update_loss, last_loss, failure = None, None, None
         try:
@@ -234,20 +237,22 @@ def train_epoch(s: Session, accelerator: Accelerator, epoch: int, update: int, f
             if accelerator.num_processes == 1:
                 raise  # nobody else to stop: the exception itself is the clearest report
             failure = e
-            print(f"[process {accelerator.process_index}] finetune: update {update + 1} failed, stopping every "
-                  f"process:\n{''.join(traceback.format_exception(e))}", file=sys.stderr, flush=True)
-        losses, failed = exchange_losses(accelerator, update_loss)
-        stop_on_fault(losses, failed, update, failure, fault_hint)
-        accelerator.backward(last_loss)  # the backward that averages gradients over processes
+        loss = watch.record(update, update_loss, failure)
+        if watch.every == 1:
+            watch.check()  # this optimizer cannot skip on the device: read before anything is applied
+        with watch.peers():
+            accelerator.backward(last_loss)  # the backward that averages gradients over processes
         drop_waiting_grads(s.optimizer, phase_epoch)  # before clipping: a waiting group must not shrink the others
         if s.grad_clip is not None:
             accelerator.clip_grad_norm_(s.model.parameters(), s.grad_clip)
-        s.optimizer.step()
+        s.optimizer.step()  # skipped on the device from a bad update on (faults.py)
         s.optimizer.zero_grad(set_to_none=True)
         if s.ema is not None:
             s.ema.update(s.network, step=update)
         update += 1
-        yield update, sum(losses) / len(losses)
+        if watch.due(update, i == s.batching.updates_per_epoch - 1):
+            watch.check()
+        yield update, loss
     # The micro-batches that fill no global batch (fewer than `accumulation`): drained, so the loader
     # ends its epoch as Accelerate expects; they come first in another epoch's order.
     for _ in micro_batches:

@@ -142,5 +142,6 @@ def train_epochs_from(session, accelerator, epoch: int) -> Iterator[tuple[int, f
     augmentation of epochs `epoch`, `epoch + 1`, ..., all in the unfreezing phase of `epoch`."""
     update = 0
     for data_epoch in itertools.count(epoch):
-        for update, loss in train_epoch(session, accelerator, data_epoch, update, phase_epoch=epoch):
-            yield update, loss
+        # Health read every update: a non-finite loss ends the sweep before anything of it is applied.
+        for update, loss in train_epoch(session, accelerator, data_epoch, update, phase_epoch=epoch, check_every=1):
+            yield update, float(loss)

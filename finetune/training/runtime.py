@@ -54,9 +54,11 @@ def resolve_runtime(tc: TrainConfig, dc: DataConfig, model: torch.nn.Module, pre
                             "With CPU processes set it to false (each process normalises its own micro-batch).")
     channels_last = tc.channels_last
     if channels_last is None:
-        # A ViT's only convolution embeds patches; everything else with convolutions is a conv net.
+        # A ViT's only convolution embeds patches; everything else with convolutions is a conv net. NHWC
+        # pays on CPUs too (oneDNN): measured on 2 cores, training img/s x1.66 efficientnet_lite0, x1.27
+        # resnet50, x1.2 regnety_008, x1.1 resnet18, x1.0 convnext_nano (README, "Speed").
         convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-        channels_last = cuda and convs > 1
+        channels_last = convs > 1
     return Runtime("cuda" if cuda else "cpu", precision, processes, workers, cuda, channels_last, sync_bn)
 
 

@@ -81,7 +81,7 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
     # require gradients when it wraps the model and never looks again, so a group thawing later must be
     # on from the start (it waits at LR 0 with its gradients dropped). Never-trained groups stay off.
     plan.apply_freezing(model)
-    optimizer = build_optimizer(config.optim, plan.optimizer_groups(model), fused=cuda)
+    optimizer = build_optimizer(config.optim, plan.optimizer_groups(model))
 
     skip_log = SkipLog.for_process(skip_log_folder, process_index) if skip_log_folder is not None else None
     bad = {"on_bad_image": dc.on_bad_image, "skip_log": skip_log}
