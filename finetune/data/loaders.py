@@ -23,11 +23,13 @@ class Transformed(Dataset):
 
     A sample that fails to decode is recorded in `skip_log` and replaced by the next readable one: with
     its own label when `substitute` (training), with IGNORE_LABEL otherwise (evaluation: the metrics leave
-    it out). With on_bad_image="error" it raises instead."""
+    it out). With on_bad_image="error" it raises instead. `raw` hands the transform the base's image as it
+    is (decoded.DecodedImages' uint8 tensors for device_augment's steps) instead of as a PIL image."""
 
     def __init__(self, base: Dataset, indices: Sequence[int] | None, transform: Callable, split: str = "train",
-                 on_bad_image: str = "skip", skip_log: SkipLog | None = None, substitute: bool = True):
-        self.base, self.transform, self.split = base, transform, split
+                 on_bad_image: str = "skip", skip_log: SkipLog | None = None, substitute: bool = True,
+                 raw: bool = False):
+        self.base, self.transform, self.split, self.raw = base, transform, split, raw
         self.indices = list(range(len(base))) if indices is None else list(indices)
         self.on_bad_image, self.skip_log, self.substitute = on_bad_image, skip_log, substitute
 
@@ -39,7 +41,7 @@ class Transformed(Dataset):
             i = self.indices[(index + attempt) % len(self.indices)]
             try:
                 image, label = self.base[i]
-                tensor = self.transform(as_pil(image))
+                tensor = self.transform(image if self.raw else as_pil(image))
             except BAD_IMAGE_ERRORS as e:
                 self._bad(i, describe_error(e))
                 continue
