@@ -58,13 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", "-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print JSON: one object per image")
 
-    p = sub.add_parser("bench", help="train-step throughput of the toolkit's loop next to a plain PyTorch loop",
+    p = sub.add_parser("bench", help="input-pipeline and train-step throughput, next to PIL workers and a plain loop",
                        epilog=EPILOG)
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--steps", type=int, default=20, help="timed steps per loop (after warmup)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per loop")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds; the best of each is reported")
+    p.add_argument("--no-pipeline", dest="pipeline", action="store_false",
+                   help="skip the input-pipeline part (PIL workers vs decoded cache on the recipe's images)")
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -150,7 +152,12 @@ def _run(args: argparse.Namespace) -> None:
             for r in results:
                 print(r["image"] + ": " + ", ".join(f"{p['label']} {100 * p['prob']:.1f}%" for p in r["predictions"]))
     elif args.command == "bench":
-        from .training.bench import format_report, run_bench
+        from .training.bench import format_pipeline, format_report, run_bench, run_pipeline_bench
 
-        report = run_bench(api.resolve(recipe, overrides), steps=args.steps, warmup=args.warmup, repeats=args.repeats)
-        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        config = api.resolve(recipe, overrides)
+        pipeline = run_pipeline_bench(config, batches=args.steps) if args.pipeline else None
+        report = run_bench(config, steps=args.steps, warmup=args.warmup, repeats=args.repeats)
+        if args.json:
+            print(json.dumps({**report, **({"pipeline": pipeline} if pipeline else {})}, indent=2))
+        else:
+            print((format_pipeline(pipeline) + "\n" if pipeline else "") + format_report(report))

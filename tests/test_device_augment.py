@@ -153,7 +153,9 @@ def test_padding_never_reaches_a_crop():
         alone = augment(*collate_crops([sample])[:2])
         images, params, _ = collate_crops([(TrainCrop()(large), 0), sample])
         assert images.shape[1:3] != sample[0][0].shape[:2]  # really padded
-        assert torch.equal(augment(images, params)[1:], alone)
+        # equal up to float summation order (the batch's reductions run over other shapes); leaked padding
+        # would differ by whole intensity levels
+        assert (augment(images, params)[1:] - alone).abs().max() <= 1e-5
 
 
 def test_bad_images_are_skipped_substituted_and_reported_as_with_pil(tmp_path):

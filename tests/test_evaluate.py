@@ -26,7 +26,7 @@ LOGITS = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0], [1.0, 
 @pytest.fixture
 def scored():
     model = torch.nn.Identity()  # "images" are the logits themselves
-    session = SimpleNamespace(model=model, runtime=SimpleNamespace(channels_last=False))
+    session = SimpleNamespace(model=model, runtime=SimpleNamespace(channels_last=False), eval_augment=None)
     loader = [(LOGITS[:2], torch.tensor([0, 2])), (LOGITS[2:], torch.tensor([2, IGNORE_LABEL]))]
     return session, loader
 

@@ -158,7 +158,8 @@ def test_the_host_waits_for_the_device_once_per_epoch_not_once_per_update(tmp_pa
                                                                          monkeypatch):
     from finetune.training import faults
     reads, check = [], faults.FaultWatch.check
-    monkeypatch.setattr(faults.FaultWatch, "check", lambda self, **kw: reads.append(len(self.rows)) or check(self, **kw))
+    monkeypatch.setattr(faults.FaultWatch, "check",
+                        lambda self, **kw: reads.append(len(self.rows)) or check(self, **kw))
     recipe = tiny_recipe(image_folder(), **{"train.epochs": 2, "train.batch_size": 4, "train.hard_examples": 0})
     result = finetune.train(recipe, output=tmp_path / "run")
     updates = result.metrics[0]["step"]

@@ -107,10 +107,11 @@ class DecodedImages(Dataset):
         if index in self.bad:
             raise _original_error(*self.bad[index])
         if self._pixels is None:
-            self._pixels = np.memmap(self.path, dtype=np.uint8, mode="r")
+            # Copy-on-write: tensors may view the map without a copy (a read-only map would make torch warn),
+            # and nothing written to them could ever reach the file. The steps only read: crops are copies.
+            self._pixels = np.memmap(self.path, dtype=np.uint8, mode="c")
         offset, height, width = (int(v) for v in self.layout[index])
-        # A copy: tensors over a read-only map warn, and the copy is small next to decoding a JPEG.
-        pixels = np.array(self._pixels[offset:offset + height * width * 3]).reshape(height, width, 3)
+        pixels = self._pixels[offset:offset + height * width * 3].reshape(height, width, 3)
         return torch.from_numpy(pixels), self.targets[index]
 
     def __getstate__(self) -> dict:

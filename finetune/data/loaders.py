@@ -76,7 +76,7 @@ def default_num_workers(processes_on_machine: int = 1) -> int:
 
 
 def build_loader(dataset: Dataset, batch_size: int, training: bool, num_workers: int, pin_memory: bool,
-                 sampler: Sampler | None = None) -> DataLoader:
+                 sampler: Sampler | None = None, collate_fn: Callable | None = None) -> DataLoader:
     """A loader of one device's micro-batches. Accelerate shards it across processes later.
     `sampler` (sampling.EpochShuffle or BalancedSampler: whole global batches) replaces shuffling."""
     return DataLoader(
@@ -88,6 +88,7 @@ def build_loader(dataset: Dataset, batch_size: int, training: bool, num_workers:
         drop_last=training and len(dataset) > batch_size,
         num_workers=num_workers,
         pin_memory=pin_memory,
+        collate_fn=collate_fn,
         # Workers live for the whole run instead of being forked again every epoch; training sets reseed
         # them each epoch (EpochSeeded), so resuming still repeats the augmentation exactly.
         persistent_workers=num_workers > 0,

@@ -71,6 +71,12 @@ class DataConfig:
     # Views per training image whose features are cached: 1 is the eval transform (the usual linear probe);
     # K > 1 adds K - 1 augmented views made once, and each epoch draws one view per image.
     feature_views: int = 1
+    # decoded: every image is decoded once, at the size the eval transform resizes to, into a memory-mapped
+    # uint8 file reused by later epochs and runs; loader workers cut crops from it and flips, colour jitter and
+    # normalisation run batched on the training device. none: PIL decodes and augments every image every
+    # epoch in loader workers. auto: decoded when the cache fits (25% of RAM, half the free disk) and the
+    # augmentation can run on the device (not with data.auto_augment); the set-up printout says which and why.
+    cache: Literal["auto", "none", "decoded"] = "auto"
     # Where caches live between runs, keyed by the data's and the backbone's identity (never inside the
     # dataset folder); none: $XDG_CACHE_HOME/finetune, else ~/.cache/finetune.
     cache_dir: str | None = None
@@ -160,9 +166,12 @@ class TrainConfig:
     # BatchNorm statistics over the whole global batch instead of each device's share (several GPUs only):
     # worth it when the per-device batch is small (under ~16); costs a synchronisation per BatchNorm layer.
     sync_bn: bool = False
-    # Images and conv weights in NHWC layout, which tensor cores prefer. none: on for convolutional nets
-    # on CUDA, off on CPU and for ViTs (one patch-embedding conv gains nothing).
+    # Images and conv weights in NHWC layout, which tensor cores and oneDNN prefer. none: on for
+    # convolutional nets (GPU and CPU), off for ViTs (one patch-embedding conv gains nothing).
     channels_last: bool | None = None
+    # torch.compile (inductor) of the model, through Accelerate: faster steps on GPUs after a one-off
+    # compilation of a minute or more, printed with the first epoch (compile_seconds in metrics.jsonl).
+    compile: bool = False
 
 
 @dataclass(frozen=True)

@@ -37,3 +37,13 @@ def classification_metrics(losses: torch.Tensor, preds: torch.Tensor, labels: to
                                     for name, r, s in zip(class_names, recall.tolist(), support.tolist())},
         f"{prefix}_images": n,
     }
+
+
+def format_epoch(record: dict, epochs: int) -> str:
+    """One metrics.jsonl record as the line the loop prints after each epoch."""
+    ema = f" | EMA acc {100 * record['ema_val_acc']:.2f}%" if "ema_val_acc" in record else ""
+    best = {None: "", "model": " (best, exported)", "ema": " (best, EMA exported)"}[record["exported"]]
+    compiled = f" (first update {record['compile_seconds']:.1f}s: compiling)" if "compile_seconds" in record else ""
+    return (f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} | val loss "
+            f"{record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}% (balanced "
+            f"{100 * record['val_balanced_acc']:.2f}%){ema}{best} | {record['epoch_seconds']:.1f}s{compiled}")

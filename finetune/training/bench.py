@@ -1,4 +1,8 @@
-"""`finetune bench RECIPE`: train-step throughput of the toolkit's loop next to a minimal PyTorch loop.
+"""`finetune bench RECIPE`: the input pipeline's throughput (PIL workers next to the decoded-image cache with
+device augmentation, on the recipe's own training images), and the train-step throughput of the toolkit's
+loop next to a minimal PyTorch loop.
+
+The pipeline part times loader to model-ready tensors on the device and nothing else. For the step:
 
 Both loops train the same architecture, at the same batch (split into the same micro-batches), image
 size, precision and memory layout (channels_last), with the same frozen parameters, pinned memory and
@@ -23,12 +27,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.loaders import EpochSeeded, build_loader
+from ..data.loaders import EpochSeeded, available_cores, build_loader
 from ..data.splits import Splits, build_splits
+from ..errors import FinetuneError
 from ..model.backbone import build_model
 from ..model.groups import build_plan
 from ..recipe.schema import DataConfig, RecipeConfig, TrainConfig
 from .batching import AUTO_LARGEST, derive_batching
+from .inputs import model_inputs
 from .loop import build_accelerator, start_session, train_epoch
 from .session import Session
 
@@ -86,6 +92,54 @@ def run_bench(config: RecipeConfig, steps: int = 20, warmup: int = 3, repeats: i
     }
 
 
+def run_pipeline_bench(config: RecipeConfig, batches: int = 20) -> dict:
+    """The input pipeline alone, on the recipe's training data: images per second from the loader to
+    model-ready tensors on the device, PIL workers (data.cache=none) next to the decoded-image cache with
+    batched device augmentation (data.cache=decoded), with the same loader workers, batch and crop size.
+    The cache's one-off build is timed apart (`decoded_setup_seconds`, including the session set-up)."""
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, feature_cache="none"))
+    splits = build_splits(config.data, config.train.seed)
+    result: dict = {"batches": batches}
+    for name, cache in (("pil", "none"), ("decoded", "decoded")):
+        c = dataclasses.replace(config, data=dataclasses.replace(config.data, cache=cache))
+        accelerator, precision = build_accelerator(c)
+        started = time.perf_counter()
+        try:
+            s = start_session(c, splits, accelerator, precision, None, lambda _: None)
+        except FinetuneError as e:
+            return {**result, "skipped": str(e)}
+        result[f"{name}_setup_seconds"] = round(time.perf_counter() - started, 2)
+        result[f"{name}_images_per_second"] = round(_pipeline_rate(s, accelerator.device, batches), 1)
+        result.update(batch=s.batching.per_device, workers=s.runtime.workers, crop=s.train_side)
+    result["ratio"] = round(result["decoded_images_per_second"] / result["pil_images_per_second"], 3)
+    return result
+
+
+def _pipeline_rate(s: Session, device: torch.device, batches: int) -> float:
+    """Images per second over `batches` training batches made ready on `device` (after one untimed batch:
+    the loader workers start), passing epochs as the loop does."""
+    def ready_batches():
+        for epoch in range(10**6):
+            s.train_set.set_epoch_seed(epoch)
+            s.train_loader.set_epoch(epoch)
+            for batch in s.train_loader:
+                yield model_inputs(batch, s.train_augment, s.runtime.channels_last)[0]
+    stream = ready_batches()
+    next(stream)
+    images, threads = 0, torch.get_num_threads()
+    # The main process keeps the cores the loader workers leave (oversubscribed threads spin-wait).
+    torch.set_num_threads(max(1, available_cores() - s.runtime.workers))
+
+    def run() -> None:
+        nonlocal images
+        for _ in range(batches):
+            images += len(next(stream))
+    seconds = _seconds(run, device)
+    stream.close()
+    torch.set_num_threads(threads)
+    return images / seconds
+
+
 def _stand_in_splits(batch_size: int, num_classes: int) -> Splits:
     """Tiny blank images, enough for a session to be built; its loaders are replaced by ready tensors."""
     blank = Image.new("RGB", (8, 8))
@@ -108,6 +162,17 @@ def _toolkit_epoch(session: Session, accelerator, tc: TrainConfig, dataset: Data
             pass
         state["epoch"] += 1
     return lambda: _seconds(epoch, accelerator.device)
+
+
+def format_pipeline(r: dict) -> str:
+    if "skipped" in r:
+        return f"input pipeline: not measured ({r['skipped']})"
+    return (f"input pipeline, {r['batches']} batches of {r['batch']} at {r['crop']} px, "
+            f"{r['workers']} loader worker(s)\n"
+            f"  PIL workers              {r['pil_images_per_second']:>10.1f} img/s\n"
+            f"  decoded cache + device   {r['decoded_images_per_second']:>10.1f} img/s "
+            f"(set-up with the cache build {r['decoded_setup_seconds']:.1f} s)\n"
+            f"  ratio decoded/PIL = {r['ratio']:.2f}")
 
 
 def format_report(r: dict) -> str:
@@ -138,14 +203,14 @@ def _device_name(device: torch.device) -> str:
 def _plain_loop(config: RecipeConfig, model: torch.nn.Module, datasets: list[Dataset], device: torch.device,
                 precision: str, per_device: int, accumulation: int, channels_last: bool) -> list:
     """What a careful user writes by hand, set up like the toolkit's step: same frozen parameters, batch
-    split, memory layout and precision, AdamW (fused on CUDA), pinned memory and non-blocking copies.
+    split, memory layout and precision, fused AdamW, pinned memory and non-blocking copies.
     Returns one `run()` per dataset: an epoch over it, timed to the last kernel, in seconds."""
     build_plan(model, config.optim, config.freeze).apply_freezing(model)
     model.to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
     smoothing = config.train.label_smoothing

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..reporting.metrics import classification_metrics
+from .inputs import model_inputs
 from .session import Session
 
 
@@ -18,9 +19,8 @@ def predict_all(s: Session, accelerator, loader) -> dict:
     exactly the loader's dataset in its order (gather_for_metrics drops the padding duplicates)."""
     s.model.eval()
     parts: dict[str, list] = {"loss": [], "pred": [], "pred_prob": [], "given_prob": [], "label": []}
-    for images, labels in loader:
-        if s.runtime.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    for batch in loader:
+        images, labels = model_inputs(batch, s.eval_augment, s.runtime.channels_last)
         logits = s.model(images).float()
         probs = logits.softmax(dim=-1)
         pred_prob, pred = probs.max(dim=-1)

@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,10 +32,12 @@ from torch.utils.data import Dataset
 
 from ..atomic import replacing
 from ..data.badimages import IGNORE_LABEL, SkipLog, read_skip_logs
+from ..data.decoded import default_cache_dir
 from ..data.loaders import EpochSeeded, Transformed, build_loader
 from ..data.splits import Splits
 from ..recipe.schema import DataConfig, RecipeConfig
 from .faults import NonFiniteLoss
+from .inputs import model_inputs
 from .session import Session
 
 VERSION = 1  # part of every key: bump when what a cache file holds changes
@@ -72,10 +73,6 @@ class Head(torch.nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.nn.functional.dropout(features, self.drop_rate, self.training))
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune"
 
 
 def use_cached_features(s: Session, splits: Splits, dc: DataConfig, seed: int, device: torch.device,
@@ -122,7 +119,7 @@ def split_features(s: Session, network: torch.nn.Module, body_id: str, base: Dat
     path = None if key is None else Path(dc.cache_dir or default_cache_dir()) / f"features-{key}.safetensors"
 
     def extract():
-        return _extract(network, image_view, s.train_transform, k, seed, device, s.runtime, s.batching.per_device, log)
+        return _extract(network, image_view, s, k, seed, device, log)
     if path is not None and is_main and not path.is_file():
         _save(path, *extract())
     barrier()
@@ -215,25 +212,28 @@ def fit_epoch_lbfgs(s: Session, accelerator, epoch: int, update: int, fault_hint
 
 
 @torch.no_grad()
-def _extract(network: torch.nn.Module, view: Transformed, train_transform: Callable, k: int, seed: int,
-             device: torch.device, runtime, batch_size: int,
+def _extract(network: torch.nn.Module, view: Transformed, s: Session, k: int, seed: int, device: torch.device,
              log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """(features [N, k, D], labels [N] with IGNORE_LABEL for unreadable images, the unreadable files)."""
+    """(features [N, k, D], labels [N] with IGNORE_LABEL for unreadable images, the unreadable files), through
+    the session's input pipeline (PIL transforms, or decoded crops and the device augmentation)."""
+    runtime = s.runtime
     folder = tempfile.mkdtemp(prefix="finetune-features-")  # loader workers append unreadable files here
     skip_log = SkipLog.for_process(Path(folder), 0)
     per_view = []
     for v in range(k):
         # View 0: the eval transform; views 1..: the training augmentation with a seed per view.
         torch.manual_seed(seed * 1000 + v)
-        image_view = Transformed(view.base, view.indices, train_transform if v else view.transform, view.split,
-                                 "skip", skip_log if v == 0 else None, substitute=False)
-        loader = build_loader(image_view, batch_size, False, runtime.workers, runtime.pin_memory)
+        image_view = Transformed(view.base, view.indices, s.train_transform if v else view.transform, view.split,
+                                 "skip", skip_log if v == 0 else None, substitute=False, raw=view.raw)
+        loader = build_loader(image_view, s.batching.per_device, False, runtime.workers, runtime.pin_memory,
+                              collate_fn=s.collate)
         feats, labels = [], []
-        for images, targets in loader:
-            images = images.to(device, non_blocking=True)
+        for batch in loader:
+            batch = [t.to(device, non_blocking=True) for t in batch]
+            images, targets = model_inputs(batch, s.train_augment if v else s.eval_augment, False)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.precision == "bf16"):
                 feats.append(network.forward_head(network.forward_features(images), pre_logits=True).float().cpu())
-            labels.append(targets)
+            labels.append(targets.cpu())
         per_view.append(torch.cat(feats))
         log(f"features: {view.split} view {v + 1}/{k} of {len(view)} images computed")
     bad = read_skip_logs(Path(folder))

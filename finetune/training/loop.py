@@ -30,12 +30,14 @@ from ..data.splits import Splits
 from ..model.export import WEIGHTS_NAME, save_export
 from ..model.optim import drop_waiting_grads, set_lr
 from ..recipe.schema import RecipeConfig
+from ..reporting.metrics import format_epoch
 from ..reporting.plots import save_curves
 from ..reporting.review import score_after_training
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import evaluate, predict_all
 from .faults import FAULT_CHECK_UPDATES, FaultWatch, resume_hint
 from .features import fit_epoch_lbfgs, start_head, use_cached_features
+from .inputs import choose_pipeline, model_inputs, use_decoded_images
 from .launch import check_process_count, check_processes_per_machine
 from .rundir import RunDir
 from .runtime import resolve_precision
@@ -56,6 +58,7 @@ def build_accelerator(config: RecipeConfig) -> tuple[Accelerator, str]:
         # with it, the processes form one gloo group.
         cpu=not cuda,
         mixed_precision={"fp32": "no"}.get(precision, precision),
+        dynamo_backend="inductor" if config.train.compile else "no",  # torch.compile, applied by prepare()
         # Shuffling seeded by (seed, epoch): every process agrees on the order, and resume repeats it.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.train.seed,
                                                   non_blocking=cuda),
@@ -84,6 +87,12 @@ def start_session(config: RecipeConfig, splits: Splits, accelerator: Accelerator
     if config.data.feature_cache == "auto" and s.plan.body_fixed:
         s = use_cached_features(s, splits, config.data, config.train.seed, accelerator.device,
                                 accelerator.is_main_process, accelerator.wait_for_everyone, log)
+    else:
+        decoded, why = choose_pipeline(s, splits, config.data)
+        s = dataclasses.replace(s, input_pipeline=why)
+        if decoded:
+            s = use_decoded_images(s, splits, config.data, accelerator.device, accelerator.is_local_main_process,
+                                   accelerator.wait_for_everyone, log)
     s.criterion.to(accelerator.device)
     model, optimizer, train_loader, val_loader = accelerator.prepare(s.model, s.optimizer, s.train_loader,
                                                                      s.val_loader)
@@ -137,9 +146,10 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
         started = time.perf_counter()
         bar = tqdm(total=s.batching.updates_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
                    dynamic_ncols=True, **({} if main else {"disable": True}))  # TQDM_DISABLE=1 silences it
-        losses = []
+        losses, first = [], None
         for update, loss in epoch_updates(s, accelerator, epoch, update, resume_hint(run_dir, epoch)):
             losses.append(loss)
+            first = time.perf_counter() - started if first is None else first
             bar.update()
             if update % FAULT_CHECK_UPDATES == 0:  # the health was just read: no extra wait for the device
                 bar.set_postfix(loss=f"{float(loss):.3f}")
@@ -161,7 +171,8 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
                         "train_loss": round(train_loss, 6), **val, "exported": candidate if improved else None,
                         "lr": {g["name"]: g["lr"] for g in s.optimizer.param_groups},
                         "epoch_seconds": round(seconds, 2),
-                        "train_images_per_second": round(len(losses) * s.batching.global_batch / seconds, 1)})
+                        "train_images_per_second": round(len(losses) * s.batching.global_batch / seconds, 1),
+                        **({"compile_seconds": round(first, 2)} if tc.compile and epoch == start_epoch else {})})
         if main:
             run_dir.append_metrics(records[-1])
             save_curves(records, run_dir.curves)
@@ -169,10 +180,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
             if improved:
                 save_export(s.ema.module if candidate == "ema" else s.network, run_dir.path, splits.class_names,
                             s.data_cfg)
-        log(f"epoch {epoch + 1}/{tc.epochs}: train loss {train_loss:.4f} | val loss {val['val_loss']:.4f} "
-            f"acc {100 * val['val_acc']:.2f}% (balanced {100 * val['val_balanced_acc']:.2f}%)"
-            + (f" | EMA acc {100 * val['ema_val_acc']:.2f}%" if s.ema is not None else "")
-            + (f" (best, {'EMA ' if candidate == 'ema' else ''}exported)" if improved else "") + f" | {seconds:.1f}s")
+        log(format_epoch(records[-1], tc.epochs))
         save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": update, "best_val_acc": best_acc,
                                                "best_epoch": best_epoch, "phase": s.plan.phase_at(epoch + 1)})
         if after_checkpoint is not None:
@@ -204,7 +212,7 @@ def _main_process_run_dir(accelerator: Accelerator, run_dir: RunDir) -> RunDir:
 def _eval_loader(s: Session, accelerator: Accelerator, view):
     """A prepared loader over `view` (a split with the eval transform), batched like validation."""
     return accelerator.prepare(build_loader(view, s.batching.per_device, False, s.runtime.workers,
-                                            s.runtime.pin_memory))
+                                            s.runtime.pin_memory, collate_fn=s.collate))
 
 
 def train_epoch(s: Session, accelerator: Accelerator, epoch: int, update: int, fault_hint: str = "",
@@ -278,9 +286,7 @@ def _forward_micro_batches(s: Session, accelerator: Accelerator, micro_batches) 
     update_loss = torch.zeros((), device=accelerator.device)
     accumulation = s.batching.accumulation
     for i in range(accumulation):
-        images, labels = next(micro_batches)
-        if s.runtime.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, labels = model_inputs(next(micro_batches), s.train_augment, s.runtime.channels_last)
         last = i == accumulation - 1
         # DDP decides at forward time whether the coming backward synchronises, so forward goes inside too.
         with contextlib.nullcontext() if last else accelerator.no_sync(s.model):

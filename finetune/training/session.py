@@ -60,6 +60,12 @@ class Session:
     ema: torch.nn.Module | None = None  # timm's ModelEmaV3 of the network, made by the loop on the device
     features_cached: bool = False  # the head trains on the body's cached outputs (features.py)
     skipped: tuple[dict, ...] = ()  # unreadable files found while building it (split, file, reason)
+    # The decoded-image pipeline (inputs.py): loaders yield uint8 crops that these turn into model inputs
+    # on the device; None: loaders yield ready tensors (PIL pipeline).
+    train_augment: Callable | None = None
+    eval_augment: Callable | None = None
+    collate: Callable | None = None  # the loaders' collate function (None: PyTorch's default)
+    input_pipeline: str = ""  # which pipeline feeds the model and why, for the printed set-up
 
 
 def build_session(config: RecipeConfig, splits: Splits, processes: int, process_index: int, cuda: bool,
@@ -125,7 +131,8 @@ def describe(session: Session, config: RecipeConfig, splits: Splits) -> str:
     lines = [f"finetune: {config.model.backbone} -> {len(splits.class_names)} classes | "
              f"{len(session.train_set)} train, {len(session.val_loader.dataset)} val images | input {size[1]}x{size[2]}"
              + (f", training crops {session.train_side}x{session.train_side}" if session.train_side != size[2] else ""),
-             f"  {session.runtime.describe()}",
+             f"  {session.runtime.describe()}"
+             + (f"\n  input: {session.input_pipeline}" if session.input_pipeline else ""),
              f"  {session.batching.describe()}, {session.total_updates} total, {session.warmup_updates} warmup"
              + (" (and again for each group that thaws)" if session.rewarm_updates and len(session.plan.phases) > 1
                 else "")
