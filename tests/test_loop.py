@@ -164,3 +164,16 @@ def test_the_host_waits_for_the_device_once_per_epoch_not_once_per_update(tmp_pa
     result = finetune.train(recipe, output=tmp_path / "run")
     updates = result.metrics[0]["step"]
     assert updates > 2 and reads == [updates, updates]  # one read of all the epoch's updates, per epoch
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_and_reports_its_compilation_apart(tmp_path, image_folder, tiny_recipe, capsys):
+    """train.compile: torch.compile through Accelerate (inductor compiles C++ on a CPU: a minute here)."""
+    recipe = tiny_recipe(image_folder(), **{"train.epochs": 2, "train.hard_examples": 0, "train.compile": True,
+                                            "train.ema": None})
+    result = finetune.train(recipe, output=tmp_path / "run")
+    first, second = result.metrics
+    assert first["compile_seconds"] > 1 and "compile_seconds" not in second
+    assert "s: compiling)" in capsys.readouterr().out
+    reloaded = finetune.load(tmp_path / "run", device="cpu")  # the export holds the plain module's weights
+    assert reloaded.label_names == ["c0", "c1", "c2"]

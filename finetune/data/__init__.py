@@ -2,9 +2,10 @@
 
 Decoding any image file to 8-bit RGB (images.py), labelled samples decoded lazily (samples.py), reading a
 source string or in-memory data into them (sources.py), bad files and the data report (badimages.py),
-splits with one class list (splits.py), transforms (transforms.py), loaders that survive bad files and
-reseed per epoch (loaders.py), which images an epoch draws and class weights (sampling.py), and
-`check-data` (checkdata.py).
+splits with one class list (splits.py), transforms (transforms.py), the decoded-image cache (decoded.py)
+and the augmentation that runs batched on the training device (device_augment.py), loaders that survive
+bad files and reseed per epoch (loaders.py), which images an epoch draws and class weights (sampling.py),
+and `check-data` (checkdata.py).
 
 May import `finetune.recipe` and `finetune.errors`; never the model, training or reporting.
 """

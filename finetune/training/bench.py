@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.loaders import EpochSeeded, available_cores, build_loader
@@ -73,9 +74,11 @@ def run_bench(config: RecipeConfig, steps: int = 20, warmup: int = 3, repeats: i
     device, batching, channels_last = accelerator.device, session.batching, session.runtime.channels_last
     plain_model = build_model(dataclasses.replace(config.model, pretrained=False), num_classes, lambda _: None,
                               config.data.image_size)
+    # The same starting weights: the speed of CPU kernels depends on the values (denormals).
+    plain_model.load_state_dict(session.network.state_dict())
     plain_warmup, plain = _plain_loop(config, plain_model, [warmup_set, timed_set], device, precision,
-                                      batching.per_device, batching.accumulation, channels_last)
-    toolkit_warmup(), plain_warmup()
+                                      batching.per_device, batching.accumulation, channels_last, session.ema_decay)
+    warmup_s = {"toolkit_warmup_s": round(toolkit_warmup(), 2), "plain_warmup_s": round(plain_warmup(), 2)}
     rounds = []
     for _ in range(repeats):
         rounds.append({"toolkit_s": toolkit(), "plain_s": plain()})
@@ -88,7 +91,8 @@ def run_bench(config: RecipeConfig, steps: int = 20, warmup: int = 3, repeats: i
         "accumulation": batching.accumulation, "channels_last": channels_last, "image_size": list(image_size),
         "frozen_backbone": config.freeze.backbone, "steps": steps, "repeats": repeats,
         "toolkit_images_per_second": round(best_toolkit, 1), "plain_images_per_second": round(best_plain, 1),
-        "ratio": round(best_toolkit / best_plain, 4), "rounds": rounds,
+        "ratio": round(best_toolkit / best_plain, 4), "rounds": rounds, "compiled": tc.compile,
+        **warmup_s,  # with train.compile: the compilation, timed apart from the throughput
     }
 
 
@@ -182,7 +186,9 @@ def format_report(r: dict) -> str:
             f"{r['image_size'][1]}x{r['image_size'][2]}, {r['steps']} steps x {r['repeats']} rounds\n"
             f"  toolkit loop  {r['toolkit_images_per_second']:>10.1f} img/s\n"
             f"  plain PyTorch {r['plain_images_per_second']:>10.1f} img/s\n"
-            f"  ratio toolkit/plain = {r['ratio']:.3f}")
+            f"  ratio toolkit/plain = {r['ratio']:.3f}"
+            + (f"\n  compiling (first warm-up epoch): toolkit {r['toolkit_warmup_s']:.1f} s, plain {r['plain_warmup_s']:.1f} s"
+               if r["compiled"] else ""))
 
 
 def _seconds(run: Callable[[], None], device: torch.device) -> float:
@@ -201,15 +207,20 @@ def _device_name(device: torch.device) -> str:
 
 
 def _plain_loop(config: RecipeConfig, model: torch.nn.Module, datasets: list[Dataset], device: torch.device,
-                precision: str, per_device: int, accumulation: int, channels_last: bool) -> list:
+                precision: str, per_device: int, accumulation: int, channels_last: bool,
+                ema_decay: float | None) -> list:
     """What a careful user writes by hand, set up like the toolkit's step: same frozen parameters, batch
-    split, memory layout and precision, fused AdamW, pinned memory and non-blocking copies.
+    split, memory layout and precision, fused AdamW, the same moving average of the weights (timm's, when
+    the recipe keeps one), pinned memory and non-blocking copies.
     Returns one `run()` per dataset: an epoch over it, timed to the last kernel, in seconds."""
     build_plan(model, config.optim, config.freeze).apply_freezing(model)
     model.to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
+    ema = ModelEmaV3(model, decay=ema_decay) if ema_decay else None
+    if config.train.compile:
+        model = torch.compile(model)
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
@@ -231,6 +242,8 @@ def _plain_loop(config: RecipeConfig, model: torch.nn.Module, datasets: list[Dat
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        ema.update(model)
             loss.item()
         return lambda: _seconds(run, device)
 
