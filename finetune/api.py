@@ -207,7 +207,8 @@ def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | P
 
 def _eval_config(run: Path, data_text: str) -> RecipeConfig:
     """The settings eval takes from the run's recipe.yaml (when it has one): column names, the torchvision
-    root and the precision its validation ran in. Read as plain YAML: the training data may be long gone."""
+    root, and the precision and memory layout its validation ran in. Read as plain YAML: the training data
+    may be long gone."""
     import yaml
 
     from .recipe.schema import DataConfig, TrainConfig
@@ -217,7 +218,8 @@ def _eval_config(run: Path, data_text: str) -> RecipeConfig:
     data, train = (saved or {}).get("data") or {}, (saved or {}).get("train") or {}
     keys = ("image_column", "label_column", "root")
     return RecipeConfig(data=DataConfig(train=data_text, **{k: data[k] for k in keys if data.get(k) is not None}),
-                        train=TrainConfig(precision=train.get("precision", "auto")))
+                        train=TrainConfig(precision=train.get("precision", "auto"),
+                                          channels_last=train.get("channels_last")))
 
 
 def _open_eval_data(data: Any, config: RecipeConfig, label_names: list[str], class_names: Sequence[str] | None):

@@ -94,6 +94,25 @@ def test_python_objects_and_classes_missing_from_the_data(run, val_dir):
     assert indexed.metrics["confusion_matrix"] == by_name.metrics["confusion_matrix"]
 
 
+def test_manifest_and_hugging_face_sources_give_the_folders_numbers(run, val_dir, workdir):
+    """The same 15 images as a CSV manifest and as a save_to_disk dataset whose ClassLabel lists the classes
+    in another order: matched by name, the same confusion matrix."""
+    import datasets
+
+    pairs = sorted((str(p), p.parent.name) for p in val_dir.rglob("*.png"))
+    manifest = workdir / "val.csv"
+    manifest.write_text("path,label\n" + "".join(f"{path},{label}\n" for path, label in pairs))
+    order = ["c2", "c0", "c1"]
+    hf = datasets.Dataset.from_dict({"image": [p for p, _ in pairs], "label": [order.index(c) for _, c in pairs]})
+    hf.cast_column("image", datasets.Image()).cast_column("label", datasets.ClassLabel(names=order)).save_to_disk(
+        str(workdir / "val_hf"))
+    folder = finetune.evaluate(run, str(val_dir)).metrics
+    for source in (str(manifest), f"hf:{workdir / 'val_hf'}"):
+        m = finetune.evaluate(run, source).metrics
+        assert m["confusion_matrix"] == folder["confusion_matrix"], source
+        assert m["loss"] == pytest.approx(folder["loss"], abs=1e-5), source
+
+
 def eval_cli(capsys, *args) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["eval", *map(str, args)])
