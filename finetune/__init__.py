@@ -4,6 +4,7 @@
     result = finetune.train("recipes/quickstart.yaml", **{"train.epochs": 3})
     predictor = finetune.load(result.run_dir)
     predictor.predict("some_image.png")
+    report = finetune.evaluate(result.run_dir, "path/to/labelled/folder")
 
 Names are imported on first use, so `finetune --help` answers without loading torch.
 """
@@ -13,8 +14,8 @@ from importlib import import_module
 from .errors import FinetuneError
 
 _EXPORTS = {
-    "train": "api", "plan": "api", "check_data": "api", "lr_find": "api", "load": "api", "resolve": "api",
-    "Predictor": "api", "TrainResult": "api",
+    "train": "api", "plan": "api", "check_data": "api", "lr_find": "api", "load": "api", "evaluate": "api",
+    "resolve": "api", "Predictor": "api", "TrainResult": "api", "EvalResult": "api",
     "load_recipe": "recipe.load", "RecipeConfig": "recipe.schema",
 }
 __all__ = [*_EXPORTS, "FinetuneError"]

@@ -1,4 +1,5 @@
-"""The Python entry points, re-exported by `finetune/__init__.py`: train, plan, load.
+"""The Python entry points, re-exported by `finetune/__init__.py`: train, plan, check_data, lr_find, load,
+evaluate.
 
 They do what the CLI does (the CLI calls them): resolve the recipe and overrides, open the data, pick
 the run directory, and hand over to the one loop. Everything is checked before anything is written.
@@ -40,8 +41,14 @@ class TrainResult:
         return self.metrics[-1] if self.metrics else {}
 
 
-__all__ = ["train", "plan", "check_data", "lr_find", "load", "resolve", "resolve_run", "Predictor", "TrainResult",
-           "LRFindResult"]
+@dataclass
+class EvalResult:
+    output: str  # the folder holding metrics.json, the plots and predictions.csv
+    metrics: dict  # what metrics.json holds (less the run and data it names)
+
+
+__all__ = ["train", "plan", "check_data", "lr_find", "load", "evaluate", "resolve", "resolve_run", "Predictor",
+           "TrainResult", "LRFindResult", "EvalResult"]
 
 
 def resolve(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[str] | None = None,
@@ -154,6 +161,89 @@ def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None
             raise FinetuneError(f"lr-find --output {folder}: it already exists and is not an empty folder (it may "
                                 "be a training run, which lr-find never writes into); choose a new folder.")
     return find_lr(config, open_data(config), folder, start, end, steps, epoch)
+
+
+def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | Path | None = None,
+             class_names: Sequence[str] | None = None, batch_size: int = 64) -> EvalResult | None:
+    """Score a finished run's exported model on labelled data, writing the report into a new folder (default
+    RUN/eval-<data>-<time>; nothing of the run is touched): metrics.json, confusion_matrix.png,
+    reliability.png, mistakes.png and predictions.csv. `data`: a source string (folder, manifest, hf:,
+    torchvision:, sklearn:digits) or a Python dataset as `train` takes; its classes are matched to the run's
+    by name. Integer labels name classes through `class_names`, the dataset's `.classes`, or else the run's
+    own list. Under a multi-process launch each process scores a share; the main process writes and
+    returns the result, the others return None."""
+    from .data.loaders import Transformed
+    from .reporting.evaluation import build_report, default_output, match_classes, save_evaluation
+    from .training.evalrun import predict_dataset
+
+    try:  # every process checks the same things: under a launch, the main process alone reports a mistake
+        run = Path(run).expanduser()
+        if batch_size < 1:
+            raise FinetuneError(f"eval: --batch-size {batch_size}: give a number of images, 1 or more.")
+        if not run.is_dir():
+            raise FinetuneError(f"{run} is not a folder; give the run directory that `finetune train` wrote.")
+        predictor = load(run, device="cpu")
+        config = _eval_config(run, str(data) if isinstance(data, (str, Path)) else "python:data")
+        samples = match_classes(_open_eval_data(data, config, predictor.label_names, class_names),
+                                predictor.label_names, str(run))
+        if output is not None:
+            folder = Path(output).expanduser()
+            if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+                raise FinetuneError(f"--output {folder} already exists and is not an empty folder; eval never "
+                                    "writes over files. Choose a new folder, or leave --output out for "
+                                    "RUN/eval-<data>-<time>.")
+    except FinetuneError as e:
+        raise FinetuneError(str(e), raised_on_every_process=True) from None
+    view = Transformed(samples, None, predictor.transform, "eval", substitute=False)
+    results = predict_dataset(config, predictor.model, view, batch_size)
+    if results is None:
+        return None
+    folder = Path(output).expanduser() if output is not None else default_output(run, samples.origin)
+    report = build_report(results, predictor.label_names, view)
+    save_evaluation(folder, report, results, view, predictor.label_names,
+                    {"run": str(run.resolve()), "data": samples.origin})
+    return EvalResult(str(folder), report)
+
+
+def _eval_config(run: Path, data_text: str) -> RecipeConfig:
+    """The settings eval takes from the run's recipe.yaml (when it has one): column names, the torchvision
+    root, and the precision and memory layout its validation ran in. Read as plain YAML: the training data
+    may be long gone."""
+    import yaml
+
+    from .recipe.schema import DataConfig, TrainConfig
+    from .training.rundir import RECIPE_NAME
+
+    saved = yaml.safe_load((run / RECIPE_NAME).read_text()) if (run / RECIPE_NAME).is_file() else {}
+    data, train = (saved or {}).get("data") or {}, (saved or {}).get("train") or {}
+    keys = ("image_column", "label_column", "root")
+    return RecipeConfig(data=DataConfig(train=data_text, **{k: data[k] for k in keys if data.get(k) is not None}),
+                        train=TrainConfig(precision=train.get("precision", "auto"),
+                                          channels_last=train.get("channels_last")))
+
+
+def _open_eval_data(data: Any, config: RecipeConfig, label_names: list[str], class_names: Sequence[str] | None):
+    from .data.sources import load_source, wrap_in_memory
+    from .recipe.locate import check_source
+
+    if isinstance(data, (str, Path)):
+        problems = check_source("data", str(data), config.data.root, False)
+        if problems:
+            raise FinetuneError(" ".join(problems))
+        return load_source(str(data), config.data)
+    names = class_names or getattr(data, "class_names", None) or getattr(data, "classes", None)
+    if names is None and not isinstance(_first_label(data), str):
+        names = label_names  # integer labels with no names of their own: the run's class indices
+    return wrap_in_memory(data, names, config.data, "data")
+
+
+def _first_label(data: Any) -> Any:
+    import datasets
+
+    if isinstance(data, datasets.Dataset) or len(data) == 0:
+        return ""  # wrap_in_memory reads its ClassLabel names (or reports it empty)
+    targets = getattr(data, "targets", None)
+    return targets[0] if targets is not None else data[0][1]
 
 
 def open_data(config: RecipeConfig) -> Splits:

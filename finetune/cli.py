@@ -58,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", "-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print JSON: one object per image")
 
+    p = sub.add_parser("eval", help="score a trained run on labelled data: metrics.json, confusion matrix, "
+                       "reliability diagram, confident mistakes, predictions.csv")
+    p.add_argument("run_dir")
+    p.add_argument("data", help="a labelled source: folder, .csv/.jsonl manifest, hf:NAME[@split], "
+                   "torchvision:NAME[@test]")
+    p.add_argument("--output", "-o", help="a new folder for the report (default: RUN_DIR/eval-<data>-<time>)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per process per forward pass (default 64)")
+    p.add_argument("--json", action="store_true", help="print metrics.json")
+
     p = sub.add_parser("bench", help="input-pipeline and train-step throughput, next to PIL workers and a plain loop",
                        epilog=EPILOG)
     p.add_argument("recipe")
@@ -151,6 +160,13 @@ def _run(args: argparse.Namespace) -> None:
         else:
             for r in results:
                 print(r["image"] + ": " + ", ".join(f"{p['label']} {100 * p['prob']:.1f}%" for p in r["predictions"]))
+    elif args.command == "eval":
+        from .reporting.evaluation import summary
+
+        result = api.evaluate(args.run_dir, args.data, output=args.output, batch_size=args.batch_size)
+        if result is not None:  # None: not the main process of a launch
+            print(json.dumps({"output": result.output, **result.metrics}, indent=2) if args.json
+                  else f"{summary(result.metrics)}\nreport in {result.output}")
     elif args.command == "bench":
         from .training.bench import format_pipeline, format_report, run_bench, run_pipeline_bench
 

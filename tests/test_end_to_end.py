@@ -25,9 +25,11 @@ from finetune import FinetuneError
 from finetune.recipe.load import load_recipe
 
 # data_report.json is written by every run (an empty skip list included), so its absence never has to be
-# interpreted; hard_examples.* by every run with train.hard_examples > 0 (the default).
+# interpreted; val_report.json and the val plots by every run; hard_examples.* by every run with
+# train.hard_examples > 0 (the default).
 RUN_FILES = {"recipe.yaml", "plan.json", "metrics.jsonl", "curves.png", "model.safetensors", "config.json",
-             "checkpoint", "data_report.json", "hard_examples.json", "hard_examples.png"}
+             "checkpoint", "data_report.json", "hard_examples.json", "hard_examples.png", "val_report.json",
+             "val_confusion_matrix.png", "val_reliability.png"}
 HEAD = {"fc.weight", "fc.bias"}  # test_resnet's classifier
 CLASSES = ["c0", "c1", "c2"]
 

@@ -40,6 +40,8 @@ def test_per_sample_results_in_loader_order(scored):
     assert torch.allclose(results["given_prob"][:3], probs[[0, 1, 2], [0, 2, 2]])
     assert torch.allclose(results["loss"][:3], -probs[[0, 1, 2], [0, 2, 2]].log())
     assert results["loss"][3] == 0  # an unreadable image's slot adds nothing
+    assert results["top_k"][:, 0].tolist() == results["pred"].tolist()  # 3 classes: all three, best first
+    assert torch.allclose(results["top_k_prob"], probs.sort(dim=-1, descending=True).values)
 
 
 def test_metrics_leave_out_unreadable_images(scored):

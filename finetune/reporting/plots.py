@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only: no window, works on servers and inside IDEs alike
 import matplotlib.pyplot as plt  # noqa: E402
@@ -66,6 +68,64 @@ def save_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], s
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
+    _save(fig, path)
+
+
+def confusion_figure(matrix: list[list[int]], class_names: list[str], title: str = ""):
+    """The confusion matrix with each row normalised to the given class's images, so a rare class's errors
+    show as clearly as a common one's; the cells of up to 20 classes also print their percentage. Cells
+    shrink with the class count down to a 30-inch matrix; above that only every k-th class is labelled,
+    so labels never overlap."""
+    counts = np.asarray(matrix, dtype=np.float64)
+    support = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, support, out=np.zeros_like(counts), where=support > 0)
+    n = len(class_names)
+    cell = min(n * min(0.6, max(0.18, 12 / n)), 30.0) / n  # inches per class
+    font = min(10.0, max(5.0, 0.6 * 72 * cell))  # points
+    step = math.ceil(1.25 * font / 72 / cell)  # label every step-th class: a label's height fits its cells
+    names = [name if len(name) <= 24 else name[:23] + "…" for name in class_names]
+    margin = 0.6 * font / 72 * max(len(name) for name in names) + 0.8
+    fig, ax = plt.subplots(figsize=(max(5.0, n * cell + margin + 1.5), max(4.0, n * cell + margin + 0.6)))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="share of the given class")
+    ticks = list(range(0, n, step))
+    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=font)
+    ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=font)
+    ax.set(xlabel="predicted", ylabel="given label")
+    if n <= 20:
+        for (row, col), share in np.ndenumerate(shares):
+            if counts[row, col]:
+                ax.text(col, row, f"{100 * share:.0f}", ha="center", va="center", fontsize=font - 1,
+                        color="white" if share > 0.5 else "black")
+    ax.set_title(title or f"confusion matrix, rows normalised ({int(counts.sum())} images)", fontsize=10)
+    return fig
+
+
+def save_confusion_matrix(matrix: list[list[int]], class_names: list[str], path: Path, title: str = "") -> None:
+    """`confusion_figure` as a PNG."""
+    _save(confusion_figure(matrix, class_names, title), path)
+
+
+def save_reliability(bins: list[dict], ece: float | None, path: Path, title: str = "") -> None:
+    """Reliability diagram: accuracy against mean confidence per confidence bin (metrics.reliability_bins),
+    the gap to the diagonal shaded, and below it how many images each bin holds."""
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    lower = [b["lower"] for b in bins]
+    width = bins[0]["upper"] - bins[0]["lower"]
+    filled = [b for b in bins if b["count"]]
+    ax.bar([b["lower"] for b in filled], [b["accuracy"] for b in filled], width=width, align="edge",
+           color="tab:blue", edgecolor="black", label="accuracy")
+    ax.bar([b["lower"] for b in filled], [b["confidence"] - b["accuracy"] for b in filled], width=width,
+           bottom=[b["accuracy"] for b in filled], align="edge", color="tab:red", alpha=0.3, edgecolor="tab:red",
+           hatch="//", label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfectly calibrated")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy in the bin",
+           title=title or "reliability diagram" + (f": ECE {100 * ece:.2f}%" if ece is not None else ""))
+    ax.legend(loc="upper left")
+    ax_count.bar(lower, [b["count"] for b in bins], width=width, align="edge", color="gray", edgecolor="black")
+    ax_count.set(xlabel="confidence (probability of the predicted class)", ylabel="images")
+    for axis in (ax, ax_count):
+        axis.grid(alpha=0.3)
     _save(fig, path)
 
 

@@ -1,4 +1,5 @@
-"""Hard examples: the train and val images the trained model finds hardest, for a person to review.
+"""After training: the test metrics, the val split's full report (evaluation.py) and the hard examples,
+the train and val images the trained model finds hardest, for a person to review.
 
 After training, the best epoch's model scores every train and val image with the eval transform. The
 images with the highest loss on their given label are where label errors hide: a confident prediction of
@@ -16,6 +17,7 @@ import torch
 
 from ..atomic import write_atomic
 from ..data.badimages import IGNORE_LABEL
+from .evaluation import build_report, save_val_report
 from .metrics import classification_metrics
 from .plots import save_image_grid
 
@@ -62,21 +64,25 @@ def save_hard_examples(entries: dict[str, list[dict]], images: list, run_dir: Pa
 def score_after_training(predict: Callable[[Any], dict], splits, eval_view: Callable, hard_examples: int,
                          folder: Path | None, best_epoch: int) -> dict | None:
     """With the best epoch's weights loaded: the test metrics (test_metrics.json, when the run has test
-    data), then the `hard_examples` highest-loss train and val images. `predict(view)` scores a split
-    view on every process and returns the gathered per-sample results; `eval_view(base, indices, split)`
-    makes such a view. `folder` is where files go: None on every process but the main one."""
+    data), the val split's report (val_report.json, val_confusion_matrix.png, val_reliability.png), then
+    the `hard_examples` highest-loss train and val images. `predict(view)` scores a split view on every
+    process and returns the gathered per-sample results; `eval_view(base, indices, split)` makes such a
+    view. `folder` is where files go: None on every process but the main one."""
     test = None
     if splits.test is not None:
         results = predict(eval_view(splits.test, None, "test"))
         test = classification_metrics(results["loss"], results["pred"], results["label"], splits.class_names, "test")
         if folder is not None:
             write_atomic(folder / TEST_METRICS_NAME, json.dumps({"epoch": best_epoch, **test}, indent=2))
+    val_view = eval_view(splits.val, splits.val_indices, "val")
+    scored = {"val": (splits.val, val_view, predict(val_view))}
+    if folder is not None:
+        save_val_report(folder, build_report(scored["val"][2], splits.class_names, val_view), best_epoch)
     if hard_examples:
+        train_view = eval_view(splits.train, splits.train_indices, "train")
+        scored = {"train": (splits.train, train_view, predict(train_view)), **scored}
         entries, images = {}, []
-        for split, base, indices in (("train", splits.train, splits.train_indices),
-                                     ("val", splits.val, splits.val_indices)):
-            view = eval_view(base, indices, split)
-            results = predict(view)
+        for split, (base, view, results) in scored.items():
             positions = rank_hard_examples(results["loss"], results["label"], hard_examples)
             entries[split] = hard_example_entries(split, results, positions, view, splits.class_names)
             images += [base[view.indices[p]][0] for p in positions] if folder is not None else []

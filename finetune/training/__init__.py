@@ -4,7 +4,8 @@ processes (batching.py), launch checks (launch.py), the run directory (rundir.py
 (checkpoint.py), the fault contract across processes (faults.py), scoring on every process
 (evaluate.py), everything one run trains with (session.py), the input pipeline it feeds from (inputs.py),
 and the cached features of a body that never changes (features.py). The LR range test (lrfind.py) and
-the throughput benchmark (bench.py) run the loop's own training step.
+the throughput benchmark (bench.py) run the loop's own training step; `finetune eval` scores an export
+on every process with the loop's accelerator (evalrun.py).
 
 May import every stage below it (recipe, data, model, reporting); only the entry points (api.py,
 cli.py) import training.

@@ -6,27 +6,41 @@ imports Accelerate.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 from ..reporting.metrics import classification_metrics
 from .inputs import model_inputs
 from .session import Session
 
+TOP_K = 5  # the classes kept per image (top-5 accuracy, calibration): a few numbers, not all C probabilities
+RESULT_KEYS = ("loss", "pred", "pred_prob", "given_prob", "label", "top_k", "top_k_prob")
+
 
 @torch.no_grad()
 def predict_all(s: Session, accelerator, loader) -> dict:
-    """Per-sample loss, prediction, its probability, the given label's probability and the label, over
-    exactly the loader's dataset in its order (gather_for_metrics drops the padding duplicates)."""
+    """Per-sample loss, prediction, its probability, the given label's probability, the label, and the
+    `TOP_K` most probable classes with their probabilities, over exactly the loader's dataset in its order."""
     s.model.eval()
-    parts: dict[str, list] = {"loss": [], "pred": [], "pred_prob": [], "given_prob": [], "label": []}
-    for batch in loader:
-        images, labels = model_inputs(batch, s.eval_augment, s.runtime.channels_last)
-        logits = s.model(images).float()
+    return predict_batches(s.model, accelerator,
+                           (model_inputs(batch, s.eval_augment, s.runtime.channels_last) for batch in loader))
+
+
+@torch.no_grad()
+def predict_batches(model: torch.nn.Module, accelerator, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """`predict_all` over (images, labels) batches of a prepared loader: RESULT_KEYS -> one tensor each,
+    gathered from every process (gather_for_metrics drops the padding duplicates)."""
+    parts: dict[str, list] = {key: [] for key in RESULT_KEYS}
+    for images, labels in batches:
+        logits = model(images).float()
         probs = logits.softmax(dim=-1)
         pred_prob, pred = probs.max(dim=-1)
+        top_k_prob, top_k = probs.topk(min(TOP_K, probs.shape[-1]), dim=-1)
         given_prob = probs.gather(1, labels.clamp(min=0)[:, None])[:, 0]  # ignored labels (-100) read class 0
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")  # 0 for ignored labels
-        for key, value in zip(parts, accelerator.gather_for_metrics((loss, pred, pred_prob, given_prob, labels))):
+        values = (loss, pred, pred_prob, given_prob, labels, top_k, top_k_prob)
+        for key, value in zip(parts, accelerator.gather_for_metrics(values)):
             parts[key].append(value)
     return {key: torch.cat(values).cpu() for key, values in parts.items()}
 
