@@ -5,11 +5,17 @@ FinetuneError naming the key, never a traceback, and nothing is written."""
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+from typing import Any, Union
+
 import pytest
 import yaml
 
 from finetune import FinetuneError, cli
 from finetune.recipe.load import load_recipe, parse_overrides
+from finetune.recipe.schema import RecipeConfig
 
 
 def problem_line(recipe, overrides, key: str) -> str:
@@ -125,6 +131,39 @@ def test_nonsense_is_refused_before_a_run_directory_is_made(tiny_recipe, tmp_pat
     err = capsys.readouterr().err
     assert "optim.lr" in err and "train.epochs" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def numeric_keys() -> list[tuple[str, Any]]:
+    """Every key of the schema that holds a number, alone or inside a union, list, tuple or mapping."""
+    def numeric(hint: Any) -> bool:
+        return hint in (int, float) or any(numeric(a) for a in typing.get_args(hint))
+    return [(f"{section.name}.{name}", hint) for section in dataclasses.fields(RecipeConfig)
+            for name, hint in typing.get_type_hints(section.default_factory).items() if numeric(hint)]
+
+
+def extreme(hint: Any, sign: int) -> Any:
+    """A value of the declared shape whose numbers are all `sign` x 10**12."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return extreme(next(a for a in args if a in (int, float) or typing.get_args(a)), sign)
+    if origin is tuple:
+        return [extreme(a, sign) for a in args]
+    if origin is dict:
+        return {0 if args[0] is int else "*": extreme(args[1], sign)}
+    return sign * 10**12
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("key, hint", numeric_keys(), ids=[key for key, _ in numeric_keys()])
+def test_every_numeric_key_has_a_finite_range(tiny_recipe, key, hint, sign):
+    # Closes the class, not only the examples of the issue: a numeric key added without a bound fails here.
+    problem_line(tiny_recipe(), {key: extreme(hint, sign)}, key)
+
+
+def test_the_numeric_keys_are_found():
+    keys = {key for key, _ in numeric_keys()}
+    assert {"optim.lr", "train.epochs", "data.scale", "optim.lr_mult", "freeze.phases", "train.ema"} <= keys
+    assert len(keys) >= 25
 
 
 @pytest.mark.parametrize("override", ["data.image_size=4096", "data.num_workers=256", "optim.lr=10",
