@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from finetune import cli
-from finetune.data.badimages import IGNORE_LABEL, SkipLog, read_skip_logs
+from finetune.data.badimages import IGNORE_LABEL, SkipLog, describe_error, read_skip_logs
 from finetune.data.images import open_image
 from finetune.data.loaders import Transformed
 from finetune.data.sources import load_source
@@ -150,3 +150,27 @@ def test_two_processes_with_bad_files_and_the_balanced_sampler(bad_folder, make_
     assert sorted(Path(e["file"]).name for e in report["skipped"]) == ["empty.png", "truncated.jpg"]
     assert "2 process(es)" in proc.stdout
     assert json.loads((tmp_path / "run" / "hard_examples.json").read_text())["val"]
+
+
+def test_a_decompression_bomb_is_a_bad_image_with_its_reason(tmp_path, make_image_folder):
+    """A 20,000 x 20,000 PNG in a class folder: skipped in training with the reason recorded, like a
+    truncated file, instead of a DecompressionBombError from a loader worker."""
+    from test_images import write_png_header
+
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=3, size=16)
+    huge = write_png_header(root / "c0" / "huge.png", 20_000, 20_000)
+    samples = load_source(str(root), DataConfig(train=str(root)))
+    bad = samples.items.index(str(huge))
+    log = SkipLog(tmp_path / ".skipped-0.jsonl")
+    image, label = Transformed(samples, [bad, 0], np.asarray, "train", skip_log=log)[0]
+    assert label == samples.targets[0] and image.shape[-1] == 3  # the next readable sample stands in
+    [entry] = read_skip_logs(tmp_path)
+    assert Path(entry["file"]).name == "huge.png"
+    assert entry["reason"].startswith("image too large (400000000 pixels > ")
+
+
+def test_pils_own_decompression_bomb_error_gets_the_same_reason():
+    # Images decoded outside open_image (a Hugging Face dataset's Image feature, checkdata's header look)
+    error = Image.DecompressionBombError("Image size (400000000 pixels) exceeds limit of 178956970 pixels, "
+                                         "could be decompression bomb DOS attack.")
+    assert describe_error(error) == "image too large (400000000 pixels > 178956970)"

@@ -19,10 +19,13 @@ from pathlib import Path
 from PIL import Image
 
 from ..atomic import write_atomic
+from .images import ImageTooLarge, image_too_large
 
 # What a broken or non-image file raises while decoding: PIL's UnidentifiedImageError and "image file is
-# truncated" are OSErrors; bad headers raise ValueError/SyntaxError/EOFError; huge files DecompressionBombError.
-BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# truncated" are OSErrors; bad headers raise ValueError/SyntaxError/EOFError; a file with more pixels than PIL
+# decodes raises ImageTooLarge from images.open_image, or DecompressionBombError where PIL decodes it directly
+# (a Hugging Face dataset's Image feature).
+BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, ImageTooLarge, Image.DecompressionBombError)
 IGNORE_LABEL = -100  # torch's cross-entropy ignore_index: the loss and the metrics leave these samples out
 MAX_BAD_IN_A_ROW = 64  # more consecutive unreadable samples than this means the data, not a file, is broken
 LOG_GLOB = ".skipped-*.jsonl"
@@ -30,6 +33,12 @@ DATA_REPORT_NAME = "data_report.json"
 
 
 def describe_error(error: BaseException) -> str:
+    """The reason recorded for a bad image: the error's type and first line; for a too large image
+    "image too large (N pixels > LIMIT)" whichever of the two errors said so."""
+    if isinstance(error, Image.DecompressionBombError):
+        error = image_too_large(error)
+    if isinstance(error, ImageTooLarge):
+        return str(error)
     text = str(error).splitlines()[0][:200] if str(error) else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 

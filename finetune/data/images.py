@@ -1,7 +1,9 @@
-"""Decoding one image file into an 8-bit RGB PIL image, whatever its mode and orientation."""
+"""Decoding one image file into an 8-bit RGB PIL image, whatever its mode and orientation, and refusing
+one too large to decode."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +13,25 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
+class ImageTooLarge(ValueError):
+    """More pixels than PIL decodes: over twice `PIL.Image.MAX_IMAGE_PIXELS` (about 179 million by default;
+    PIL warns above once), a decompression bomb or a scan far beyond any training size. A ValueError, so
+    training skips it as a bad image (badimages.py) and its message is the reason recorded."""
+
+
+def image_too_large(error: Image.DecompressionBombError) -> ImageTooLarge:
+    """PIL's refusal, as the reason a user reads: "image too large (N pixels > LIMIT)"."""
+    found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(error))
+    return ImageTooLarge(f"image too large ({found[1]} pixels > {found[2]})" if found else f"image too large ({error})")
+
+
 def open_image(path: str | Path) -> Image.Image:
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF, not in the pixels
-        return to_rgb(img)
+    try:
+        with Image.open(path) as img:  # PIL checks the size in the header, before decoding a pixel
+            img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF, not in the pixels
+            return to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise image_too_large(e) from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

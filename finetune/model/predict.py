@@ -16,7 +16,7 @@ import timm.data
 import torch
 from PIL import Image
 
-from ..data.images import open_image, to_rgb
+from ..data.images import ImageTooLarge, open_image, to_rgb
 from ..errors import FinetuneError
 from .export import CONFIG_NAME, WEIGHTS_NAME
 
@@ -53,6 +53,11 @@ class Predictor:
         if isinstance(image, (str, Path)):
             try:
                 image = open_image(image)
+            except ImageTooLarge as e:
+                raise FinetuneError(f"cannot read image {image}: {e}. PIL refuses more than twice "
+                                    "PIL.Image.MAX_IMAGE_PIXELS pixels as a possible decompression bomb; shrink the "
+                                    "image first, or, if you trust the file, raise that limit in Python before "
+                                    "predicting (PIL.Image.MAX_IMAGE_PIXELS = None lifts it).") from None
             except (OSError, ValueError) as e:
                 raise FinetuneError(f"cannot read image {image}: {e}") from None
         elif isinstance(image, torch.Tensor):

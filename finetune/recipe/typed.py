@@ -1,4 +1,5 @@
-"""Plain YAML values to typed, frozen dataclasses, strictly: each value is converted by its declared type
+"""YAML to typed, frozen dataclasses, strictly: YAML text to plain data without silently dropping a key
+given twice (load_yaml), then plain values to dataclasses, where each value is converted by its declared type
 (YAML reads `1e-4` as a string, a command line gives every value as text), an unknown key gets a "did you
 mean", and every problem is collected instead of raised, so that one error can list them all.
 Generic: it knows type hints, not recipes (schema.py owns the recipe schema).
@@ -8,9 +9,47 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
 from typing import Any, Literal, Union
+
+import yaml
+
+# Values in messages are shortened: a 5,000-character path or a deeply nested list must not bury the message.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 4, 4, 2
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, first_line: int, line: int):
+        super().__init__(f"key {shown(key)} appears twice in one mapping (lines {first_line} and {line})")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML silently keeps the last one,
+    so `lr: 0.1` further up would be ignored without a word. Merge keys (`<<:`) keep their YAML meaning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class reports it
+                pass
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Plain data from YAML text, refusing a key given twice in one mapping."""
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: plain data only, never code
 
 
 def build_dataclass(cls: type, raw: Any, prefix: str, errors: list[str], bad: set[str],
@@ -27,7 +66,7 @@ def build_dataclass(cls: type, raw: Any, prefix: str, errors: list[str], bad: se
     kwargs = {}
     for key, value in raw.items():
         if key not in known:
-            errors.append(_unknown_key(prefix, str(key), known))
+            errors.append(_unknown_key(prefix, key if isinstance(key, str) else shown(key), known))
             continue
         hint = hints[key]
         if not dataclasses.is_dataclass(hint):
@@ -35,7 +74,7 @@ def build_dataclass(cls: type, raw: Any, prefix: str, errors: list[str], bad: se
             if ok:
                 kwargs[key] = converted
             else:
-                errors.append(f"{prefix}{key}: got {value!r}, expected {_describe(hint)}")
+                errors.append(f"{prefix}{key}: got {shown(value)}, expected {_describe(hint)}")
                 bad.add(f"{prefix}{key}")
     for name in known:  # sections absent from the recipe are built from {} so their required keys are checked
         if dataclasses.is_dataclass(hints[name]):
@@ -46,8 +85,26 @@ def build_dataclass(cls: type, raw: Any, prefix: str, errors: list[str], bad: se
     return cls(**kwargs)
 
 
+def shown(value: Any) -> str:
+    """`repr(value)` for a message, shortened: long strings keep their ends and say their length."""
+    if isinstance(value, str) and len(value) > 60:
+        return f"{value[:24]!r}...{value[-12:]!r} ({len(value)} characters)"
+    try:
+        return _SHORT.repr(value)
+    except ValueError:  # an int of more than 4,300 digits has no repr
+        return f"an integer of {value.bit_length()} bits"
+
+
+def shown_text(text: object) -> str:
+    """A user's text (a path, a name) as it is when it prints on one short line, else as `shown` gives it:
+    a control character or a 5,000-character path must not break or bury the message."""
+    text = str(text)
+    return text if text.isprintable() and len(text) <= 120 else shown(text)
+
+
 def _unknown_key(prefix: str, key: str, known: list[str]) -> str:
     what = "section" if not prefix else "key"
+    key = shown_text(key) if len(key) <= 60 else f"{shown(key[:40])}... ({len(key)} characters)"
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f"; did you mean {prefix}{close[0]}?" if close else ""
     return f"{prefix}{key}: unknown {what}{hint} (known in {prefix.rstrip('.') or 'a recipe'}: {', '.join(known)})"
@@ -88,25 +145,31 @@ def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return True, value.lower() == "true"
         return isinstance(value, bool), value
-    if hint is int:
-        if isinstance(value, bool):
+    if hint is int:  # a float only when whole (4.0); text only when it spells an integer ("3")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return True, value
+        if isinstance(value, float):
+            return (True, int(value)) if value.is_integer() else (False, None)  # inf and nan are not
+        if isinstance(value, str):
+            try:
+                return True, int(value)
+            except ValueError:  # not a number, or more than 4,300 digits
+                return False, None
+        return False, None
+    if hint is float:  # finite only: inf and nan make every later comparison and the loss meaningless
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             return False, None
-        if isinstance(value, float) and value.is_integer():
-            return True, int(value)
         try:
-            return isinstance(value, (int, str)), int(value)
-        except ValueError:
+            number = float(value)
+        except (ValueError, OverflowError):  # not a number; an int beyond a float's range
             return False, None
-    if hint is float:
-        if isinstance(value, bool):
-            return False, None
-        try:
-            return isinstance(value, (int, float, str)), float(value)
-        except ValueError:
-            return False, None
+        return math.isfinite(number), number
     if hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, str(value)
+            try:
+                return True, str(value)
+            except ValueError:  # an int of more than 4,300 digits
+                return False, None
         return isinstance(value, str), value
     return False, None
 
@@ -123,4 +186,5 @@ def _describe(hint: Any) -> str:
         return f"a list of {_describe(args[0])}"
     if origin is dict:
         return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+    return {bool: "true or false", int: "an integer", float: "a number (not inf or nan)", str: "a string"}.get(
+        hint, str(hint))
