@@ -228,13 +228,13 @@ def planted_build_session(*args, **kwargs):
     return dataclasses.replace(session, criterion=PlantedLoss(session.criterion))
 loop.build_session = planted_build_session
 
-evaluate = loop.evaluate
-def planted_evaluate(*args, **kwargs):
+validate = loop.validate
+def planted_validate(*args, **kwargs):
     if rank == 1 and fault == "raise_in_validation":
         seen["fault_time"] = time.time()
         raise RuntimeError("planted fault in validation")
-    return evaluate(*args, **kwargs)
-loop.evaluate = planted_evaluate
+    return validate(*args, **kwargs)
+loop.validate = planted_validate
 
 set_epoch_seed = finetune.data.loaders.EpochSeeded.set_epoch_seed
 def recorded_set_epoch_seed(self, seed):

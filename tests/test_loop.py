@@ -177,3 +177,32 @@ def test_a_compiled_model_trains_and_reports_its_compilation_apart(tmp_path, ima
     assert "s: compiling)" in capsys.readouterr().out
     reloaded = finetune.load(tmp_path / "run", device="cpu")  # the export holds the plain module's weights
     assert reloaded.label_names == ["c0", "c1", "c2"]
+
+
+def test_loaders_used_once_after_training_let_their_workers_go(tmp_path, image_folder, tiny_recipe, monkeypatch):
+    """Scoring train and val after training makes loaders of its own; only the training and validation
+    loaders keep workers (one each) for the run."""
+    import multiprocessing
+
+    import finetune.training.loop as loop
+    seen, score = [], loop.score_after_training
+
+    def counting(*args, **kwargs):
+        result = score(*args, **kwargs)
+        seen.append(len(multiprocessing.active_children()))
+        return result
+    monkeypatch.setattr(loop, "score_after_training", counting)
+    recipe = tiny_recipe(image_folder(), **{"train.epochs": 1, "train.hard_examples": 4, "data.num_workers": 1,
+                                            "data.cache": "none"})
+    finetune.train(recipe, output=tmp_path / "run")
+    assert seen == [2]
+
+
+def test_a_validation_set_with_no_readable_image_is_a_clear_error(tmp_path, image_folder, tiny_recipe):
+    val = tmp_path / "val"
+    for name in ("c0", "c1", "c2"):
+        (val / name).mkdir(parents=True)
+        (val / name / "broken.jpg").write_bytes(b"not a jpeg")
+    recipe = tiny_recipe(image_folder(), **{"train.epochs": 1, "train.hard_examples": 0, "data.val": str(val)})
+    with pytest.raises(finetune.FinetuneError, match="all 3 images of the val data are unreadable"):
+        finetune.train(recipe, output=tmp_path / "run")

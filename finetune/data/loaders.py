@@ -46,8 +46,11 @@ class Transformed(Dataset):
                 self._bad(i, describe_error(e))
                 continue
             return tensor, (int(label) if attempt == 0 or self.substitute else IGNORE_LABEL)
-        raise FinetuneError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row in the {self.split} data (around "
-                            f"{self._name(self.indices[index])}); run `finetune check-data` on the recipe.")
+        tried = min(len(self.indices), MAX_BAD_IN_A_ROW)
+        where = (f"all {tried} images of the {self.split} data are unreadable" if tried == len(self.indices) else
+                 f"{tried} unreadable images in a row in the {self.split} data")
+        raise FinetuneError(f"{where} (around {self._name(self.indices[index])}); run `finetune check-data` on the "
+                            "recipe, and fix or replace them.")
 
     def name(self, position: int) -> str:
         """Where the sample at `position` of this view comes from (a path, or source[index])."""
@@ -76,7 +79,8 @@ def default_num_workers(processes_on_machine: int = 1) -> int:
 
 
 def build_loader(dataset: Dataset, batch_size: int, training: bool, num_workers: int, pin_memory: bool,
-                 sampler: Sampler | None = None, collate_fn: Callable | None = None) -> DataLoader:
+                 sampler: Sampler | None = None, collate_fn: Callable | None = None,
+                 persistent: bool = True) -> DataLoader:
     """A loader of one device's micro-batches. Accelerate shards it across processes later.
     `sampler` (sampling.EpochShuffle or BalancedSampler: whole global batches) replaces shuffling."""
     return DataLoader(
@@ -90,8 +94,9 @@ def build_loader(dataset: Dataset, batch_size: int, training: bool, num_workers:
         pin_memory=pin_memory,
         collate_fn=collate_fn,
         # Workers live for the whole run instead of being forked again every epoch; training sets reseed
-        # them each epoch (EpochSeeded), so resuming still repeats the augmentation exactly.
-        persistent_workers=num_workers > 0,
+        # them each epoch (EpochSeeded), so resuming still repeats the augmentation exactly. A loader used
+        # once (scoring after training) lets its workers go when it is done (`persistent` False).
+        persistent_workers=persistent and num_workers > 0,
     )
 
 

@@ -6,6 +6,7 @@ imports Accelerate.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable
 
 import torch
@@ -49,3 +50,13 @@ def evaluate(s: Session, accelerator, loader, class_names: list[str], prefix: st
     """Loss, top-1, balanced and per-class accuracy over exactly the loader's dataset."""
     results = predict_all(s, accelerator, loader)
     return classification_metrics(results["loss"], results["pred"], results["label"], class_names, prefix)
+
+
+def validate(s: Session, accelerator, loader, class_names: list[str]) -> tuple[dict, str, float]:
+    """The model's val metrics and, with a moving average, the average's (`ema_val_*`); which of the two is
+    the candidate for export ("model" or "ema") and its accuracy."""
+    val = evaluate(s, accelerator, loader, class_names)
+    if s.ema is not None:  # the average, validated like the model
+        val.update(evaluate(dataclasses.replace(s, model=s.ema.module), accelerator, loader, class_names, "ema_val"))
+    candidate = "ema" if s.ema is not None and val["ema_val_acc"] > val["val_acc"] else "model"
+    return val, candidate, val["ema_val_acc" if candidate == "ema" else "val_acc"]

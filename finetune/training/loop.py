@@ -34,7 +34,7 @@ from ..reporting.metrics import format_epoch
 from ..reporting.plots import save_curves
 from ..reporting.review import score_after_training
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .evaluate import evaluate, predict_all
+from .evaluate import predict_all, validate
 from .faults import FAULT_CHECK_UPDATES, FaultWatch, resume_hint
 from .features import fit_epoch_lbfgs, start_head, use_cached_features
 from .inputs import choose_pipeline, model_inputs, use_decoded_images
@@ -159,12 +159,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
         train_loss = float(torch.stack([torch.as_tensor(x) for x in losses]).mean()) if losses else 0.0
         seconds = time.perf_counter() - started
 
-        val = evaluate(s, accelerator, s.val_loader, splits.class_names)
-        if s.ema is not None:  # the average, validated like the model; the better of the two is the candidate
-            val.update(evaluate(dataclasses.replace(s, model=s.ema.module), accelerator, s.val_loader,
-                                splits.class_names, "ema_val"))
-        candidate = "ema" if s.ema is not None and val["ema_val_acc"] > val["val_acc"] else "model"
-        acc = val["ema_val_acc"] if candidate == "ema" else val["val_acc"]
+        val, candidate, acc = validate(s, accelerator, s.val_loader, splits.class_names)  # model or its average
         improved = acc > best_acc
         if improved:
             best_acc, best_epoch = acc, epoch + 1
@@ -214,7 +209,7 @@ def _main_process_run_dir(accelerator: Accelerator, run_dir: RunDir) -> RunDir:
 def _eval_loader(s: Session, accelerator: Accelerator, view):
     """A prepared loader over `view` (a split with the eval transform), batched like validation."""
     return accelerator.prepare(build_loader(view, s.batching.per_device, False, s.runtime.workers,
-                                            s.runtime.pin_memory, collate_fn=s.collate))
+                                            s.runtime.pin_memory, collate_fn=s.collate, persistent=False))
 
 
 def train_epoch(s: Session, accelerator: Accelerator, epoch: int, update: int, fault_hint: str = "",
