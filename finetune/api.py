@@ -79,12 +79,15 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
     resume: a run directory to continue; its saved recipe is used.
     """
     items = {**_flatten_overrides(overrides), **_flatten_overrides(kw_overrides)}
-    config, run_dir = resolve_run(recipe, items, output, overwrite, resume, train_data is not None, val_data is not None,
-                                  test_data is not None)
+    config, run_dir = resolve_run(recipe, items, output, overwrite, resume, train_data is not None,
+                                  val_data is not None, test_data is not None)
     splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names, test_data)
     if config.data.on_bad_image == "error":
         _require_readable(splits)
-    return TrainResult(**run_loop(config, run_dir, splits))
+    # The run owns its directory from here to the end, before the session is built: a second run into it
+    # is refused, and a default name is taken now, before the other processes adopt it (rundir.py).
+    with run_dir.owned():
+        return TrainResult(**run_loop(config, run_dir, splits))
 
 
 def _require_readable(splits: Splits) -> None:

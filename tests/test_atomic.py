@@ -1,10 +1,15 @@
-"""finetune/atomic.py: a file is either its old or its new self, never half written."""
+"""finetune/atomic.py: a file is either its old or its new self, never half written; a lock has one holder."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 
-from finetune.atomic import replacing, write_atomic
+from finetune.atomic import LockHeld, lock_holder, release_lock, replacing, take_lock, write_atomic
 
 
 def test_write_atomic_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -26,3 +31,25 @@ def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path):
             raise RuntimeError("killed mid-write")
     assert path.read_bytes() == b"old picture"
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
+def test_a_lock_is_exclusive_names_its_holder_and_goes_with_its_release(tmp_path):
+    path = tmp_path / ".lock"
+    fd, previous = take_lock(path)
+    assert previous == {}
+    assert lock_holder(path)["pid"] == os.getpid()
+    with pytest.raises(LockHeld) as held:
+        take_lock(path)  # another open file, even in this process
+    assert held.value.holder["pid"] == os.getpid() and held.value.holder["host"] == socket.gethostname()
+    release_lock(path, fd)
+    assert not path.exists() and lock_holder(path) is None
+
+
+def test_a_lock_file_left_by_a_dead_process_locks_nothing_but_says_who_left_it(tmp_path):
+    path = tmp_path / ".lock"
+    code = f"from finetune.atomic import take_lock; take_lock({str(path)!r}); import os; os._exit(0)"
+    subprocess.run([sys.executable, "-c", code], check=True)  # exits holding the lock, as a kill would leave it
+    assert path.exists() and lock_holder(path) is None
+    fd, previous = take_lock(path)
+    assert previous["pid"] != os.getpid() and previous["host"] == socket.gethostname()
+    release_lock(path, fd)

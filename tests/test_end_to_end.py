@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,10 +27,11 @@ from finetune.recipe.load import load_recipe
 
 # data_report.json is written by every run (an empty skip list included), so its absence never has to be
 # interpreted; val_report.json and the val plots by every run; hard_examples.* by every run with
-# train.hard_examples > 0 (the default).
-RUN_FILES = {"recipe.yaml", "plan.json", "metrics.jsonl", "curves.png", "model.safetensors", "config.json",
-             "checkpoint", "data_report.json", "hard_examples.json", "hard_examples.png", "val_report.json",
-             "val_confusion_matrix.png", "val_reliability.png"}
+# train.hard_examples > 0 (the default). .finetune-run.json marks the folder as a run finetune created;
+# checkpoint.old is the previous epoch's checkpoint (after a run of one epoch there is none).
+RUN_FILES = {".finetune-run.json", "recipe.yaml", "plan.json", "metrics.jsonl", "curves.png", "model.safetensors",
+             "config.json", "checkpoint", "checkpoint.old", "data_report.json", "hard_examples.json",
+             "hard_examples.png", "val_report.json", "val_confusion_matrix.png", "val_reliability.png"}
 HEAD = {"fc.weight", "fc.bias"}  # test_resnet's classifier
 CLASSES = ["c0", "c1", "c2"]
 
@@ -341,11 +343,11 @@ def test_plan_json_cli_parses(workdir, recipe_file):
 
 # Runs the real CLI with each optimizer update slowed down, so that a kill lands inside an epoch.
 SLOW_CLI = """
-import sys, time
+import os, sys, time
 import finetune.training.session as session
 _multiplier = session.lr_multiplier
 def slow_multiplier(*args, **kwargs):
-    time.sleep(0.25)
+    time.sleep(float(os.environ.get("SLOW_UPDATE_SECONDS", "0.25")))
     return _multiplier(*args, **kwargs)
 session.lr_multiplier = slow_multiplier
 from finetune.cli import main
@@ -383,6 +385,8 @@ def test_kill_mid_run_then_resume_finishes_the_run(tmp_path, make_image_folder, 
     resumed = run_cli("train", "--resume", run, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout and "after epoch 1" in resumed.stdout
+    # The kill left the lock file naming the dead process; the OS released its lock, so resume takes over.
+    assert f"pid {proc.pid} on " in resumed.stdout and "ended without releasing" in resumed.stdout
     assert listing(run) == RUN_FILES
     records = read_metrics(run)
     assert [r["epoch"] for r in records] == [1, 2, 3]
@@ -431,4 +435,92 @@ def test_fixed_size_backbone_at_another_image_size_trains_or_refuses_cleanly(tmp
         assert "image_size" in str(e)
         assert not run.exists()
     else:
-        assert len(result.metrics) == 1 and listing(run) == RUN_FILES
+        assert len(result.metrics) == 1 and listing(run) == RUN_FILES - {"checkpoint.old"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 14: what a run owns, and damaged state
+
+
+def test_overwrite_of_a_project_folder_holding_a_recipe_yaml_deletes_nothing(tmp_path, make_image_folder,
+                                                                            make_recipe):
+    """The issue's steps: a project folder with data/, notes and the user's recipe.yaml is no previous run."""
+    project = tmp_path / "proj"
+    make_image_folder(project / "data", classes=3, per_class=4, size=16)
+    (project / "notes.txt").write_text("notes")
+    write_recipe(project / "recipe.yaml", make_recipe("data"))
+    before = sorted(str(p.relative_to(project)) for p in project.rglob("*"))
+    proc = run_cli("train", "recipe.yaml", "--output", ".", "--overwrite", cwd=project)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "was not created by finetune" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(str(p.relative_to(project)) for p in project.rglob("*")) == before
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_first(tmp_path, recipe_file):
+    run = tmp_path / "run"
+    runner = tmp_path / "slow_cli.py"
+    runner.write_text(SLOW_CLI)
+    first = subprocess.Popen([sys.executable, str(runner), "train", str(recipe_file), "--output", str(run)],
+                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "SLOW_UPDATE_SECONDS": "10"})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and first.poll() is None and not (run / ".finetune-run.json").is_file():
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()[-2000:]
+        second = run_cli("train", recipe_file, "--output", run, "--overwrite", cwd=tmp_path)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"in use by another finetune run (pid {first.pid} on " in second.stderr
+        resumed = run_cli("train", "--resume", run, cwd=tmp_path)
+        assert resumed.returncode == 2 and f"(pid {first.pid} on " in resumed.stderr
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+
+
+def damaged_copy(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def test_resume_from_a_bit_flipped_checkpoint_uses_the_previous_one_and_says_why(cli_run, tmp_path, capsys):
+    run = damaged_copy(cli_run, tmp_path)
+    weights = run / "checkpoint" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x10  # inside a tensor: loads fine, trains into garbage
+    weights.write_bytes(bytes(data))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][:20])  # the last line cut off
+    result = finetune.train(resume=run)
+    out = capsys.readouterr().out
+    assert f"{run / 'checkpoint'} is damaged (model.safetensors: its checksum does not match" in out
+    assert f"resuming from the previous checkpoint, {run / 'checkpoint.old'} (after epoch 1)" in out
+    assert "metrics.jsonl line 2" in out
+    assert [r["epoch"] for r in result.metrics] == [1, 2]
+    # The damaged checkpoint and line are kept aside; the one resumed from stays as the previous checkpoint.
+    assert listing(run) == RUN_FILES | {"metrics.jsonl.damaged", "checkpoint.damaged"}
+    assert [json.loads((run / name / "trainer_state.json").read_text())["epoch"]
+            for name in ("checkpoint", "checkpoint.old")] == [2, 1]
+
+
+def test_resume_with_both_checkpoints_damaged_is_refused_and_changes_nothing(cli_run, tmp_path):
+    run = damaged_copy(cli_run, tmp_path)
+    (run / "checkpoint" / "trainer_state.json").write_text("")
+    optimizer = run / "checkpoint.old" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = run_cli("train", "--resume", run, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no usable checkpoint" in proc.stderr and "trainer_state.json" in proc.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_predict_with_a_truncated_export_is_an_error_not_a_traceback(cli_run, tmp_path, data_dir):
+    run = damaged_copy(cli_run, tmp_path)
+    weights = run / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    proc = run_cli("predict", run, data_dir / "c0" / "0.png", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "damaged or incomplete" in proc.stderr

@@ -4,12 +4,12 @@ prediction (predict.py). Weights: test_weights.py; the plan: test_groups.py; the
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import timm
 import torch
 from PIL import Image
-
 from safetensors.torch import load_file
 
 import finetune
@@ -58,4 +58,20 @@ def test_a_channels_last_model_exports_the_same_weights_in_the_standard_layout(t
 
 def test_loading_a_folder_without_an_export_says_what_it_needs(tmp_path):
     with pytest.raises(FinetuneError, match=f"has no {CONFIG_NAME}.*written by `finetune train`"):
+        finetune.load(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "garbage weights", "garbage config"])
+def test_loading_a_damaged_export_says_so(tmp_path, damage):
+    """Issue 14.3: a copy cut short gives a FinetuneError, not a SafetensorError traceback."""
+    model = build_model(ModelConfig(backbone="test_resnet", pretrained=False), 3, lambda _: None).eval()
+    save_export(model, tmp_path, ["a", "b", "c"], timm.data.resolve_model_data_config(model))
+    weights = tmp_path / WEIGHTS_NAME
+    if damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage weights":
+        weights.write_bytes(b"\x00" * 64)
+    else:
+        (tmp_path / CONFIG_NAME).write_text('{"architecture": ')
+    with pytest.raises(FinetuneError, match=f"cannot be read from {re.escape(str(tmp_path))}.*damaged or incomplete"):
         finetune.load(tmp_path)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
 from finetune import FinetuneError
-from finetune.training.rundir import RunDir
+from finetune.training.rundir import LOCK_NAME, MARKER_NAME, RunDir
 
 
 def test_default_run_folders_do_not_collide(tmp_path, monkeypatch):
@@ -50,3 +54,126 @@ def test_output_that_is_a_file_or_holds_other_files_is_refused(tmp_path):
     with pytest.raises(FinetuneError, match="only replaces a previous run directory"):
         RunDir.for_new_run(tmp_path / "notes", "test_resnet", overwrite=True)
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 14: a run directory is recognisably finetune's, owned by one run at a time, and read back with care
+
+
+def write_run(path, extra_user_files: bool = False) -> RunDir:
+    """A finished run's files as the loop writes them, in a directory claimed as finetune.train does."""
+    run = RunDir.for_new_run(path, "test_resnet")
+    run.claim()
+    run.create()
+    run.append_metrics({"epoch": 1})
+    for name in ("recipe.yaml", "plan.json", "curves.png", "model.safetensors", "config.json", "data_report.json",
+                 "hard_examples.json", "hard_examples.png", "test_metrics.json", ".skipped-0.jsonl"):
+        (path / name).write_text("run output")
+    for folder in ("checkpoint", "checkpoint.old"):
+        (path / folder).mkdir()
+        (path / folder / "model.safetensors").write_text("state")
+    run.release()
+    return run
+
+
+def test_overwrite_never_touches_a_folder_finetune_did_not_create(tmp_path):
+    """Issue 14.1: a project folder with the user's own recipe.yaml is not a previous run."""
+    project = tmp_path / "proj"
+    (project / "data" / "c0").mkdir(parents=True)
+    (project / "data" / "c0" / "0.png").write_bytes(b"an image")
+    (project / "notes.txt").write_text("notes")
+    (project / "recipe.yaml").write_text("data: {train: data}\n")
+    before = sorted(str(p.relative_to(project)) for p in project.rglob("*"))
+    with pytest.raises(FinetuneError, match="was not created by finetune"):
+        RunDir.for_new_run(project, "test_resnet", overwrite=True).create()
+    assert sorted(str(p.relative_to(project)) for p in project.rglob("*")) == before
+    assert (project / "notes.txt").read_text() == "notes"
+
+
+def test_overwrite_removes_only_what_a_run_wrote(tmp_path):
+    out = tmp_path / "out"
+    first = write_run(out)
+    (out / "my_notes.txt").write_text("keep me")
+    (out / "analysis").mkdir()
+    (out / "analysis" / "plot.py").write_text("keep me too")
+    again = RunDir.for_new_run(out, "test_resnet", overwrite=True)
+    again.claim()
+    again.create()
+    try:
+        assert sorted(p.name for p in out.iterdir()) == [MARKER_NAME, LOCK_NAME, "analysis", "my_notes.txt"]
+        assert json.loads((out / MARKER_NAME).read_text())["run_id"] != first.run_id
+        assert (out / "analysis" / "plot.py").read_text() == "keep me too"
+    finally:
+        again.release()
+    assert sorted(p.name for p in out.iterdir()) == [MARKER_NAME, "analysis", "my_notes.txt"]  # lock gone
+
+
+def test_the_marker_names_the_run(tmp_path):
+    run = write_run(tmp_path / "out")
+    marker = json.loads((tmp_path / "out" / MARKER_NAME).read_text())
+    assert set(marker) >= {"run_id", "created", "host", "pid", "finetune_version"}
+    assert marker["run_id"] == run.run_id and marker["pid"] == os.getpid()
+
+
+def test_a_second_run_into_one_directory_is_refused_naming_the_first(tmp_path):
+    """Issue 14.2: both pass the checks before either writes; the one that claims second is refused."""
+    out = tmp_path / "out"
+    first, second = RunDir.for_new_run(out, "test_resnet"), RunDir.for_new_run(out, "test_resnet")
+    first.claim()  # finetune.train claims before the session is built; the loop's create() writes later
+    try:
+        holder = f"pid {os.getpid()} on {socket.gethostname()}"
+        with pytest.raises(FinetuneError, match=f"in use by another finetune run.*{holder}"):
+            second.claim()
+        first.create()
+        with pytest.raises(FinetuneError, match=f"in use by another finetune run.*{holder}"):
+            RunDir.for_new_run(out, "test_resnet", overwrite=True)
+        with pytest.raises(FinetuneError, match=f"in use by another finetune run.*{holder}"):
+            RunDir.for_resume(out).claim()
+    finally:
+        first.release()
+    assert sorted(p.name for p in out.iterdir()) == [MARKER_NAME]
+
+
+def test_default_names_are_claimed_atomically(tmp_path, monkeypatch):
+    """Issue 14.2: two runs started in the same second pick the same free name; claiming it is atomic."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("finetune.training.rundir.time.strftime", lambda fmt: "20250101-120000")
+    first, second = RunDir.for_new_run(None, "test_resnet"), RunDir.for_new_run(None, "test_resnet")
+    assert first.path == second.path  # neither has written anything yet
+    first.claim()
+    second.claim()
+    try:
+        assert first.path.name == "20250101-120000-test_resnet" and second.path.name == "20250101-120000-test_resnet-2"
+    finally:
+        first.release()
+        second.release()
+    assert not first.path.exists() and not second.path.exists()  # claimed, never written: removed again
+
+
+def test_a_lock_left_by_a_dead_process_is_reported_and_taken_over(tmp_path, capsys):
+    out = tmp_path / "out"
+    write_run(out)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (out / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "started": "earlier"}))
+    run = RunDir.for_resume(out)
+    run.claim()
+    try:
+        assert f"pid {pid} on {socket.gethostname()}" in capsys.readouterr().out
+        assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
+    finally:
+        run.release()
+
+
+def test_a_cut_off_last_metrics_line_is_set_aside_on_resume(tmp_path, capsys):
+    """Issue 14.3: a copy cut short, or a disk that filled up, leaves half a line."""
+    run = RunDir(tmp_path)
+    for epoch in (1, 2):
+        run.append_metrics({"epoch": epoch, "val_acc": 0.5})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "val_a')
+    assert [r["epoch"] for r in run.keep_metrics_through(3)] == [1, 2]
+    out = capsys.readouterr().out
+    assert "metrics.jsonl line 3" in out and "metrics.jsonl.damaged" in out
+    assert (tmp_path / "metrics.jsonl.damaged").read_text() == '{"epoch": 3, "val_a\n'
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]

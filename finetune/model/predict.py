@@ -1,7 +1,8 @@
 """Using a finished run: `finetune.load(RUN_DIR)` and `finetune predict`.
 
 The model is rebuilt by timm from the exported `config.json` + `model.safetensors` (exactly what any
-timm user would do), and images get the eval transform recorded there.
+timm user would do), and images get the eval transform recorded there. A damaged export (a copy cut
+short) is a FinetuneError, not a traceback from deep inside safetensors.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import timm
 import timm.data
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 
 from ..data.images import ImageTooLarge, open_image, to_rgb
 from ..errors import FinetuneError
@@ -74,10 +76,15 @@ def load(run_dir: str | Path, device: str | torch.device | None = None) -> Predi
         if not (run_dir / name).is_file():
             raise FinetuneError(f"{run_dir} has no {name}; give a run directory written by `finetune train` "
                                 "(the export appears after the first epoch).")
-    model = timm.create_model(f"local-dir:{run_dir.resolve()}", pretrained=True)
+    try:
+        model = timm.create_model(f"local-dir:{run_dir.resolve()}", pretrained=True)
+        labels = json.loads((run_dir / CONFIG_NAME).read_text()).get("label_names") or [
+            str(i) for i in range(model.num_classes)]
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise FinetuneError(f"the exported model cannot be read from {run_dir} ({type(e).__name__}: {str(e)[:200]}): "
+                            f"{WEIGHTS_NAME} or {CONFIG_NAME} is damaged or incomplete (a copy cut short, a full "
+                            "disk). Copy the run directory again from where it was trained, or train again.") from None
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
-    labels = json.loads((run_dir / CONFIG_NAME).read_text()).get("label_names") or [
-        str(i) for i in range(model.num_classes)]
     transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
     return Predictor(model, list(labels), transform, device)

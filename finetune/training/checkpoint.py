@@ -1,43 +1,114 @@
-"""Checkpoints: the training state after the last finished epoch, saved so that a kill at any moment
-leaves one complete checkpoint, and found again on `--resume`.
+"""Checkpoints: the training state after the last finished epoch and the one before, saved so that a kill
+at any moment leaves a complete checkpoint, and checked on `--resume` before anything of them is loaded.
 
-Accelerate's `save_state` writes the model, optimizer and every process's RNG states; `trainer_state.json`
-(epoch, update, best epoch, unfreezing phase) is written last, so its presence marks a complete
-checkpoint. Why not Accelerate's own rotation (`ProjectConfiguration(automatic_checkpoint_naming=True,
+Accelerate's `save_state` writes the model, optimizer and every process's RNG states; then
+`trainer_state.json` (epoch, update, best epoch, unfreezing phase), and last `manifest.json`: the size
+and sha256 of every file, so that a file cut short or a flipped bit is found on resume instead of
+training on from garbage. Why not Accelerate's own rotation (`ProjectConfiguration(automatic_checkpoint_naming=True,
 total_limit=...)`): it deletes the oldest checkpoint before it writes the new one in place, and
 `load_state()` picks the newest folder whether or not it was finished. Here the new state is written
-beside the last one and swapped in by renames, so the previous checkpoint survives a kill mid-save.
+beside the others and swapped in by renames: `checkpoint/` is the last epoch's, `checkpoint.old/` the
+one before, so a kill mid-save or a damaged newest checkpoint still leaves one to resume from.
 The accelerator is passed in: only the loop imports Accelerate.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+import yaml
+
 from ..atomic import write_atomic
 from ..errors import FinetuneError
-from .rundir import RunDir
+from .rundir import RunDir, is_launch_main_process
 
 STATE_NAME = "trainer_state.json"
+MANIFEST_NAME = "manifest.json"
+STATE_INTS = ("epoch", "step", "best_epoch", "phase")
 
 
 def find_checkpoint(run_dir: RunDir) -> Path | None:
-    """The complete checkpoint of a run: `checkpoint/`, or `checkpoint.old/` when a kill interrupted the
-    swap between the two renames; None before the first epoch finished."""
-    for path in (run_dir.checkpoint, run_dir.checkpoint.with_name(run_dir.checkpoint.name + ".old")):
-        if (path / STATE_NAME).is_file():
-            return path
-    return None
+    """The newest intact checkpoint of a run: `checkpoint/`, else `checkpoint.old/` (a kill between the
+    swap's two renames, or a damaged newest one, said so); None before the first epoch finished. Raises
+    FinetuneError when checkpoints exist but none is intact, or one belongs after the recipe's last epoch.
+    Every process looks, and finds the same: the errors are printed once."""
+    damaged: list[tuple[Path, str]] = []
+    for path in (run_dir.checkpoint, _sibling(run_dir, ".old")):
+        if not path.is_dir():
+            continue
+        problem, state = inspect_checkpoint(path)
+        if problem is not None:
+            damaged.append((path, problem))
+            continue
+        epochs = _recipe_epochs(run_dir)
+        if epochs is not None and state["epoch"] > epochs:
+            raise FinetuneError(f"--resume {run_dir.path}: {path} holds the state after epoch {state['epoch']} "
+                                f"but the run's {run_dir.saved_recipe().name} says train.epochs is {epochs}; it was "
+                                f"edited. Restore train.epochs: {state['epoch']} or more, or start a new run.",
+                                raised_on_every_process=True)
+        if damaged:
+            (newest, why), = damaged
+            run_dir.damaged_checkpoint = newest
+            _note(f"note: {newest} is damaged ({why}); resuming from the previous checkpoint, {path} (after epoch "
+                  f"{state['epoch']}). The damaged one is kept as {_sibling(run_dir, '.damaged').name} when the "
+                  "next checkpoint is saved; delete it once you no longer need it.")
+        return path
+    if not damaged:
+        return None
+    reasons = "; ".join(f"{path} is damaged: {why}" for path, why in damaged)
+    raise FinetuneError(f"--resume {run_dir.path}: no usable checkpoint ({reasons}). Nothing was changed. Copy "
+                        "the run directory again if it came from elsewhere; otherwise start over with `finetune train "
+                        f"{run_dir.saved_recipe()} --output {run_dir.path} --overwrite` (or a new --output).",
+                        raised_on_every_process=True)
+
+
+def inspect_checkpoint(path: Path) -> tuple[str | None, dict]:
+    """(what is wrong with the checkpoint in `path`, or None; its trainer state). Every file listed in the
+    manifest must have the size and checksum it was written with. A checkpoint of an older finetune has
+    no manifest: only its trainer state can be checked."""
+    manifest = path / MANIFEST_NAME
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+            expected = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return f"{MANIFEST_NAME} is unreadable", {}
+        for name, (size, digest) in sorted(expected.items()):
+            file = path / name
+            if not file.is_file():
+                return f"{name} is missing", {}
+            if file.stat().st_size != size:
+                return f"{name}: {file.stat().st_size} bytes, but {size} were written; it was cut off", {}
+            if _sha256(file) != digest:
+                return f"{name}: its checksum does not match the one saved with it (a bit changed)", {}
+        if STATE_NAME not in expected:
+            return f"{MANIFEST_NAME} does not list {STATE_NAME}", {}
+    elif not (path / STATE_NAME).is_file():
+        return f"no {STATE_NAME}: the save never finished", {}
+    try:
+        state = json.loads((path / STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return f"{STATE_NAME} is not valid JSON", {}
+    return _check_state(state), state
 
 
 def load_checkpoint(accelerator, path: Path, phase_at) -> dict:
     """Restore model, optimizer and RNG states from `path`; return the trainer state. `phase_at(epoch)` is
     the plan's phase rule: a checkpoint saved in another phase means the recipe was edited."""
-    accelerator.load_state(str(path))
-    state = json.loads((path / STATE_NAME).read_text())
+    try:
+        accelerator.load_state(str(path))
+        state = json.loads((path / STATE_NAME).read_text())
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file makes torch or safetensors raise
+        why = ("its files are as they were written (checksums match), so the recipe or the installed packages "
+               "differ from those that saved it" if (path / MANIFEST_NAME).is_file() else
+               "it was written by an older finetune, without checksums, so which file is damaged cannot be told")
+        raise FinetuneError(f"--resume {path.parent}: the checkpoint {path} cannot be loaded ({type(e).__name__}: "
+                            f"{str(e)[:200]}); {why}. Rename that folder to resume from the checkpoint before it, "
+                            "if there is one, or start a new run.", raised_on_every_process=True) from e
     if state.get("phase", 1) != phase_at(state["epoch"]):
         raise FinetuneError(f"--resume {path.parent}: the checkpoint was saved for unfreezing phase {state['phase']} "
                             f"but the recipe puts epoch {state['epoch'] + 1} in phase {phase_at(state['epoch'])}; "
@@ -48,8 +119,7 @@ def load_checkpoint(accelerator, path: Path, phase_at) -> dict:
 def save_checkpoint(accelerator, run_dir: RunDir, state: dict) -> None:
     """Write the state beside the last checkpoint, then swap: a kill mid-save keeps the previous one.
     Every process calls this (each writes its own RNG state); the main process does the renames."""
-    tmp = run_dir.checkpoint.with_name(run_dir.checkpoint.name + ".tmp")
-    old = run_dir.checkpoint.with_name(run_dir.checkpoint.name + ".old")
+    tmp, old = _sibling(run_dir, ".tmp"), _sibling(run_dir, ".old")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
     accelerator.wait_for_everyone()
@@ -57,9 +127,58 @@ def save_checkpoint(accelerator, run_dir: RunDir, state: dict) -> None:
     accelerator.wait_for_everyone()  # every process has written its own part into tmp
     if accelerator.is_main_process:
         write_atomic(tmp / STATE_NAME, json.dumps(state))
-        if run_dir.checkpoint.exists():
+        write_atomic(tmp / MANIFEST_NAME, json.dumps({"files": _manifest(tmp)}, indent=1))  # last: tmp is complete
+        if run_dir.damaged_checkpoint is not None and run_dir.damaged_checkpoint.is_dir():
+            # This run resumed from checkpoint.old because checkpoint/ is damaged: keep the good one.
+            shutil.rmtree(_sibling(run_dir, ".damaged"), ignore_errors=True)
+            os.replace(run_dir.damaged_checkpoint, _sibling(run_dir, ".damaged"))
+        elif run_dir.checkpoint.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(run_dir.checkpoint, old)
+        run_dir.damaged_checkpoint = None
         os.replace(tmp, run_dir.checkpoint)
-        shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _check_state(state) -> str | None:
+    if not isinstance(state, dict):
+        return f"{STATE_NAME} is not a JSON object"
+    state = {"phase": 1, **state}  # written before unfreezing phases existed
+    wrong = [k for k in STATE_INTS if type(state.get(k)) is not int]
+    if wrong or type(state.get("best_val_acc")) not in (int, float):
+        return f"{STATE_NAME} lacks whole numbers for {', '.join(wrong) or 'best_val_acc'}"
+    if state["epoch"] < 1 or state["step"] < 0 or not 0 <= state["best_epoch"] <= state["epoch"] or state["phase"] < 1:
+        return (f"{STATE_NAME} holds impossible values (epoch {state['epoch']}, step {state['step']}, best epoch "
+                f"{state['best_epoch']}, phase {state['phase']})")
+    return None
+
+
+def _recipe_epochs(run_dir: RunDir) -> int | None:
+    """train.epochs of the run's saved recipe (read as plain YAML: resume has loaded and checked it already)."""
+    try:
+        epochs = (yaml.safe_load(run_dir.saved_recipe().read_text()) or {}).get("train", {}).get("epochs")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return epochs if type(epochs) is int else None
+
+
+def _manifest(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sibling(run_dir: RunDir, suffix: str) -> Path:
+    return run_dir.checkpoint.with_name(run_dir.checkpoint.name + suffix)
+
+
+def _note(message: str) -> None:
+    if is_launch_main_process():  # every process looks for the checkpoint; one says what it found
+        print(message)
