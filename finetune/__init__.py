@@ -14,7 +14,7 @@ from .errors import FinetuneError
 
 _EXPORTS = {
     "train": "api", "plan": "api", "check_data": "api", "lr_find": "api", "load": "api", "resolve": "api",
-    "Predictor": "api", "TrainResult": "api",
+    "export": "api", "Predictor": "api", "TrainResult": "api", "ExportResult": "api",
     "load_recipe": "recipe.load", "RecipeConfig": "recipe.schema",
 }
 __all__ = [*_EXPORTS, "FinetuneError"]

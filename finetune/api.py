@@ -1,4 +1,5 @@
-"""The Python entry points, re-exported by `finetune/__init__.py`: train, plan, load.
+"""The Python entry points, re-exported by `finetune/__init__.py`: train, plan, check_data, lr_find, load,
+export.
 
 They do what the CLI does (the CLI calls them): resolve the recipe and overrides, open the data, pick
 the run directory, and hand over to the one loop. Everything is checked before anything is written.
@@ -16,6 +17,7 @@ from torch.utils.data import Dataset
 from .data.splits import Splits, build_splits
 from .errors import FinetuneError
 from .model.backbone import build_model
+from .model.formats import ExportResult, export_run
 from .model.groups import build_plan
 from .model.plan import Plan
 from .model.predict import Predictor, load
@@ -40,8 +42,8 @@ class TrainResult:
         return self.metrics[-1] if self.metrics else {}
 
 
-__all__ = ["train", "plan", "check_data", "lr_find", "load", "resolve", "resolve_run", "Predictor", "TrainResult",
-           "LRFindResult"]
+__all__ = ["train", "plan", "check_data", "lr_find", "load", "export", "resolve", "resolve_run", "Predictor",
+           "TrainResult", "LRFindResult", "ExportResult"]
 
 
 def resolve(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[str] | None = None,
@@ -154,6 +156,15 @@ def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None
             raise FinetuneError(f"lr-find --output {folder}: it already exists and is not an empty folder (it may "
                                 "be a training run, which lr-find never writes into); choose a new folder.")
     return find_lr(config, open_data(config), folder, start, end, steps, epoch)
+
+
+def export(run_dir: str | Path, format: str = "onnx", output: str | Path | None = None,
+           dynamic_batch: bool = False) -> ExportResult:
+    """Write a run's exported model as ONNX (`format="onnx"`, needs the `export` extra) or TorchScript
+    (`"torchscript"`), and check the file before returning: its logits on a few images must match the
+    PyTorch model's within 1e-4 (`result.max_abs_diff`). Default file: model.onnx / model.torchscript.pt
+    in the run directory. `dynamic_batch`: the file takes any batch size (else batch size 1)."""
+    return export_run(run_dir, format, output, dynamic_batch)
 
 
 def open_data(config: RecipeConfig) -> Splits:

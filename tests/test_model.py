@@ -8,8 +8,8 @@ import json
 import pytest
 import timm
 import torch
+import yaml
 from PIL import Image
-
 from safetensors.torch import load_file
 
 import finetune
@@ -59,3 +59,19 @@ def test_a_channels_last_model_exports_the_same_weights_in_the_standard_layout(t
 def test_loading_a_folder_without_an_export_says_what_it_needs(tmp_path):
     with pytest.raises(FinetuneError, match=f"has no {CONFIG_NAME}.*written by `finetune train`"):
         finetune.load(tmp_path)
+
+
+@pytest.mark.parametrize("pretrained,keeps_tag", [(True, True), (False, False), ("weights.pth", False)])
+def test_config_names_the_hub_weights_tag_only_when_the_run_started_from_them(tmp_path, pretrained, keeps_tag):
+    """timm copies the backbone's default weights' tag and license into config.json; a run whose recipe
+    loaded a file or started from random weights must not claim them. (Built here without weights: only
+    what recipe.yaml says decides.)"""
+    model = build_model(ModelConfig(backbone="test_resnet", pretrained=False), 3, lambda _: None)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"model": {"backbone": "test_resnet",
+                                                                     "pretrained": pretrained}}))
+    save_export(model, tmp_path, ["a", "b", "c"], timm.data.resolve_model_data_config(model))
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())["pretrained_cfg"]
+    assert ("tag" in cfg, "license" in cfg) == (keeps_tag, keeps_tag)
+    if keeps_tag:
+        assert cfg["tag"] == "r160_in1k"
+    assert timm.create_model(f"local-dir:{tmp_path}", pretrained=True).num_classes == 3  # still loads
