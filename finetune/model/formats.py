@@ -61,10 +61,10 @@ def require_onnx_packages() -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise FinetuneError(f"ONNX export needs the packages {', '.join(ONNX_PACKAGES)}, and {', '.join(missing)} "
-                            f"{'is' if len(missing) == 1 else 'are'} not installed. Install finetune's export extra: "
-                            "pip install 'finetune[export]' (from a checkout: pip install -e '.[export]'), or "
-                            "export with --format torchscript, which needs nothing more.")
+        raise FinetuneError(f"ONNX export needs the packages onnx, onnxruntime and onnxscript; not installed: "
+                            f"{', '.join(missing)}. Install finetune's export extra: pip install 'finetune[export]' "
+                            "(from a checkout: pip install -e '.[export]'), or export with --format torchscript, "
+                            "which needs nothing more.")
 
 
 def export_model(model: torch.nn.Module, fmt: Format, output: Path, input_size: tuple[int, int, int],
