@@ -158,10 +158,19 @@ def test_cli_export_prints_where_the_file_went_and_the_difference(tmp_path, caps
     assert "max abs logit difference to PyTorch" in out and (tmp_path / "m.pt").is_file()
 
 
-def test_an_unknown_format_is_refused(tmp_path):
+def test_an_unknown_format_or_an_output_over_the_runs_own_files_is_refused(tmp_path):
     run = make_run(tmp_path / "run", "test_resnet")
     with pytest.raises(FinetuneError, match="unknown export format 'tflite'; choose one of onnx, torchscript"):
         finetune.export(run, "tflite")
+    with pytest.raises(FinetuneError, match="would replace the run's own model.safetensors"):
+        finetune.export(run, "torchscript", output=run / "model.safetensors")
+
+
+def test_an_output_folder_gets_the_default_file_name(tmp_path):
+    run = make_run(tmp_path / "run", "test_resnet")
+    (tmp_path / "exports").mkdir()
+    assert finetune.export(run, "torchscript", output=tmp_path / "exports").path == tmp_path / "exports" / \
+        "model.torchscript.pt"
 
 
 @pytest.mark.slow

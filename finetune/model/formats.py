@@ -160,8 +160,8 @@ def export_metadata(config: dict) -> dict[str, str]:
 
 def export_run(run_dir: str | Path, fmt: Format, output: str | Path | None = None,
                dynamic_batch: bool = False) -> ExportResult:
-    """Export a run's model (its best epoch, as `finetune train` exported it) as `fmt`, checked; the file
-    goes to `output`, default the run directory's model.onnx / model.torchscript.pt."""
+    """Export a run's model (its best epoch, as `finetune train` exported it) as `fmt`, checked. The file
+    goes to `output` (a file, or a folder for model.onnx / model.torchscript.pt), default the run directory."""
     if fmt not in FORMATS:
         raise FinetuneError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
     run_dir = Path(run_dir).expanduser()
@@ -170,10 +170,13 @@ def export_run(run_dir: str | Path, fmt: Format, output: str | Path | None = Non
         raise FinetuneError(f"{run_dir} is not a run directory with an exported model (no {' or '.join(missing)} "
                             "there); give the folder that `finetune train` wrote (its model appears after the first "
                             "epoch).")
+    target = Path(output).expanduser() if output is not None else run_dir
+    target = target / FILE_NAMES[fmt] if target.is_dir() else target
+    if target.resolve() in {(run_dir / name).resolve() for name in (CONFIG_NAME, WEIGHTS_NAME)}:
+        raise FinetuneError(f"--output {target} would replace the run's own {target.name}; give another file name.")
     if fmt == "onnx":
         require_onnx_packages()  # before the model is loaded: say what to install at once
     predictor = load(run_dir, device="cpu")
     config = json.loads((run_dir / CONFIG_NAME).read_text())
     input_size = tuple(timm.data.resolve_model_data_config(predictor.model)["input_size"])
-    target = Path(output).expanduser() if output is not None else run_dir / FILE_NAMES[fmt]
     return export_model(predictor.model, fmt, target, input_size, dynamic_batch, export_metadata(config))
