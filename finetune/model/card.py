@@ -69,9 +69,8 @@ def front_matter(name: str, recipe: dict, config: dict, exported: dict | None, t
         license_ = config.get("pretrained_cfg", {}).get("license")
         if license_:  # the starting weights' license; finetune cannot know one for other weights
             front["license"] = license_
-    results = []
-    for split, record, prefix, source in (("validation", exported, _val_prefix(exported), data.get("val") or
-                                           data.get("train")),
+    results, val_source = [], data.get("val") or data.get("train")
+    for split, record, prefix, source in (("validation", exported, _val_prefix(exported), val_source),
                                           ("test", test, "test", data.get("test"))):
         metrics = [{"type": "accuracy", "value": record[f"{prefix}_{key}"], "name": f"{split.title()} {label}"}
                    for key, label in (("acc", "accuracy"), ("balanced_acc", "balanced accuracy"))
