@@ -15,7 +15,8 @@ from .errors import FinetuneError
 
 _EXPORTS = {
     "train": "api", "plan": "api", "check_data": "api", "lr_find": "api", "load": "api", "evaluate": "api",
-    "resolve": "api", "Predictor": "api", "TrainResult": "api", "EvalResult": "api",
+    "export": "api", "resolve": "api", "Predictor": "api", "TrainResult": "api", "EvalResult": "api",
+    "ExportResult": "api",
     "load_recipe": "recipe.load", "RecipeConfig": "recipe.schema",
 }
 __all__ = [*_EXPORTS, "FinetuneError"]

@@ -1,5 +1,5 @@
 """The Python entry points, re-exported by `finetune/__init__.py`: train, plan, check_data, lr_find, load,
-evaluate.
+evaluate, export.
 
 They do what the CLI does (the CLI calls them): resolve the recipe and overrides, open the data, pick
 the run directory, and hand over to the one loop. Everything is checked before anything is written.
@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from .data.splits import Splits, build_splits
 from .errors import FinetuneError
 from .model.backbone import build_model
+from .model.formats import ExportResult, export_run
 from .model.groups import build_plan
 from .model.plan import Plan
 from .model.predict import Predictor, load
@@ -47,8 +48,8 @@ class EvalResult:
     metrics: dict  # what metrics.json holds (less the run and data it names)
 
 
-__all__ = ["train", "plan", "check_data", "lr_find", "load", "evaluate", "resolve", "resolve_run", "Predictor",
-           "TrainResult", "LRFindResult", "EvalResult"]
+__all__ = ["train", "plan", "check_data", "lr_find", "load", "evaluate", "export", "resolve", "resolve_run",
+           "Predictor", "TrainResult", "LRFindResult", "EvalResult", "ExportResult"]
 
 
 def resolve(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[str] | None = None,
@@ -247,6 +248,13 @@ def _first_label(data: Any) -> Any:
         return ""  # wrap_in_memory reads its ClassLabel names (or reports it empty)
     targets = getattr(data, "targets", None)
     return targets[0] if targets is not None else data[0][1]
+def export(run_dir: str | Path, format: str = "onnx", output: str | Path | None = None,
+           dynamic_batch: bool = False) -> ExportResult:
+    """Write a run's exported model as ONNX (`format="onnx"`, needs the `export` extra) or TorchScript
+    (`"torchscript"`), and check the file before returning: its logits on a few images must match the
+    PyTorch model's within 1e-4 (`result.max_abs_diff`). Default file: model.onnx / model.torchscript.pt
+    in the run directory. `dynamic_batch`: the file takes any batch size (else batch size 1)."""
+    return export_run(run_dir, format, output, dynamic_batch)
 
 
 def open_data(config: RecipeConfig) -> Splits:

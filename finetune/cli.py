@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from . import __version__
 from .errors import FinetuneError
 
 EPILOG = "overrides: any recipe key as section.key=value, e.g. optim.lr=1e-3 train.epochs=3 freeze.backbone=true"
@@ -18,6 +19,7 @@ EPILOG = "overrides: any recipe key as section.key=value, e.g. optim.lr=1e-3 tra
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune pretrained timm image backbones.")
+    parser.add_argument("--version", action="version", version=f"finetune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="fine-tune as a recipe says", epilog=EPILOG)
@@ -66,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="a new folder for the report (default: RUN_DIR/eval-<data>-<time>)")
     p.add_argument("--batch-size", type=int, default=64, help="images per process per forward pass (default 64)")
     p.add_argument("--json", action="store_true", help="print metrics.json")
+    p = sub.add_parser("export", help="write a run's model as ONNX or TorchScript, checked against PyTorch")
+    p.add_argument("run_dir")
+    p.add_argument("--format", "-f", required=True, choices=["onnx", "torchscript"],
+                   help="onnx (needs the export extra: pip install 'finetune[export]') or torchscript")
+    p.add_argument("--output", "-o", help="the file to write (default: model.onnx / model.torchscript.pt in RUN_DIR)")
+    p.add_argument("--dynamic-batch", action="store_true", help="accept any batch size (default: batch size 1)")
 
     p = sub.add_parser("bench", help="input-pipeline and train-step throughput, next to PIL workers and a plain loop",
                        epilog=EPILOG)
@@ -167,6 +175,8 @@ def _run(args: argparse.Namespace) -> None:
         if result is not None:  # None: not the main process of a launch
             print(json.dumps({"output": result.output, **result.metrics}, indent=2) if args.json
                   else f"{summary(result.metrics)}\nreport in {result.output}")
+    elif args.command == "export":
+        print(api.export(args.run_dir, args.format, args.output, args.dynamic_batch).summary())
     elif args.command == "bench":
         from .training.bench import format_pipeline, format_report, run_bench, run_pipeline_bench
 

@@ -27,11 +27,13 @@ from finetune.recipe.load import load_recipe
 
 # data_report.json is written by every run (an empty skip list included), so its absence never has to be
 # interpreted; val_report.json and the val plots by every run; hard_examples.* by every run with
-# train.hard_examples > 0 (the default). .finetune-run.json marks the folder as a run finetune created;
-# checkpoint.old is the previous epoch's checkpoint (after a run of one epoch there is none).
+# train.hard_examples > 0 (the default); the model card README.md and environment.json with every export.
+# .finetune-run.json marks the folder as a run finetune created; checkpoint.old is the previous epoch's
+# checkpoint (after a run of one epoch there is none).
 RUN_FILES = {".finetune-run.json", "recipe.yaml", "plan.json", "metrics.jsonl", "curves.png", "model.safetensors",
              "config.json", "checkpoint", "checkpoint.old", "data_report.json", "hard_examples.json",
-             "hard_examples.png", "val_report.json", "val_confusion_matrix.png", "val_reliability.png"}
+             "hard_examples.png", "val_report.json", "val_confusion_matrix.png", "val_reliability.png", "README.md",
+             "environment.json"}
 HEAD = {"fc.weight", "fc.bias"}  # test_resnet's classifier
 CLASSES = ["c0", "c1", "c2"]
 
@@ -134,6 +136,22 @@ def test_config_json_is_timm_format(cli_run):
     assert cfg["input_size"] == [3, 32, 32]
     model = timm.create_model("test_resnet", pretrained=False)
     assert cfg["mean"] == list(model.pretrained_cfg["mean"]) and cfg["std"] == list(model.pretrained_cfg["std"])
+    # model.pretrained=false: timm's tag for test_resnet's hub weights (r160_in1k) is not where these came from
+    assert "tag" not in cfg and "license" not in cfg
+
+
+def test_model_card_front_matter_parses_and_has_the_exported_epochs_metrics(cli_run):
+    text = (cli_run / "README.md").read_text()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["library_name"] == "timm" and front["pipeline_tag"] == "image-classification"
+    exported = [r for r in read_metrics(cli_run) if r["exported"]][-1]
+    acc = exported["ema_val_acc" if exported["exported"] == "ema" else "val_acc"]
+    metrics = front["model-index"][0]["results"][0]["metrics"]
+    assert metrics[0] == {"type": "accuracy", "value": acc, "name": "Validation accuracy"}
+    assert f"local-dir:{cli_run.name}" in text and "hf-hub:YOUR_NAME/cli_run" in text
+    environment = json.loads((cli_run / "environment.json").read_text())
+    assert environment["versions"]["timm"] == timm.__version__ and environment["processes"] == 1
+    assert environment["command_line"].startswith("python -m finetune train ")
 
 
 def test_saved_recipe_is_fully_resolved_and_loads(cli_run, recipe):
@@ -197,6 +215,24 @@ def test_predictor_accepts_paths_pil_images_and_tensors(cli_run, data_dir):
     assert by_path[0]["prob"] == pytest.approx(by_image[0]["prob"], abs=1e-6)
     assert by_path[0]["prob"] == pytest.approx(by_tensor[0]["prob"], abs=1e-6)
     assert len(predictor.predict([path, image], top_k=2)) == 2
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_export_of_a_trained_run_matches_its_logits(cli_run, workdir):
+    result = finetune.export(cli_run, "torchscript", output=workdir / "exported" / "model.pt", dynamic_batch=True)
+    assert result.max_abs_diff <= 1e-4
+    plain = timm.create_model(f"local-dir:{cli_run}", pretrained=True).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (torch.jit.load(str(result.path))(images) - plain(images)).abs().max() <= 1e-4
+
+
+def test_version_answers_without_a_command(capsys):
+    from finetune import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"finetune {finetune.__version__}"
 
 
 def test_predict_json_cli(cli_run, data_dir, workdir):

@@ -9,6 +9,7 @@ import re
 import pytest
 import timm
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -75,3 +76,19 @@ def test_loading_a_damaged_export_says_so(tmp_path, damage):
         (tmp_path / CONFIG_NAME).write_text('{"architecture": ')
     with pytest.raises(FinetuneError, match=f"cannot be read from {re.escape(str(tmp_path))}.*damaged or incomplete"):
         finetune.load(tmp_path)
+
+
+@pytest.mark.parametrize("pretrained,keeps_tag", [(True, True), (False, False), ("weights.pth", False)])
+def test_config_names_the_hub_weights_tag_only_when_the_run_started_from_them(tmp_path, pretrained, keeps_tag):
+    """timm copies the backbone's default weights' tag and license into config.json; a run whose recipe
+    loaded a file or started from random weights must not claim them. (Built here without weights: only
+    what recipe.yaml says decides.)"""
+    model = build_model(ModelConfig(backbone="test_resnet", pretrained=False), 3, lambda _: None)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"model": {"backbone": "test_resnet",
+                                                                     "pretrained": pretrained}}))
+    save_export(model, tmp_path, ["a", "b", "c"], timm.data.resolve_model_data_config(model))
+    cfg = json.loads((tmp_path / CONFIG_NAME).read_text())["pretrained_cfg"]
+    assert ("tag" in cfg, "license" in cfg) == (keeps_tag, keeps_tag)
+    if keeps_tag:
+        assert cfg["tag"] == "r160_in1k"
+    assert timm.create_model(f"local-dir:{tmp_path}", pretrained=True).num_classes == 3  # still loads

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..data.badimages import SkipLog, save_data_report
 from ..data.loaders import build_loader
 from ..data.splits import Splits
+from ..model.card import save_card
 from ..model.export import WEIGHTS_NAME, save_export
 from ..model.optim import drop_waiting_grads, set_lr
 from ..recipe.schema import RecipeConfig
@@ -189,6 +190,8 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
     test = score_after_training(lambda view: predict_all(s, accelerator, _eval_loader(s, accelerator, view)), splits,
                                 s.eval_view, tc.hard_examples, run_dir.path if main else None, best_epoch)
     skipped = save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes(), final=True) if main else 0
+    if main:  # the model card again, now with every epoch and the test metrics
+        save_card(run_dir.path)
     log(f"done: best val acc {100 * best_acc:.2f}% at epoch {best_epoch}"
         + (f"; test acc {100 * test['test_acc']:.2f}% (balanced {100 * test['test_balanced_acc']:.2f}%)" if test else "")
         + (f"; {skipped} unreadable image(s) skipped, listed in data_report.json" if skipped else "")
@@ -200,9 +203,8 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
 
 def _main_process_run_dir(accelerator: Accelerator, run_dir: RunDir) -> RunDir:
     """Every process adopts the main process's run directory: a default name carries the second it was
-    chosen in, so processes started a moment apart would each pick their own. Each process checked its
-    choice (an existing non-empty directory is refused) before this broadcast, the run's first
-    collective, and the main process writes nothing before it: no check can see another process's files."""
+    chosen in, so processes started a moment apart would each pick their own. The main process claimed
+    it (finetune.train, rundir.py) before this broadcast, the run's first collective."""
     return broadcast_object_list([run_dir])[0]
 
 

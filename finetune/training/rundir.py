@@ -31,6 +31,8 @@ from typing import Callable, Iterator
 from ..atomic import LockHeld, lock_holder, release_lock, take_lock, this_process, write_atomic
 from ..data.badimages import DATA_REPORT_NAME, LOG_GLOB
 from ..errors import FinetuneError
+from ..model.card import CARD_NAME
+from ..model.environment import ENVIRONMENT_NAME
 from ..model.export import CONFIG_NAME, WEIGHTS_NAME
 from ..recipe.load import dump_recipe
 from ..recipe.schema import RecipeConfig
@@ -45,11 +47,10 @@ CURVES_NAME = "curves.png"
 CHECKPOINT_NAME = "checkpoint"
 MARKER_NAME = ".finetune-run.json"
 LOCK_NAME = ".finetune.lock"
-# Everything a run writes, so all --overwrite removes: files, checkpoint folders (last, previous, being
-# written, damaged), and a kill's leftovers (skip logs, export scratch, atomic.py's temporary files).
+# All a run writes, so all --overwrite removes (and a kill's leftovers: skip logs, temporary files).
 RUN_OUTPUTS = {MARKER_NAME, RECIPE_NAME, PLAN_NAME, METRICS_NAME, DAMAGED_METRICS_NAME, CURVES_NAME, WEIGHTS_NAME,
                CONFIG_NAME, DATA_REPORT_NAME, HARD_EXAMPLES_JSON, HARD_EXAMPLES_PNG, TEST_METRICS_NAME,
-               VAL_REPORT_NAME, "val_" + CONFUSION_NAME, "val_" + RELIABILITY_NAME,
+               VAL_REPORT_NAME, "val_" + CONFUSION_NAME, "val_" + RELIABILITY_NAME, CARD_NAME, ENVIRONMENT_NAME,
                *(CHECKPOINT_NAME + end for end in ("", ".old", ".tmp", ".damaged"))}
 _LEFTOVER = re.compile(r"\.export\.tmp\d+|\.(?P<stem>.+)\.tmp\d+(?P<suffix>\.[^.]*)?")
 # The variables launchers give a process's global rank in (torchrun and Accelerate, then MPI).

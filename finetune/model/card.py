@@ -1,0 +1,267 @@
+"""The run's model card: `README.md` in the Hugging Face model-card format, written from the run directory.
+
+YAML front matter first (`library_name: timm`, `pipeline_tag: image-classification`, tags, the starting
+weights as `base_model` when they came from the hub, and the exported epoch's metrics as a `model-index`),
+then what a person reads: what the model classifies, how to load it with timm from the folder
+(`local-dir:`) and after `hf upload` (`hf-hub:`), the data, the metrics per epoch with the curves, and
+the full recipe. Uploading the run directory then gives a hub model that `timm.create_model` loads.
+
+Everything comes from files the run already wrote (recipe.yaml, metrics.jsonl, config.json,
+data_report.json, environment.json, test_metrics.json when there is one), so the card can be rewritten
+at any time; export.py rewrites it with every export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import timm
+import yaml
+
+from ..atomic import write_atomic
+from ..data.badimages import DATA_REPORT_NAME
+from .environment import ENVIRONMENT_NAME
+
+CARD_NAME = "README.md"
+# The run directory's files (training/rundir.py and reporting/review.py name them; model may not import those)
+RECIPE_NAME, METRICS_NAME, CURVES_NAME = "recipe.yaml", "metrics.jsonl", "curves.png"
+TEST_METRICS_NAME = "test_metrics.json"
+MAX_LISTED_CLASSES = 30
+
+
+def save_card(run_dir: Path) -> None:
+    """(Re)write README.md in `run_dir`, a run directory with recipe.yaml and an export."""
+    write_atomic(Path(run_dir) / CARD_NAME, render_card(Path(run_dir)))
+
+
+def render_card(run_dir: Path) -> str:
+    recipe_text = (run_dir / RECIPE_NAME).read_text()
+    recipe = yaml.safe_load(recipe_text)
+    config = _read_json(run_dir / "config.json") or {}
+    records = _read_metrics(run_dir / METRICS_NAME)
+    exported = _exported_record(records)
+    test = _read_json(run_dir / TEST_METRICS_NAME)
+    front = front_matter(run_dir.name, recipe, config, exported, test)
+    sections = [
+        _intro(recipe, config, exported, len(records)),
+        _usage(run_dir, config),
+        _data(recipe, _read_json(run_dir / DATA_REPORT_NAME)),
+        _results(records, test, (run_dir / CURVES_NAME).is_file()),
+        "## Recipe\n\nThe fully resolved recipe (`recipe.yaml`; `finetune train recipe.yaml` repeats the run):\n\n"
+        f"```yaml\n{recipe_text.rstrip()}\n```",
+        _environment(_read_json(run_dir / ENVIRONMENT_NAME)),
+    ]
+    head = yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
+    return f"---\n{head}---\n\n" + "\n\n".join(s for s in sections if s) + "\n"
+
+
+def front_matter(name: str, recipe: dict, config: dict, exported: dict | None, test: dict | None) -> dict:
+    """The card's YAML metadata, as the Hugging Face hub reads it."""
+    model, data = recipe.get("model", {}), recipe.get("data", {})
+    backbone = str(model.get("backbone", config.get("architecture", "")))
+    front: dict = {"library_name": "timm", "pipeline_tag": "image-classification",
+                   "tags": ["image-classification", "timm", "finetune"]}
+    base = base_model(backbone, model.get("pretrained"), config)
+    if base:
+        front["base_model"] = base
+        license_ = config.get("pretrained_cfg", {}).get("license")
+        if license_:  # the starting weights' license; finetune cannot know one for other weights
+            front["license"] = license_
+    results, val_source = [], data.get("val") or data.get("train")
+    for split, record, prefix, source in (("validation", exported, _val_prefix(exported), val_source),
+                                          ("test", test, "test", data.get("test"))):
+        metrics = [{"type": "accuracy", "value": record[f"{prefix}_{key}"], "name": f"{split.title()} {label}"}
+                   for key, label in (("acc", "accuracy"), ("balanced_acc", "balanced accuracy"))
+                   if record and isinstance(record.get(f"{prefix}_{key}"), (int, float))]
+        if metrics:
+            results.append({"task": {"type": "image-classification", "name": "Image Classification"},
+                            "dataset": {"name": _dataset_name(str(source)), "type": _dataset_type(str(source)),
+                                        "split": split},
+                            "metrics": metrics})
+    if results:
+        front["metrics"] = ["accuracy"]
+        front["model-index"] = [{"name": name, "results": results}]
+    return front
+
+
+def base_model(backbone: str, pretrained, config: dict) -> str | None:
+    """The hub repository the starting weights came from: only when timm downloaded them (pretrained: true);
+    a weights file or a random start names none."""
+    if pretrained is not True:
+        return None
+    if backbone.startswith("hf-hub:"):
+        return backbone.removeprefix("hf-hub:").split("@")[0]
+    tag = config.get("pretrained_cfg", {}).get("tag")
+    name = f"{config.get('architecture', backbone)}.{tag}" if tag else backbone
+    # An architecture this timm does not know names no base model rather than a wrong one.
+    cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False) if timm.is_model(name) else None
+    return getattr(cfg, "hf_hub_id", None) or None
+
+
+def _val_prefix(record: dict | None) -> str:
+    return "ema_val" if record and record.get("exported") == "ema" else "val"
+
+
+def _dataset_name(source: str) -> str:
+    """A data source as the hub shows it: a folder or manifest by its name (not the user's absolute path)."""
+    if ":" in source and not os.path.exists(source):  # hf:beans, torchvision:CIFAR10, sklearn:digits
+        return source
+    return Path(source).name or source
+
+
+def _dataset_type(source: str) -> str:
+    if source.startswith("hf:"):
+        return source.removeprefix("hf:").split("@")[0]
+    if ":" in source and not os.path.exists(source):  # torchvision:CIFAR10, sklearn:digits, python:train_data
+        return source.split(":", 1)[1].split("@")[0].lower()
+    return "imagefolder" if os.path.isdir(source) else "manifest"
+
+
+def _intro(recipe: dict, config: dict, exported: dict | None, epochs_run: int) -> str:
+    model = recipe.get("model", {})
+    backbone = model.get("backbone", config.get("architecture"))
+    labels = [str(x) for x in config.get("label_names") or []]
+    listed = ", ".join(f"`{x}`" for x in labels[:MAX_LISTED_CLASSES])
+    more = f" and {len(labels) - MAX_LISTED_CLASSES} more" if len(labels) > MAX_LISTED_CLASSES else ""
+    pretrained = model.get("pretrained")
+    start = {True: "timm's pretrained weights" + (f" (`{config.get('pretrained_cfg', {}).get('tag')}`)"
+                                                   if config.get("pretrained_cfg", {}).get("tag") else ""),
+             False: "random weights (no pretraining)"}.get(pretrained, f"the weights file `{pretrained}`")
+    text = (f"# {backbone} fine-tuned with finetune\n\n"
+            f"A [timm](https://github.com/huggingface/pytorch-image-models) `{config.get('architecture', backbone)}` "
+            f"image classifier for {len(labels)} classes: {listed}{more}, fine-tuned with finetune from {start}.")
+    if exported:
+        which = "the moving average (EMA) of the weights" if exported.get("exported") == "ema" else "the weights"
+        acc = exported.get(f"{_val_prefix(exported)}_acc")
+        epochs = recipe.get("train", {}).get("epochs", "?")
+        text += (f" The model is {which} after epoch {exported['epoch']} of {epochs}, the best by validation accuracy"
+                 + (f" ({100 * acc:.2f}%)" if isinstance(acc, (int, float)) else "")
+                 + f" of the {epochs_run} epoch(s) finished when this card was written.")
+    return text
+
+
+def _usage(run_dir: Path, config: dict) -> str:
+    local = _shown_path(run_dir)
+    size = config.get("pretrained_cfg", {}).get("input_size", [3, 224, 224])
+    return f"""## How to use it
+
+With timm alone (no finetune needed). From this folder:
+
+```python
+import timm
+import torch
+from PIL import Image
+
+model = timm.create_model("local-dir:{local}", pretrained=True).eval()
+transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
+labels = model.pretrained_cfg["label_names"]
+with torch.no_grad():
+    probs = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0)).softmax(-1)
+print(labels[int(probs.argmax())], float(probs.max()))
+```
+
+After uploading the folder to the Hugging Face hub (the checkpoint is only needed to resume training):
+
+```bash
+hf upload YOUR_NAME/{run_dir.name} {local} . --exclude "checkpoint/*"   # older huggingface_hub: huggingface-cli upload
+```
+
+```python
+model = timm.create_model("hf-hub:YOUR_NAME/{run_dir.name}", pretrained=True).eval()
+```
+
+The model takes {size[0]}x{size[1]}x{size[2]} images preprocessed as `config.json` says (the transform above).
+`finetune export {local} --format onnx` (or `torchscript`) writes a checked ONNX or TorchScript file."""
+
+
+def _shown_path(run_dir: Path) -> str:
+    """The folder relative to the working directory when it is inside it; else its name (an absolute path
+    would put the user's home folder on the hub)."""
+    try:
+        return run_dir.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return run_dir.name
+
+
+def _data(recipe: dict, report: dict | None) -> str:
+    data = recipe.get("data", {})
+    sizes = (report or {}).get("images", {})
+    rows = []
+    for split in ("train", "val", "test"):
+        source = data.get(split)
+        if split == "val" and not source and data.get("train"):
+            seed = recipe.get("train", {}).get("seed")
+            source = f"{100 * float(data.get('val_fraction', 0.2)):g}% of train, stratified (seed {seed})"
+        if source or sizes.get(split):
+            rows.append(f"| {split} | {_cell(source)} | {sizes.get(split, '')} |")
+    text = "## Data\n\n| split | source | images |\n| --- | --- | --- |\n" + "\n".join(rows)
+    skipped = (report or {}).get("skipped_count")
+    if skipped:
+        text += f"\n\n{skipped} unreadable image(s) were skipped; `data_report.json` lists them."
+    return text
+
+
+def _results(records: list[dict], test: dict | None, curves: bool) -> str:
+    if not records:
+        return ""
+    ema = any("ema_val_acc" in r for r in records)
+    head = "| epoch | train loss | val loss | val acc | val balanced acc |" + (" EMA val acc |" if ema else "") + \
+        " exported |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in records:
+        cells = [str(r.get("epoch")), _num(r.get("train_loss")), _num(r.get("val_loss")), _pct(r.get("val_acc")),
+                 _pct(r.get("val_balanced_acc"))] + ([_pct(r.get("ema_val_acc"))] if ema else [])
+        lines.append("| " + " | ".join(cells + [r.get("exported") or ""]) + " |")
+    text = ("## Results\n\nPer epoch (`metrics.jsonl` has every number, per-class accuracy included):\n\n"
+            + "\n".join(lines))
+    if test:
+        text += (f"\n\nTest set, with the exported weights (epoch {test.get('epoch')}): accuracy "
+                 f"{_pct(test.get('test_acc'))}, balanced accuracy {_pct(test.get('test_balanced_acc'))} "
+                 f"({test.get('test_images')} images).")
+    if curves:
+        text += "\n\n![loss and accuracy per epoch](curves.png)"
+    return text
+
+
+def _environment(env: dict | None) -> str:
+    if not env:
+        return ""
+    versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)
+    gpus = env.get("devices", {}).get("gpus") or []
+    git = env.get("git") or {}
+    text = (f"## Environment\n\nTrained on {env.get('training_device')} ({len(gpus)} GPU(s): "
+            f"{', '.join(gpus) or 'none'}), {env.get('processes')} process(es); Python {env.get('python')}; "
+            f"{versions}.")
+    if git.get("commit"):
+        changes = " with uncommitted changes" if git.get("dirty") else ""
+        text += f" Working directory at git commit `{git['commit'][:12]}`{changes}."
+    return text + f" `{ENVIRONMENT_NAME}` has the details and the command line."
+
+
+def _exported_record(records: list[dict]) -> dict | None:
+    exported = [r for r in records if r.get("exported")]
+    return exported[-1] if exported else None
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _cell(value) -> str:
+    return str(value).replace("|", "\\|")
+
+
+def _num(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else ""
+
+
+def _pct(value) -> str:
+    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else ""
