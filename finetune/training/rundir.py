@@ -6,11 +6,11 @@ Ownership. `finetune.train` claims the folder before the session is built (`owne
 same second (it takes `-2`, `-3`, ...), and an exclusive lock on `.finetune.lock` (atomic.py) is held
 until the run ends: a second run into the folder is refused, naming the first one's host and pid. A
 lock file left by a kill locks nothing (the OS released it); the next run reports it and takes over.
-Only the launch's main process claims; the others adopt its folder (loop.py). Nothing of the run is written until `create()`, which the loop calls only after the recipe, data and
-model have all been checked and built (a run that fails before leaves no folder behind); it writes the
-marker `.finetune-run.json` (run id, time, host, pid, version). A non-empty folder is never reused
-without `overwrite`, which replaces only a folder with the marker and removes only what a run writes
-(`RUN_OUTPUTS`): a user's own files stay.
+Only the launch's main process claims; the others adopt its folder (loop.py). Nothing of the run is
+written until `create()`, which the loop calls only after the recipe, data and model were checked and
+built (a run that fails before leaves no folder); it writes the marker `.finetune-run.json` (run id,
+time, host, pid, version). A non-empty folder is never reused without `overwrite`, which replaces only
+a folder with the marker and removes only what a run writes (`RUN_OUTPUTS`): a user's files stay.
 """
 
 from __future__ import annotations
