@@ -244,3 +244,15 @@ def test_a_folder_without_an_export_is_refused_naming_the_file_looked_for(tmp_pa
     (tmp_path / "empty-run").mkdir()
     with pytest.raises(FinetuneError, match=r"not found \(looked at .*empty-run/model\.safetensors\).*run directory"):
         load_recipe(tiny_recipe(**{"model.pretrained": str(tmp_path / "empty-run")}))
+
+
+def test_a_finished_run_fine_tunes_further_on_other_classes(tmp_path, image_folder, tiny_recipe, capsys):
+    import finetune
+
+    first = finetune.train(tiny_recipe(image_folder(classes=3), **{"train.epochs": 1}), output=tmp_path / "first")
+    other = image_folder(classes=2, name="other")
+    second = finetune.train(tiny_recipe(other, **{"train.epochs": 1, "model.pretrained": first.run_dir}),
+                            output=tmp_path / "second")
+    assert second.metrics and (tmp_path / "second" / "model.safetensors").is_file()
+    assert (f"from {Path(first.run_dir) / 'model.safetensors'} by name; dropped the source classifier (3 classes, "
+            "ours 2)") in capsys.readouterr().out
