@@ -27,6 +27,7 @@ from .training.loop import train as run_loop
 from .training.lrfind import LRFindResult, find_lr
 from .training.rundir import RunDir
 from .training.runs import RunSummary, runs
+from .training.runtime import flush_denormals
 
 
 @dataclass
@@ -88,7 +89,7 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
         _require_readable(splits)
     # The run owns its directory from here to the end, before the session is built: a second run into it
     # is refused, and a default name is taken now, before the other processes adopt it (rundir.py).
-    with run_dir.owned():
+    with run_dir.owned(), flush_denormals():
         return TrainResult(**run_loop(config, run_dir, splits))
 
 
@@ -165,7 +166,8 @@ def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise FinetuneError(f"lr-find --output {folder}: it already exists and is not an empty folder (it may "
                                 "be a training run, which lr-find never writes into); choose a new folder.")
-    return find_lr(config, open_data(config), folder, start, end, steps, epoch)
+    with flush_denormals():
+        return find_lr(config, open_data(config), folder, start, end, steps, epoch)
 
 
 def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | Path | None = None,

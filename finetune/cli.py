@@ -198,10 +198,12 @@ def _run(args: argparse.Namespace) -> None:
         print(json.dumps([r.to_dict() for r in found], indent=2) if args.json else format_runs(found, args.folder))
     elif args.command == "bench":
         from .training.bench import format_pipeline, format_report, run_bench, run_pipeline_bench
+        from .training.runtime import flush_denormals
 
         config = api.resolve(recipe, overrides)
-        pipeline = run_pipeline_bench(config, batches=args.steps) if args.pipeline else None
-        report = run_bench(config, steps=args.steps, warmup=args.warmup, repeats=args.repeats)
+        with flush_denormals():  # as training runs
+            pipeline = run_pipeline_bench(config, batches=args.steps) if args.pipeline else None
+            report = run_bench(config, steps=args.steps, warmup=args.warmup, repeats=args.repeats)
         if args.json:
             print(json.dumps({**report, **({"pipeline": pipeline} if pipeline else {})}, indent=2))
         else:

@@ -71,3 +71,11 @@ def test_loader_workers_default_shares_the_cores_and_an_explicit_value_wins(monk
     model = timm.create_model("test_resnet")
     assert resolve_runtime(TrainConfig(), DataConfig(), model, "fp32", 2, False).workers == 3
     assert resolve_runtime(TrainConfig(), DataConfig(num_workers=5), model, "fp32", 2, False).workers == 5
+
+
+def test_denormals_are_flushed_while_training_and_restored_after():
+    from finetune.training.runtime import flush_denormals
+    tiny = torch.tensor([1e-39])  # a denormal float32
+    with flush_denormals():
+        inside = (tiny * 1.0).item()
+    assert inside == 0.0 and (tiny * 1.0).item() > 0  # the process's setting is back: other code sees denormals
