@@ -5,6 +5,7 @@
     predictor = finetune.load(result.run_dir)
     predictor.predict("some_image.png")
     report = finetune.evaluate(result.run_dir, "path/to/labelled/folder")
+    finetune.runs("runs")  # every run in runs/: backbone, epochs, accuracies, finished / interrupted / running
 
 Names are imported on first use, so `finetune --help` answers without loading torch.
 """
@@ -16,7 +17,7 @@ from .errors import FinetuneError
 _EXPORTS = {
     "train": "api", "plan": "api", "check_data": "api", "lr_find": "api", "load": "api", "evaluate": "api",
     "export": "api", "resolve": "api", "Predictor": "api", "TrainResult": "api", "EvalResult": "api",
-    "ExportResult": "api",
+    "ExportResult": "api", "runs": "api", "RunSummary": "api",
     "load_recipe": "recipe.load", "RecipeConfig": "recipe.schema",
 }
 __all__ = [*_EXPORTS, "FinetuneError"]

@@ -1,5 +1,5 @@
 """The Python entry points, re-exported by `finetune/__init__.py`: train, plan, check_data, lr_find, load,
-evaluate, export.
+evaluate, export, runs.
 
 They do what the CLI does (the CLI calls them): resolve the recipe and overrides, open the data, pick
 the run directory, and hand over to the one loop. Everything is checked before anything is written.
@@ -26,6 +26,7 @@ from .recipe.schema import RecipeConfig, RecipeLike
 from .training.loop import train as run_loop
 from .training.lrfind import LRFindResult, find_lr
 from .training.rundir import RunDir
+from .training.runs import RunSummary, runs
 from .training.runtime import flush_denormals
 
 
@@ -50,7 +51,7 @@ class EvalResult:
 
 
 __all__ = ["train", "plan", "check_data", "lr_find", "load", "evaluate", "export", "resolve", "resolve_run",
-           "Predictor", "TrainResult", "LRFindResult", "EvalResult", "ExportResult"]
+           "runs", "RunSummary", "Predictor", "TrainResult", "LRFindResult", "EvalResult", "ExportResult"]
 
 
 def resolve(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[str] | None = None,

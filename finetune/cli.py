@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print a JSON list of groups")
 
+    p = sub.add_parser("show", help="print the fully resolved recipe, every default written out", epilog=EPILOG)
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
     p = sub.add_parser("check-data", help="report what is wrong with a recipe's data, without training "
                        "(exit 0: it can train, 1: it cannot)", epilog=EPILOG)
     p.add_argument("recipe")
@@ -56,9 +60,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify images with a trained run")
     p.add_argument("run_dir")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files, folders (every image inside, recursively) or "
+                   ".csv/.jsonl manifests")
     p.add_argument("--top-k", "-k", type=int, default=5)
     p.add_argument("--json", action="store_true", help="print JSON: one object per image")
+    p.add_argument("--csv", metavar="OUT", help="write path,prediction,probability (and the next top-k classes) "
+                   "to this CSV file instead of printing")
+    p.add_argument("--tta", action="store_true", help="average the logits of each image and its horizontal mirror")
 
     p = sub.add_parser("eval", help="score a trained run on labelled data: metrics.json, confusion matrix, "
                        "reliability diagram, confident mistakes, predictions.csv")
@@ -74,6 +82,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="onnx (needs the export extra: pip install 'finetune[export]') or torchscript")
     p.add_argument("--output", "-o", help="the file to write (default: model.onnx / model.torchscript.pt in RUN_DIR)")
     p.add_argument("--dynamic-batch", action="store_true", help="accept any batch size (default: batch size 1)")
+
+    p = sub.add_parser("runs", help="one line per run directory: backbone, data, epochs, accuracies, time, "
+                       "status (finished / interrupted / running)")
+    p.add_argument("folder", nargs="?", default="runs", help="where to look, subfolders included (default: runs)")
+    p.add_argument("--sort", default="name", metavar="COLUMN",
+                   help="name (default), backbone, data, epochs, best, final, test (these three highest first), "
+                        "time or status")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
 
     p = sub.add_parser("bench", help="input-pipeline and train-step throughput, next to PIL workers and a plain loop",
                        epilog=EPILOG)
@@ -150,6 +166,10 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "plan":
         plan = api.plan(recipe, overrides)
         print(plan.dumps() if args.json else plan.table())
+    elif args.command == "show":
+        from .recipe.load import dump_recipe
+
+        print(dump_recipe(api.resolve(recipe, overrides)), end="")
     elif args.command == "check-data":
         from .data.checkdata import format_report
 
@@ -161,13 +181,7 @@ def _run(args: argparse.Namespace) -> None:
         api.lr_find(recipe, overrides, output=args.output, start=args.start, end=args.end, steps=args.steps,
                     epoch=args.epoch)
     elif args.command == "predict":
-        predictor = api.load(args.run_dir)
-        results = [{"image": path, "predictions": predictor.predict(path, args.top_k)[0]} for path in args.images]
-        if args.json:
-            print(json.dumps(results, indent=2))
-        else:
-            for r in results:
-                print(r["image"] + ": " + ", ".join(f"{p['label']} {100 * p['prob']:.1f}%" for p in r["predictions"]))
+        _predict(api.load(args.run_dir), args)
     elif args.command == "eval":
         from .reporting.evaluation import summary
 
@@ -177,6 +191,11 @@ def _run(args: argparse.Namespace) -> None:
                   else f"{summary(result.metrics)}\nreport in {result.output}")
     elif args.command == "export":
         print(api.export(args.run_dir, args.format, args.output, args.dynamic_batch).summary())
+    elif args.command == "runs":
+        from .training.runs import format_runs
+
+        found = api.runs(args.folder, sort=args.sort)
+        print(json.dumps([r.to_dict() for r in found], indent=2) if args.json else format_runs(found, args.folder))
     elif args.command == "bench":
         from .training.bench import format_pipeline, format_report, run_bench, run_pipeline_bench
         from .training.runtime import flush_denormals
@@ -189,3 +208,20 @@ def _run(args: argparse.Namespace) -> None:
             print(json.dumps({**report, **({"pipeline": pipeline} if pipeline else {})}, indent=2))
         else:
             print((format_pipeline(pipeline) + "\n" if pipeline else "") + format_report(report))
+
+
+def _predict(predictor, args: argparse.Namespace) -> None:
+    from .model.predict import list_images, save_predictions
+
+    if args.top_k < 1:
+        raise FinetuneError(f"predict: --top-k {args.top_k}: give a number of classes, 1 or more.")
+    images = list_images(args.images)
+    predictions = predictor.predict(images, args.top_k, tta=args.tta)
+    if args.csv:
+        save_predictions(args.csv, images, predictions)
+        print(f"predictions for {len(images)} image(s) in {args.csv}")
+    elif args.json:
+        print(json.dumps([{"image": i, "predictions": p} for i, p in zip(images, predictions)], indent=2))
+    else:
+        for image, top in zip(images, predictions):
+            print(image + ": " + ", ".join(f"{p['label']} {100 * p['prob']:.1f}%" for p in top))

@@ -375,3 +375,12 @@ def test_plan_table_lists_every_group(model):
     for g in plan.groups:
         assert g.name in table
     assert "frozen" in table
+
+
+def test_plan_table_names_the_batchnorm_policy_only_when_something_is_frozen():
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=4)
+    nothing_frozen = build_plan(model, OPTIM, FreezeConfig()).table()
+    assert "BatchNorm in frozen parts" not in nothing_frozen and "stages: 0=" in nothing_frozen
+    for freeze in (FreezeConfig(stages=1, bn="eval"), FreezeConfig(backbone=True, unfreeze_at=1, bn="frozen"),
+                   FreezeConfig(patterns=["layer1.*"], bn="train")):
+        assert "BatchNorm in frozen parts: " + freeze.bn in build_plan(model, OPTIM, freeze).table(), freeze

@@ -205,3 +205,54 @@ def test_efficientnet_lite0_package_weights_classify_a_cat():
     with torch.no_grad():
         top1 = model(image).argmax(dim=-1).item()
     assert top1 in {281, 282, 285}  # tabby, tiger cat, Egyptian cat
+
+
+@pytest.fixture
+def run_dir(tmp_path, source) -> Path:
+    """A folder as a finished run leaves it: its export, model.safetensors + config.json (5 classes)."""
+    from finetune.model.export import save_export
+
+    model = resnet(5)
+    model.load_state_dict(source)
+    (tmp_path / "run").mkdir()
+    save_export(model, tmp_path / "run", [f"c{i}" for i in range(5)], timm.data.resolve_model_data_config(model))
+    return tmp_path / "run"
+
+
+def test_a_run_directory_is_a_weights_source_for_the_recipe(run_dir, tiny_recipe):
+    from finetune.recipe.load import load_recipe
+
+    assert load_recipe(tiny_recipe(**{"model.pretrained": str(run_dir)})).model.pretrained == str(run_dir)
+
+
+def test_a_run_directory_with_the_same_classes_keeps_its_head(run_dir, source):
+    notes = []
+    model = build_model(ModelConfig(backbone="test_resnet", pretrained=str(run_dir)), num_classes=5, log=notes.append)
+    assert_loaded(model, source)  # the head too: fine-tuning the fine-tuned model further
+    assert str(run_dir / "model.safetensors") in notes[0]
+
+
+def test_a_run_directory_with_other_classes_gets_a_fresh_head(run_dir, source):
+    model = build_model(ModelConfig(backbone="test_resnet", pretrained=str(run_dir)), num_classes=3, log=lambda _: None)
+    assert torch.count_nonzero(model.fc.weight) == 0 and model.fc.weight.shape == (3, 96)
+    assert_loaded(model, source, skip=HEAD)
+
+
+def test_a_folder_without_an_export_is_refused_naming_the_file_looked_for(tmp_path, tiny_recipe):
+    from finetune.recipe.load import load_recipe
+
+    (tmp_path / "empty-run").mkdir()
+    with pytest.raises(FinetuneError, match=r"not found \(looked at .*empty-run/model\.safetensors\).*run directory"):
+        load_recipe(tiny_recipe(**{"model.pretrained": str(tmp_path / "empty-run")}))
+
+
+def test_a_finished_run_fine_tunes_further_on_other_classes(tmp_path, image_folder, tiny_recipe, capsys):
+    import finetune
+
+    first = finetune.train(tiny_recipe(image_folder(classes=3), **{"train.epochs": 1}), output=tmp_path / "first")
+    other = image_folder(classes=2, name="other")
+    second = finetune.train(tiny_recipe(other, **{"train.epochs": 1, "model.pretrained": first.run_dir}),
+                            output=tmp_path / "second")
+    assert second.metrics and (tmp_path / "second" / "model.safetensors").is_file()
+    assert (f"from {Path(first.run_dir) / 'model.safetensors'} by name; dropped the source classifier (3 classes, "
+            "ours 2)") in capsys.readouterr().out

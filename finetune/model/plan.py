@@ -101,7 +101,8 @@ class Plan:
                 not g.trainable or g.bn != "-" or "head" in g.name for g in self.groups):
             lines.append("the body is frozen but its BatchNorm affine trains (freeze.bn=eval), so the body still runs "
                          "forward and backward every step; freeze.bn=frozen makes a linear probe on cached features")
-        lines.append(f"BatchNorm in frozen parts: {self.bn}; stages: "
+        something_frozen = self.eval_norms or any(g.trains_from != 0 for g in self.groups)
+        lines.append((f"BatchNorm in frozen parts: {self.bn}; " if something_frozen else "") + "stages: "
                      + ", ".join(f"{i}={name}" for i, name in enumerate(self.stage_examples)))
         return "\n".join(lines)
 

@@ -2,12 +2,17 @@
 
 The model is rebuilt by timm from the exported `config.json` + `model.safetensors` (exactly what any
 timm user would do), and images get the eval transform recorded there. A damaged export (a copy cut
-short) is a FinetuneError, not a traceback from deep inside safetensors.
+short) is a FinetuneError, not a traceback from deep inside safetensors. `finetune predict` takes image
+files, folders (every image inside, recursively) and manifests (`list_images`), and writes a CSV of the
+top-k predictions (`save_predictions`); `tta` averages the logits of each image and its mirror image.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Union
@@ -18,7 +23,10 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError
 
-from ..data.images import ImageTooLarge, open_image, to_rgb
+from ..atomic import write_atomic
+from ..data.images import IMAGE_EXTENSIONS, ImageTooLarge, open_image, to_rgb
+from ..data.samples import natural_key
+from ..data.sources import IMAGE_COLUMNS
 from ..errors import FinetuneError
 from .export import CONFIG_NAME, WEIGHTS_NAME
 
@@ -32,24 +40,33 @@ class Predictor:
     transform: object  # timm eval transform: PIL image -> normalised CHW tensor
     device: torch.device
 
-    def logits(self, images: Iterable[ImageLike] | ImageLike) -> torch.Tensor:
+    def logits(self, images: Iterable[ImageLike] | ImageLike, tta: bool = False, batch_size: int = 64) -> torch.Tensor:
         """Logits for one image or many: paths, PIL images, or tensors (CHW images, or an NCHW batch
-        already preprocessed with this model's transform)."""
+        already preprocessed with this model's transform), `batch_size` images per forward pass. `tta`:
+        the mean of the logits of each image and its horizontal mirror."""
         if isinstance(images, torch.Tensor) and images.ndim == 4:
-            batch = images
+            batches = [images]
         else:
             if isinstance(images, (str, Path, Image.Image)) or (isinstance(images, torch.Tensor) and images.ndim == 3):
                 images = [images]
-            batch = torch.stack([self._prepare(image) for image in images])
+            images = list(images)
+            batches = (torch.stack([self._prepare(image) for image in images[i:i + batch_size]])
+                       for i in range(0, len(images), batch_size))
         with torch.inference_mode():
-            return self.model(batch.to(self.device)).float().cpu()
+            return torch.cat([self._forward(batch.to(self.device), tta) for batch in batches])
 
-    def predict(self, images: Iterable[ImageLike] | ImageLike, top_k: int = 5) -> list[list[dict]]:
+    def predict(self, images: Iterable[ImageLike] | ImageLike, top_k: int = 5, tta: bool = False) -> list[list[dict]]:
         """Per image, the top_k classes best first: [{"label": ..., "prob": ...}, ...]."""
-        probs = self.logits(images).softmax(dim=-1)
+        probs = self.logits(images, tta).softmax(dim=-1)
         values, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
         return [[{"label": self.label_names[i], "prob": float(p)} for p, i in zip(row_p.tolist(), row_i.tolist())]
                 for row_p, row_i in zip(values, indices)]
+
+    def _forward(self, batch: torch.Tensor, tta: bool) -> torch.Tensor:
+        logits = self.model(batch).float()
+        if tta:  # a mirror image shows the same classes (training augments with flips too): average the two views
+            logits = (logits + self.model(batch.flip(-1)).float()) / 2
+        return logits.cpu()
 
     def _prepare(self, image: ImageLike) -> torch.Tensor:
         if isinstance(image, (str, Path)):
@@ -88,3 +105,67 @@ def load(run_dir: str | Path, device: str | torch.device | None = None) -> Predi
     model.to(device).eval()
     transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
     return Predictor(model, list(labels), transform, device)
+
+
+def list_images(items: Iterable[str | Path]) -> list[str]:
+    """What `finetune predict` was given, as image paths: a file as it is, a folder as every image inside it
+    (subfolders too, hidden ones left out, in natural order), a .csv/.jsonl manifest as the images it lists
+    (its image column, paths relative to the manifest)."""
+    paths: list[str] = []
+    for given in items:
+        item = Path(given)
+        if item.is_dir():
+            found = _folder_images(item)
+            if not found:
+                raise FinetuneError(f"{item} holds no images ({', '.join(IMAGE_EXTENSIONS)}), in subfolders neither.")
+            paths += found
+        elif item.suffix.lower() in (".csv", ".jsonl") and item.is_file():
+            paths += _manifest_images(item)
+        elif not item.exists():
+            raise FinetuneError(f"{item}: no such file or folder; give image files, folders of images or a "
+                                ".csv/.jsonl manifest.")
+        else:
+            paths.append(str(given))  # as given: the output names it the way the user did
+    return paths
+
+
+def _folder_images(folder: Path) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # hidden folders (.git, caches) hold no data
+        found += [os.path.join(root, name) for name in files
+                  if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
+    return sorted(found, key=natural_key)
+
+
+def _manifest_images(path: Path) -> list[str]:
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
+        raise FinetuneError(f"{path} is not a readable {path.suffix} manifest: {e}") from None
+    rows = [row for row in rows if isinstance(row, dict)]
+    columns = {c.lower(): c for c in (rows[0] if rows else {})}
+    column = next((columns[c] for c in IMAGE_COLUMNS if c in columns), None)
+    if column is None:
+        raise FinetuneError(f"{path}: no image column ({', '.join(IMAGE_COLUMNS)}) among {list(columns.values())}; "
+                            "give one row per image with its path in one of these columns.")
+    return [str(path.parent / str(row[column]).strip()) for row in rows if row.get(column)]
+
+
+def save_predictions(path: str | Path, images: list[str], predictions: list[list[dict]]) -> None:
+    """A CSV with one row per image: path, prediction, probability, then the next classes as
+    prediction_2, probability_2, ... (as many as top-k)."""
+    k = max((len(p) for p in predictions), default=1)
+    header = ["path", "prediction", "probability"] + [f"{c}_{i}" for i in range(2, k + 1)
+                                                      for c in ("prediction", "probability")]
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    for image, top in zip(images, predictions):
+        writer.writerow([image] + [v for p in top for v in (p["label"], f"{p['prob']:.6f}")])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text.getvalue())

@@ -33,6 +33,7 @@ MANIFEST_SUFFIXES = (".csv", ".jsonl")
 # torchvision datasets built as NAME(root, train=..., download=...); their expected files come from the class.
 TORCHVISION_DATASETS = ("MNIST", "FashionMNIST", "KMNIST", "CIFAR10", "CIFAR100")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+RUN_WEIGHTS = "model.safetensors"  # a run directory's export (model/export.py's WEIGHTS_NAME)
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,8 @@ def resolve_weights_file(text: str) -> Path:
         except (TypeError, ValueError) as e:  # a module, not a package: it holds no files
             raise FinetuneError(f"model.pretrained: {shown(module)} is not a package that holds files ({e}); give "
                                 "package:PACKAGE/path/in/package.pth or a weights file path.") from None
-    return Path(text).expanduser()
+    path = Path(text).expanduser()
+    return path / RUN_WEIGHTS if path.is_dir() else path  # a run directory: fine-tune its export further
 
 
 def check_weights(value: bool | str) -> list[str]:
@@ -209,13 +211,12 @@ def check_weights(value: bool | str) -> list[str]:
         return [str(e)]
     if not path.is_file():
         return [f"model.pretrained: weights file {shown(value)} not found (looked at {shown_text(path)}); give true "
-                f"for timm's weights, false for random init, or an existing {'/'.join(WEIGHT_SUFFIXES)} file."]
+                f"for timm's weights, false for random init, an existing {'/'.join(WEIGHT_SUFFIXES)} file, or a run "
+                "directory holding one epoch's export."]
     if path.suffix not in WEIGHT_SUFFIXES:
         return [f"model.pretrained: {shown(value)} has suffix {shown(path.suffix)}; expected one of "
                 f"{', '.join(WEIGHT_SUFFIXES)}."]
     return []
-
-
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ processes (batching.py), launch checks (launch.py), the run directory (rundir.py
 (evaluate.py), everything one run trains with (session.py), the input pipeline it feeds from (inputs.py),
 and the cached features of a body that never changes (features.py). The LR range test (lrfind.py) and
 the throughput benchmark (bench.py) run the loop's own training step; `finetune eval` scores an export
-on every process with the loop's accelerator (evalrun.py).
+on every process with the loop's accelerator (evalrun.py). `finetune runs` reads what run directories
+hold, and whether a live process still owns them (runs.py).
 
 May import every stage below it (recipe, data, model, reporting); only the entry points (api.py,
 cli.py) import training.
