@@ -47,3 +47,9 @@ def test_an_unknown_tracker_is_refused_before_anything_is_written(tmp_path, imag
     with pytest.raises(FinetuneError, match="train.log_with"):
         finetune.train(recipe, output=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_overwrite_knows_the_tensorboard_folder_as_a_run_output():
+    from finetune.training.rundir import RUN_OUTPUTS
+    from finetune.training.tracking import TENSORBOARD_FOLDER
+    assert TENSORBOARD_FOLDER in RUN_OUTPUTS
