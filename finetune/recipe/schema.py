@@ -196,6 +196,11 @@ class TrainConfig:
     # torch.compile (inductor) of the model, through Accelerate: faster steps on GPUs after a one-off
     # compilation of a minute or more, printed with the first epoch (compile_seconds in metrics.jsonl).
     compile: bool = False
+    # Experiment trackers, through Accelerate's own tracker support: each update's loss and the groups' LRs,
+    # each epoch's metrics, the recipe as hyperparameters. TensorBoard files go to RUN_DIR/tensorboard;
+    # the others need their package installed and configured as it documents (e.g. WANDB_PROJECT).
+    log_with: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio"]] = \
+        field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Iterable
 
 import torch
 
+from ..data.loaders import build_loader
 from ..reporting.metrics import classification_metrics
 from .inputs import model_inputs
 from .session import Session
@@ -60,3 +61,10 @@ def validate(s: Session, accelerator, loader, class_names: list[str]) -> tuple[d
         val.update(evaluate(dataclasses.replace(s, model=s.ema.module), accelerator, loader, class_names, "ema_val"))
     candidate = "ema" if s.ema is not None and val["ema_val_acc"] > val["val_acc"] else "model"
     return val, candidate, val["ema_val_acc" if candidate == "ema" else "val_acc"]
+
+
+def eval_loader(s: Session, accelerator, view):
+    """A prepared loader over `view` (a split with the eval transform), batched like validation; used once,
+    so its workers end with it."""
+    return accelerator.prepare(build_loader(view, s.batching.per_device, False, s.runtime.workers,
+                                            s.runtime.pin_memory, collate_fn=s.collate, persistent=False))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -25,7 +26,6 @@ from timm.utils import ModelEmaV3
 from tqdm.auto import tqdm
 
 from ..data.badimages import SkipLog, save_data_report
-from ..data.loaders import build_loader
 from ..data.splits import Splits
 from ..model.card import save_card
 from ..model.export import WEIGHTS_NAME, save_export
@@ -35,7 +35,7 @@ from ..reporting.metrics import format_epoch
 from ..reporting.plots import save_curves
 from ..reporting.review import score_after_training
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .evaluate import predict_all, validate
+from .evaluate import eval_loader, predict_all, validate
 from .faults import FAULT_CHECK_UPDATES, FaultWatch, resume_hint
 from .features import fit_epoch_lbfgs, start_head, use_cached_features
 from .inputs import choose_pipeline, model_inputs, use_decoded_images
@@ -43,12 +43,13 @@ from .launch import check_process_count, check_processes_per_machine
 from .rundir import RunDir
 from .runtime import resolve_precision
 from .session import Session, build_session, describe
+from .tracking import log_epoch, start_tracking, tracker_settings
 
 Log = Callable[[str], None]
 
 
-def build_accelerator(config: RecipeConfig) -> tuple[Accelerator, str]:
-    """The Accelerator for this machine and launcher, and the precision it runs."""
+def build_accelerator(config: RecipeConfig, run_dir: Path | None = None) -> tuple[Accelerator, str]:
+    """The Accelerator for this machine and launcher, and the precision it runs (trackers: into run_dir)."""
     cuda = torch.cuda.is_available()
     precision = resolve_precision(config.train.precision, cuda)
     if cuda:
@@ -60,6 +61,7 @@ def build_accelerator(config: RecipeConfig) -> tuple[Accelerator, str]:
         cpu=not cuda,
         mixed_precision={"fp32": "no"}.get(precision, precision),
         dynamo_backend="inductor" if config.train.compile else "no",  # torch.compile, applied by prepare()
+        **tracker_settings(config, run_dir),  # train.log_with: Accelerate's own trackers (tracking.py)
         # Shuffling seeded by (seed, epoch): every process agrees on the order, and resume repeats it.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.train.seed,
                                                   non_blocking=cuda),
@@ -111,7 +113,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
     """Train as the recipe says; return the per-epoch records, the best epoch and the test metrics.
     `after_checkpoint(epoch)` runs on every process once epoch's checkpoint is complete (tests use it to
     interrupt a run where a kill would leave it)."""
-    accelerator, precision = build_accelerator(config)
+    accelerator, precision = build_accelerator(config, run_dir.path)
     log = log or accelerator.print
     main, tc = accelerator.is_main_process, config.train
     run_dir = _main_process_run_dir(accelerator, run_dir)
@@ -138,6 +140,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
         run_dir.write_plan(s.plan.to_json())
         for bad in s.skipped:  # found while the features were cached, before the directory existed
             SkipLog.for_process(run_dir.path, 0).record(bad["split"], bad["file"], bad["reason"])
+    start_tracking(accelerator, config, run_dir.path.name)
     accelerator.wait_for_everyone()
 
     epoch_updates = fit_epoch_lbfgs if config.optim.name == "lbfgs" else train_epoch  # lbfgs: full-batch head fit
@@ -147,9 +150,10 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
         started = time.perf_counter()
         bar = tqdm(total=s.batching.updates_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
                    dynamic_ncols=True, **({} if main else {"disable": True}))  # TQDM_DISABLE=1 silences it
-        losses, first = [], None
+        losses, lrs, first = [], [], None
         for update, loss in epoch_updates(s, accelerator, epoch, update, resume_hint(run_dir, epoch)):
             losses.append(loss)
+            lrs.append({g["name"]: g["lr"] for g in s.optimizer.param_groups})  # host values: no wait
             first = time.perf_counter() - started if first is None else first
             bar.update()
             if update % FAULT_CHECK_UPDATES == 0:  # the health was just read: no extra wait for the device
@@ -169,6 +173,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
                         "epoch_seconds": round(seconds, 2),
                         "train_images_per_second": round(len(losses) * s.batching.global_batch / seconds, 1),
                         **({"compile_seconds": round(first, 2)} if tc.compile and epoch == start_epoch else {})})
+        log_epoch(accelerator, config, records[-1], losses, lrs)
         if main:
             run_dir.append_metrics(records[-1])
             save_curves(records, run_dir.curves)
@@ -185,7 +190,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
     # --- after training: the best epoch's weights (the export) score test, then train and val for review
     accelerator.wait_for_everyone()  # the main process wrote the export
     s.network.load_state_dict(load_file(str(run_dir.path / WEIGHTS_NAME)))
-    test = score_after_training(lambda view: predict_all(s, accelerator, _eval_loader(s, accelerator, view)), splits,
+    test = score_after_training(lambda view: predict_all(s, accelerator, eval_loader(s, accelerator, view)), splits,
                                 s.eval_view, tc.hard_examples, run_dir.path if main else None, best_epoch)
     skipped = save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes(), final=True) if main else 0
     if main:  # the model card again, now with every epoch and the test metrics
@@ -204,12 +209,6 @@ def _main_process_run_dir(accelerator: Accelerator, run_dir: RunDir) -> RunDir:
     chosen in, so processes started a moment apart would each pick their own. The main process claimed
     it (finetune.train, rundir.py) before this broadcast, the run's first collective."""
     return broadcast_object_list([run_dir])[0]
-
-
-def _eval_loader(s: Session, accelerator: Accelerator, view):
-    """A prepared loader over `view` (a split with the eval transform), batched like validation."""
-    return accelerator.prepare(build_loader(view, s.batching.per_device, False, s.runtime.workers,
-                                            s.runtime.pin_memory, collate_fn=s.collate, persistent=False))
 
 
 def train_epoch(s: Session, accelerator: Accelerator, epoch: int, update: int, fault_hint: str = "",

@@ -49,7 +49,7 @@ MARKER_NAME = ".finetune-run.json"
 LOCK_NAME = ".finetune.lock"
 # All a run writes, so all --overwrite removes (and a kill's leftovers: skip logs, temporary files).
 RUN_OUTPUTS = {MARKER_NAME, RECIPE_NAME, PLAN_NAME, METRICS_NAME, DAMAGED_METRICS_NAME, CURVES_NAME, WEIGHTS_NAME,
-               CONFIG_NAME, DATA_REPORT_NAME, HARD_EXAMPLES_JSON, HARD_EXAMPLES_PNG, TEST_METRICS_NAME,
+               CONFIG_NAME, DATA_REPORT_NAME, HARD_EXAMPLES_JSON, HARD_EXAMPLES_PNG, TEST_METRICS_NAME, "tensorboard",
                VAL_REPORT_NAME, "val_" + CONFUSION_NAME, "val_" + RELIABILITY_NAME, CARD_NAME, ENVIRONMENT_NAME,
                *(CHECKPOINT_NAME + end for end in ("", ".old", ".tmp", ".damaged"))}
 _LEFTOVER = re.compile(r"\.export\.tmp\d+|\.(?P<stem>.+)\.tmp\d+(?P<suffix>\.[^.]*)?")
