@@ -15,40 +15,87 @@ from ..atomic import replacing  # noqa: E402
 
 
 def save_curves(records: list[dict], path: Path) -> None:
-    """Loss (train and val) and val accuracy per epoch, rewritten after each epoch."""
+    """`curves_figure` as a PNG, rewritten after each epoch."""
+    _save(curves_figure(records), path)
+
+
+def curves_figure(records: list[dict]):
+    """Loss (train and val), val accuracy (the model, its weight average, balanced) with the exported epoch
+    marked, and each parameter group's learning rate per epoch (`metrics.jsonl` records)."""
     epochs = [r["epoch"] for r in records]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    with_lr = any(r.get("lr") for r in records)
+    fig, axes = plt.subplots(1, 3 if with_lr else 2, figsize=(15 if with_lr else 10, 4), sharex=True)
+    ax_loss, ax_acc = axes[:2]
     ax_loss.plot(epochs, [r["train_loss"] for r in records], "o-", label="train (smoothed targets)")
     ax_loss.plot(epochs, [r["val_loss"] for r in records], "o-", label="val")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_loss.legend()
-    ax_acc.plot(epochs, [100 * r["val_acc"] for r in records], "o-", color="tab:green", label="top-1")
+    ax_acc.plot(epochs, [_percent(r["val_acc"]) for r in records], "o-", color="tab:green", label="top-1")
+    if any(r.get("ema_val_acc") is not None for r in records):
+        ax_acc.plot(epochs, [_percent(r.get("ema_val_acc")) for r in records], "^:", color="tab:purple",
+                    label="top-1, weight average (EMA)")
     if all(r.get("val_balanced_acc") is not None for r in records):
         ax_acc.plot(epochs, [100 * r["val_balanced_acc"] for r in records], "s--", color="tab:olive",
                     label="balanced (mean per class)")
+    # The export is rewritten whenever an epoch improves, so the one on disk is the last improvement's.
+    best = next((r for r in reversed(records) if r.get("exported") is not None), None)
+    if best is not None:
+        acc = best.get("ema_val_acc") if best["exported"] == "ema" else best["val_acc"]
+        ax_acc.axvline(best["epoch"], color="tab:red", linestyle="--", alpha=0.4)
+        ax_acc.plot([best["epoch"]], [_percent(acc)], "*", color="tab:red", markersize=15, zorder=3,
+                    label=f"exported: epoch {best['epoch']} ({best['exported']}, {_percent(acc):.1f}%)")
     ax_acc.set(xlabel="epoch", ylabel="accuracy %", title="val accuracy")
-    ax_acc.legend()
-    for ax in (ax_loss, ax_acc):
+    ax_acc.legend(fontsize=8)
+    if with_lr:
+        _plot_lr(axes[2], records)
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    _save(fig, path)
+    return fig
 
 
-def save_image_grid(images: list, titles: list[str], path: Path, columns: int = 6, title: str = "") -> None:
-    """Thumbnails with a caption each (e.g. "given cat / predicted dog"), row by row."""
+def _plot_lr(ax, records: list[dict]) -> None:
+    """One line per parameter group, log scale: groups differ by 10x (the head) or by layer decay."""
+    epochs = [r["epoch"] for r in records]
+    names = list(dict.fromkeys(name for r in records for name in r.get("lr") or {}))
+    # A group that is frozen or at the end of the cosine has LR 0, which a log axis cannot show: a gap.
+    values = {name: [(r.get("lr") or {}).get(name) or math.nan for r in records] for name in names}
+    for name in names:
+        ax.plot(epochs, values[name], "o-", markersize=3, label=name)
+    if any(not math.isnan(v) for line in values.values() for v in line):
+        ax.set_yscale("log")
+    ax.set(xlabel="epoch", ylabel="learning rate (at the epoch's end)", title="learning rate per group (0 left out)")
+    ax.legend(fontsize=7, ncol=1 + len(names) // 8)
+
+
+def _percent(share: float | None) -> float:
+    return math.nan if share is None else 100 * share
+
+
+def save_image_grid(images: list, titles: list[str], path: Path, columns: int = 6, title: str = "",
+                    colors: list[str] | None = None) -> None:
+    """`image_grid_figure` as a PNG."""
+    _save(image_grid_figure(images, titles, columns, title, colors), path)
+
+
+def image_grid_figure(images: list, titles: list[str], columns: int = 6, title: str = "",
+                      colors: list[str] | None = None):
+    """Thumbnails with a caption each (e.g. "given cat / predicted dog"), row by row, each caption in its
+    colour (default black). Constrained layout reserves room for the figure's title above the first row's
+    captions, so the two never overlap."""
     rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows + (0.4 if title else 0)),
-                             squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows + (0.5 if title else 0)),
+                             squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, caption in zip(axes.flat, images, titles):
+    for ax, image, caption, color in zip(axes.flat, images, titles, colors or ["black"] * len(titles)):
         thumb = image.copy()
         thumb.thumbnail((160, 160))  # a 12-megapixel photo would make a huge PNG
         ax.imshow(thumb)
-        ax.set_title(caption, fontsize=7)
+        ax.set_title(caption, fontsize=7, color=color)
     if title:
         fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    return fig
 
 
 def save_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float, rule: str,
@@ -130,7 +177,8 @@ def save_reliability(bins: list[dict], ece: float | None, path: Path, title: str
 
 
 def _save(fig, path: Path) -> None:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a figure made with constrained layout lays itself out
+        fig.tight_layout()
     with replacing(path) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
