@@ -76,18 +76,22 @@ def _image_folder(spec: SourceSpec, cfg: DataConfig) -> FileSamples:
     return FileSamples(paths, targets, classes, str(root))
 
 
+def read_manifest_rows(path: Path) -> list:
+    """The rows of a .csv (header row) or .jsonl (one object per line) manifest, as parsed."""
+    try:
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                return list(csv.DictReader(f))
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
+        raise FinetuneError(f"{path} is not a readable {path.suffix} manifest: {e}") from None
+
+
 def _manifest(spec: SourceSpec, cfg: DataConfig) -> FileSamples:
     """A .csv (header row) or .jsonl (one object per line) manifest: an image path, relative to the
     manifest's folder or absolute, and a label (a class name, or an integer) per row."""
     path = Path(spec.name).expanduser()
-    try:
-        if path.suffix.lower() == ".csv":
-            with open(path, newline="", encoding="utf-8-sig") as f:
-                rows = list(csv.DictReader(f))
-        else:
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
-        raise FinetuneError(f"{path} is not a readable {path.suffix} manifest: {e}") from None
+    rows = read_manifest_rows(path)
     if not rows:
         raise FinetuneError(f"{path} lists no images; give one row per image with an image path and a label.")
     columns = list(rows[0])

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from ..atomic import write_atomic
 from ..data.images import IMAGE_EXTENSIONS, ImageTooLarge, open_image, to_rgb
 from ..data.samples import natural_key
-from ..data.sources import IMAGE_COLUMNS
+from ..data.sources import IMAGE_COLUMNS, read_manifest_rows
 from ..errors import FinetuneError
 from .export import CONFIG_NAME, WEIGHTS_NAME
 
@@ -139,15 +139,7 @@ def _folder_images(folder: Path) -> list[str]:
 
 
 def _manifest_images(path: Path) -> list[str]:
-    try:
-        if path.suffix.lower() == ".csv":
-            with open(path, newline="", encoding="utf-8-sig") as f:
-                rows = list(csv.DictReader(f))
-        else:
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
-        raise FinetuneError(f"{path} is not a readable {path.suffix} manifest: {e}") from None
-    rows = [row for row in rows if isinstance(row, dict)]
+    rows = [row for row in read_manifest_rows(path) if isinstance(row, dict)]
     columns = {c.lower(): c for c in (rows[0] if rows else {})}
     column = next((columns[c] for c in IMAGE_COLUMNS if c in columns), None)
     if column is None:
