@@ -25,7 +25,7 @@ from .recipe.load import load_recipe, recipe_to_dict
 from .recipe.schema import RecipeConfig, RecipeLike
 from .training.loop import train as run_loop
 from .training.lrfind import LRFindResult, find_lr
-from .training.rundir import RunDir
+from .training.rundir import CHECKPOINT_NAME, MARKER_NAME, RunDir
 from .training.runs import RunSummary, runs
 from .training.runtime import flush_denormals
 
@@ -79,7 +79,8 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
         (PIL image, CHW tensor or array, label). Labels are class names, or class indices with
         class_names given (or a `.classes` / `.class_names` attribute on the dataset).
     Overrides: `train(r, **{"optim.lr": 1e-3})`, `train(r, optim={"lr": 1e-3})` or `train(r, optim__lr=1e-3)`.
-    resume: a run directory to continue; its saved recipe is used.
+    resume: a run directory to continue; its saved recipe is used. "auto" with `output`: resume it when it
+        holds an interrupted run, else train there from the start (a requeued job needs no edit).
     """
     items = {**_flatten_overrides(overrides), **_flatten_overrides(kw_overrides)}
     config, run_dir = resolve_run(recipe, items, output, overwrite, resume, train_data is not None,
@@ -115,6 +116,8 @@ def resolve_run(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[
     """The checked config and the run directory a `train` call would use; reads, never writes. (With
     several processes, each one resolves its own and the loop adopts the main process's choice.)"""
     items = _flatten_overrides(overrides)
+    if resume == "auto":
+        resume, overwrite = _auto_resume(output, overwrite)
     if resume is not None:
         run_dir = RunDir.for_resume(resume)
         config = load_recipe(run_dir.saved_recipe())
@@ -125,6 +128,19 @@ def resolve_run(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[
         config = resolve(recipe, items, in_memory_train, in_memory_val, in_memory_test)
         run_dir = RunDir.for_new_run(output, config.model.backbone, overwrite)
     return config, run_dir
+
+
+def _auto_resume(output: str | Path | None, overwrite: bool) -> tuple[Path | None, bool]:
+    """resume="auto" (a requeued job's one command): resume `output` when it holds a run with a checkpoint,
+    start it over when it holds a run that ended before its first checkpoint, else start fresh there."""
+    if output is None:
+        raise FinetuneError("--resume auto needs --output DIR: the folder the job trains into and, when it was "
+                            "interrupted, resumes from.")
+    folder = Path(output).expanduser()
+    is_run = (folder / MARKER_NAME).is_file()
+    if is_run and any((folder / name).is_dir() for name in (CHECKPOINT_NAME, CHECKPOINT_NAME + ".old")):
+        return folder, False
+    return None, overwrite or is_run
 
 
 def plan(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = None, **kw_overrides: Any) -> Plan:
@@ -181,7 +197,7 @@ def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | P
     returns the result, the others return None."""
     from .data.loaders import Transformed
     from .reporting.evaluation import build_report, default_output, match_classes, save_evaluation
-    from .training.evalrun import predict_dataset
+    from .training.evalrun import eval_config, open_eval_data, predict_dataset
 
     try:  # every process checks the same things: under a launch, the main process alone reports a mistake
         run = Path(run).expanduser()
@@ -190,8 +206,8 @@ def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | P
         if not run.is_dir():
             raise FinetuneError(f"{run} is not a folder; give the run directory that `finetune train` wrote.")
         predictor = load(run, device="cpu")
-        config = _eval_config(run, str(data) if isinstance(data, (str, Path)) else "python:data")
-        samples = match_classes(_open_eval_data(data, config, predictor.label_names, class_names),
+        config = eval_config(run, str(data) if isinstance(data, (str, Path)) else "python:data")
+        samples = match_classes(open_eval_data(data, config, predictor.label_names, class_names),
                                 predictor.label_names, str(run))
         if output is not None:
             folder = Path(output).expanduser()
@@ -212,45 +228,6 @@ def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | P
     return EvalResult(str(folder), report)
 
 
-def _eval_config(run: Path, data_text: str) -> RecipeConfig:
-    """The settings eval takes from the run's recipe.yaml (when it has one): column names, the torchvision
-    root, and the precision and memory layout its validation ran in. Read as plain YAML: the training data
-    may be long gone."""
-    import yaml
-
-    from .recipe.schema import DataConfig, TrainConfig
-    from .training.rundir import RECIPE_NAME
-
-    saved = yaml.safe_load((run / RECIPE_NAME).read_text()) if (run / RECIPE_NAME).is_file() else {}
-    data, train = (saved or {}).get("data") or {}, (saved or {}).get("train") or {}
-    keys = ("image_column", "label_column", "root")
-    return RecipeConfig(data=DataConfig(train=data_text, **{k: data[k] for k in keys if data.get(k) is not None}),
-                        train=TrainConfig(precision=train.get("precision", "auto"),
-                                          channels_last=train.get("channels_last")))
-
-
-def _open_eval_data(data: Any, config: RecipeConfig, label_names: list[str], class_names: Sequence[str] | None):
-    from .data.sources import load_source, wrap_in_memory
-    from .recipe.locate import check_source
-
-    if isinstance(data, (str, Path)):
-        problems = check_source("data", str(data), config.data.root, False)
-        if problems:
-            raise FinetuneError(" ".join(problems))
-        return load_source(str(data), config.data)
-    names = class_names or getattr(data, "class_names", None) or getattr(data, "classes", None)
-    if names is None and not isinstance(_first_label(data), str):
-        names = label_names  # integer labels with no names of their own: the run's class indices
-    return wrap_in_memory(data, names, config.data, "data")
-
-
-def _first_label(data: Any) -> Any:
-    import datasets
-
-    if isinstance(data, datasets.Dataset) or len(data) == 0:
-        return ""  # wrap_in_memory reads its ClassLabel names (or reports it empty)
-    targets = getattr(data, "targets", None)
-    return targets[0] if targets is not None else data[0][1]
 def export(run_dir: str | Path, format: str = "onnx", output: str | Path | None = None,
            dynamic_batch: bool = False) -> ExportResult:
     """Write a run's exported model as ONNX (`format="onnx"`, needs the `export` extra) or TorchScript

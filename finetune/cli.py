@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--output", "-o", help="run directory (default: runs/<time>-<backbone>)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint; "
+                   "`--resume auto --output DIR`: resume DIR if it holds an interrupted run, else start it")
     p.add_argument("--processes", type=int, metavar="N",
                    help="train with N processes on this machine (one per GPU, or N CPU processes), started with "
                         "torchrun; train.batch_size stays the global batch")

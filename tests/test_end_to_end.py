@@ -560,3 +560,26 @@ def test_predict_with_a_truncated_export_is_an_error_not_a_traceback(cli_run, tm
     proc = run_cli("predict", run, data_dir / "c0" / "0.png", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "damaged or incomplete" in proc.stderr
+
+
+def test_resume_auto_starts_a_job_then_resumes_it_when_requeued(tmp_path, image_folder, tiny_recipe,
+                                                              train_until_epoch_one):
+    """One command for a requeued job: `--resume auto --output DIR` trains when DIR holds no run, resumes an
+    interrupted one, and starts over a run that ended before its first checkpoint."""
+    recipe = tiny_recipe(image_folder(), **{"train.epochs": 2, "train.hard_examples": 0})
+    fresh = finetune.train(recipe, output=tmp_path / "new", resume="auto")
+    assert [r["epoch"] for r in fresh.metrics] == [1, 2]
+
+    train_until_epoch_one(recipe, tmp_path / "job")  # killed after epoch 1
+    proc = run_cli("train", write_recipe(tmp_path / "r.yaml", recipe), "--output", tmp_path / "job", "--resume", "auto",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming" in proc.stdout and [r["epoch"] for r in read_metrics(tmp_path / "job")] == [1, 2]
+
+    for name in ("checkpoint", "checkpoint.old"):  # as if it had died before its first checkpoint
+        shutil.rmtree(tmp_path / "job" / name, ignore_errors=True)
+    again = finetune.train(recipe, output=tmp_path / "job", resume="auto")
+    assert [r["epoch"] for r in again.metrics] == [1, 2]
+
+    with pytest.raises(FinetuneError, match="--resume auto needs --output DIR"):
+        finetune.train(recipe, resume="auto")

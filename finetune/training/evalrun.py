@@ -12,15 +12,21 @@ caller's job (reporting/evaluation.py).
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from ..data.loaders import build_loader
-from ..recipe.schema import RecipeConfig
+from ..data.sources import load_source, wrap_in_memory
+from ..errors import FinetuneError
+from ..recipe.locate import check_source
+from ..recipe.schema import DataConfig, RecipeConfig, TrainConfig
 from .evaluate import predict_batches
 from .inputs import model_inputs
 from .loop import build_accelerator
+from .rundir import RECIPE_NAME
 from .runtime import adapt_model, resolve_runtime
 
 
@@ -42,3 +48,40 @@ def predict_dataset(config: RecipeConfig, model: torch.nn.Module, dataset: Datas
         return results if accelerator.is_main_process else None
     finally:
         accelerator.end_training()
+
+
+def eval_config(run: Path, data_text: str) -> RecipeConfig:
+    """The settings eval takes from the run's recipe.yaml (when it has one): column names, the torchvision
+    root, and the precision and memory layout its validation ran in. Read as plain YAML: the training data
+    may be long gone."""
+    import yaml
+
+    saved = yaml.safe_load((run / RECIPE_NAME).read_text()) if (run / RECIPE_NAME).is_file() else {}
+    data, train = (saved or {}).get("data") or {}, (saved or {}).get("train") or {}
+    keys = ("image_column", "label_column", "root")
+    return RecipeConfig(data=DataConfig(train=data_text, **{k: data[k] for k in keys if data.get(k) is not None}),
+                        train=TrainConfig(precision=train.get("precision", "auto"),
+                                          channels_last=train.get("channels_last")))
+
+
+def open_eval_data(data: Any, config: RecipeConfig, label_names: list[str], class_names: Sequence[str] | None):
+    """`finetune eval`'s data as labelled samples: a source string as the recipe grammar reads it, or a
+    Python dataset whose integer labels name classes through class_names, its own names, or the run's."""
+    if isinstance(data, (str, Path)):
+        problems = check_source("data", str(data), config.data.root, False)
+        if problems:
+            raise FinetuneError(" ".join(problems))
+        return load_source(str(data), config.data)
+    names = class_names or getattr(data, "class_names", None) or getattr(data, "classes", None)
+    if names is None and not isinstance(_first_label(data), str):
+        names = label_names  # integer labels with no names of their own: the run's class indices
+    return wrap_in_memory(data, names, config.data, "data")
+
+
+def _first_label(data: Any) -> Any:
+    import datasets
+
+    if isinstance(data, datasets.Dataset) or len(data) == 0:
+        return ""  # wrap_in_memory reads its ClassLabel names (or reports it empty)
+    targets = getattr(data, "targets", None)
+    return targets[0] if targets is not None else data[0][1]
