@@ -583,3 +583,18 @@ def test_resume_auto_starts_a_job_then_resumes_it_when_requeued(tmp_path, image_
 
     with pytest.raises(FinetuneError, match="--resume auto needs --output DIR"):
         finetune.train(recipe, resume="auto")
+
+
+def test_a_kill_between_the_checkpoint_and_the_export_is_healed_on_resume(tmp_path, image_folder, tiny_recipe,
+                                                                        train_until_epoch_one):
+    """The best epoch's export is written after the checkpoint that describes it; a resume from a
+    checkpoint of a best epoch writes that export again, from the checkpoint's own weights."""
+    recipe = tiny_recipe(image_folder(), **{"train.epochs": 1, "train.hard_examples": 0, "train.ema": None})
+    run = tmp_path / "run"
+    train_until_epoch_one(recipe, run)  # killed right after the checkpoint of epoch 1, the best so far
+    assert not (run / "model.safetensors").exists()
+    finetune.train(resume=run)
+    exported, checkpointed = load_file(str(run / "model.safetensors")), load_file(str(run / "checkpoint" /
+                                                                                       "model.safetensors"))
+    assert exported.keys() == checkpointed.keys()
+    assert all(torch.equal(exported[k], checkpointed[k]) for k in exported)

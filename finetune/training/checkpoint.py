@@ -2,7 +2,7 @@
 at any moment leaves a complete checkpoint, and checked on `--resume` before anything of them is loaded.
 
 Accelerate's `save_state` writes the model, optimizer and every process's RNG states; then
-`trainer_state.json` (epoch, update, best epoch, unfreezing phase), and last `manifest.json`: the size
+`trainer_state.json` (epoch, update, best epoch and whether model or EMA, unfreezing phase), and last `manifest.json`: the size
 and sha256 of every file, so that a file cut short or a flipped bit is found on resume instead of
 training on from garbage. Why not Accelerate's own rotation (`ProjectConfiguration(automatic_checkpoint_naming=True,
 total_limit=...)`): it deletes the oldest checkpoint before it writes the new one in place, and

@@ -122,13 +122,14 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
     log(f"run directory: {run_dir.path}")
 
     # --- the run directory: the first write happens only now, after everything was checked and built
-    start_epoch, update, best_acc, best_epoch = 0, 0, -1.0, 0
+    start_epoch, update, best_acc, best_epoch, best_from = 0, 0, -1.0, 0, "model"
     records: list[dict] = []
     checkpoint = find_checkpoint(run_dir) if run_dir.resuming else None
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, s.plan.phase_at)
         start_epoch, update, best_acc, best_epoch = (state["epoch"], state["step"], state["best_val_acc"],
                                                      state["best_epoch"])
+        best_from = state.get("best_from", "model")
         log(f"resuming {run_dir.path} after epoch {start_epoch} (update {update}, phase {s.plan.phase_at(start_epoch)})")
     else:
         s = start_head(s, config, splits, accelerator, log)
@@ -140,6 +141,9 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
         run_dir.write_plan(s.plan.to_json())
         for bad in s.skipped:  # found while the features were cached, before the directory existed
             SkipLog.for_process(run_dir.path, 0).record(bad["split"], bad["file"], bad["reason"])
+        if checkpoint is not None and best_epoch == start_epoch:  # its export follows the checkpoint: a kill
+            save_export(s.ema.module if best_from == "ema" else s.network, run_dir.path, splits.class_names,
+                        s.data_cfg)  # between the two left it unwritten
     start_tracking(accelerator, config, run_dir.path.name)
     accelerator.wait_for_everyone()
 
@@ -165,7 +169,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
         val, candidate, acc = validate(s, accelerator, s.val_loader, splits.class_names)  # model or its average
         improved = acc > best_acc
         if improved:
-            best_acc, best_epoch = acc, epoch + 1
+            best_acc, best_epoch, best_from = acc, epoch + 1, candidate
         records.append({"epoch": epoch + 1, "step": update, "phase": s.plan.phase_at(epoch),
                         "features_cached": s.features_cached,
                         "train_loss": round(train_loss, 6), **val, "exported": candidate if improved else None,
@@ -178,14 +182,15 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
             run_dir.append_metrics(records[-1])
             save_curves(records, run_dir.curves)
             save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes())
-            if improved:
-                save_export(s.ema.module if candidate == "ema" else s.network, run_dir.path, splits.class_names,
-                            s.data_cfg)
         log(format_epoch(records[-1], tc.epochs))
         save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": update, "best_val_acc": best_acc,
-                                               "best_epoch": best_epoch, "phase": s.plan.phase_at(epoch + 1)})
+                                               "best_epoch": best_epoch, "best_from": best_from,
+                                               "phase": s.plan.phase_at(epoch + 1)})
         if after_checkpoint is not None:
             after_checkpoint(epoch + 1)
+        if main and improved:  # after the checkpoint, which describes it: a resume writes it again if missed
+            save_export(s.ema.module if candidate == "ema" else s.network, run_dir.path, splits.class_names,
+                        s.data_cfg)
 
     # --- after training: the best epoch's weights (the export) score test, then train and val for review
     accelerator.wait_for_everyone()  # the main process wrote the export
