@@ -10,6 +10,7 @@ import dataclasses
 from typing import Iterable
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data.loaders import build_loader
 from ..reporting.metrics import classification_metrics
@@ -25,8 +26,12 @@ def predict_all(s: Session, accelerator, loader) -> dict:
     """Per-sample loss, prediction, its probability, the given label's probability, the label, and the
     `TOP_K` most probable classes with their probabilities, over exactly the loader's dataset in its order."""
     s.model.eval()
+    # A progress bar on the main process (validation and the scoring after training take a while on a
+    # CPU); it disappears when done, and TQDM_DISABLE=1 silences it.
+    batches = tqdm(loader, desc="scoring", unit="batch", leave=False, dynamic_ncols=True,
+                   **({} if getattr(accelerator, "is_main_process", True) else {"disable": True}))
     return predict_batches(s.model, accelerator,
-                           (model_inputs(batch, s.eval_augment, s.runtime.channels_last) for batch in loader))
+                           (model_inputs(batch, s.eval_augment, s.runtime.channels_last) for batch in batches))
 
 
 @torch.no_grad()
