@@ -82,7 +82,7 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
     resume: a run directory to continue; its saved recipe is used. "auto" with `output`: resume it when it
         holds an interrupted run, else train there from the start (a requeued job needs no edit).
     """
-    items = {**_flatten_overrides(overrides), **_flatten_overrides(kw_overrides)}
+    items = {**_flatten_overrides(overrides), **_keyword_overrides("train", kw_overrides)}
     config, run_dir = resolve_run(recipe, items, output, overwrite, resume, train_data is not None,
                                   val_data is not None, test_data is not None)
     splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names, test_data)
@@ -145,7 +145,7 @@ def _auto_resume(output: str | Path | None, overwrite: bool) -> tuple[Path | Non
 
 def plan(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = None, **kw_overrides: Any) -> Plan:
     """The parameter-group plan a recipe would train with (no weights are downloaded or loaded)."""
-    config = resolve(recipe, {**_flatten_overrides(overrides), **_flatten_overrides(kw_overrides)})
+    config = resolve(recipe, {**_flatten_overrides(overrides), **_keyword_overrides("plan", kw_overrides)})
     splits = open_data(config)
     model = build_model(dataclasses.replace(config.model, pretrained=False), len(splits.class_names), lambda _: None,
                         config.data.image_size)
@@ -159,7 +159,7 @@ def check_data(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | N
     train. Decodes every image once; trains nothing and writes nothing."""
     from .data.checkdata import check_data as run_check
 
-    config = resolve(recipe, {**_flatten_overrides(overrides), **_flatten_overrides(kw_overrides)})
+    config = resolve(recipe, {**_flatten_overrides(overrides), **_keyword_overrides("check_data", kw_overrides)})
     return run_check(config.data, config.train.seed)
 
 
@@ -169,7 +169,7 @@ def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None
     """The LR range test on a recipe: sweeps optim.lr (every group keeps its ratio) and suggests a value.
     Writes lr_find.png and lr_find.json into `output`, a new folder (default runs/<time>-<backbone>-lr-find).
     `epoch` picks the unfreezing phase to sweep (the one that epoch trains in)."""
-    config = resolve(recipe, {**_flatten_overrides(overrides), **_flatten_overrides(kw_overrides)})
+    config = resolve(recipe, {**_flatten_overrides(overrides), **_keyword_overrides("lr_find", kw_overrides)})
     if config.optim.name == "lbfgs":
         raise FinetuneError("lr-find sweeps a learning rate, but optim.name=lbfgs finds its own steps by line search; "
                             "there is nothing to sweep. Leave optim.lr at 1 for lbfgs, or sweep for adamw or sgd.")
@@ -239,6 +239,18 @@ def export(run_dir: str | Path, format: str = "onnx", output: str | Path | None 
 
 def open_data(config: RecipeConfig) -> Splits:
     return build_splits(config.data, config.train.seed)
+
+
+def _keyword_overrides(function: str, kw: dict[str, Any]) -> dict[str, Any]:
+    """Recipe overrides given as keywords: section__key=value, a section's dict, or **{"section.key": value}.
+    Anything else is a misspelt Python argument (criterion=...) and gets Python's own kind of error."""
+    sections = [f.name for f in dataclasses.fields(RecipeConfig)]
+    for key, value in kw.items():
+        if not ("." in key or "__" in key or (key in sections and isinstance(value, dict))):
+            raise TypeError(f"{function}() got an unexpected keyword argument {key!r}; recipe overrides are "
+                            "section__key=value (optim__lr=1e-3), a section's dict (optim={'lr': 1e-3}) or "
+                            "overrides={'optim.lr': 1e-3}")
+    return _flatten_overrides(kw)
 
 
 def _flatten_overrides(overrides: dict[str, Any] | Sequence[str] | None) -> dict[str, Any]:

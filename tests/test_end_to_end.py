@@ -598,3 +598,14 @@ def test_a_kill_between_the_checkpoint_and_the_export_is_healed_on_resume(tmp_pa
                                                                                        "model.safetensors"))
     assert exported.keys() == checkpointed.keys()
     assert all(torch.equal(exported[k], checkpointed[k]) for k in exported)
+
+
+def test_a_misspelt_python_argument_is_a_type_error_not_a_recipe_override(image_folder, tiny_recipe):
+    recipe = tiny_recipe(image_folder())
+    with pytest.raises(TypeError, match=r"train\(\) got an unexpected keyword argument 'criterion'"):
+        finetune.train(recipe, criterion=torch.nn.MSELoss())
+    with pytest.raises(TypeError, match=r"plan\(\) got an unexpected keyword argument 'optim'"):
+        finetune.plan(recipe, optim=1e-3)  # a section takes a dict
+    # the three keyword forms of a recipe override all work
+    for kw in ({"optim__lr": 1e-3}, {"optim": {"lr": 1e-3}}, {"optim.lr": 1e-3}):
+        assert {g.lr for g in finetune.plan(recipe, **kw).groups if g.name == "backbone"} == {1e-3}
