@@ -40,7 +40,7 @@ def render_card(run_dir: Path) -> str:
     recipe_text = (run_dir / RECIPE_NAME).read_text()
     recipe = yaml.safe_load(recipe_text)
     config = _read_json(run_dir / "config.json") or {}
-    records = _read_metrics(run_dir / METRICS_NAME)
+    records = read_metrics_file(run_dir / METRICS_NAME)[0]
     exported = _exported_record(records)
     test = _read_json(run_dir / TEST_METRICS_NAME)
     front = front_matter(run_dir.name, recipe, config, exported, test)
@@ -245,10 +245,20 @@ def _exported_record(records: list[dict]) -> dict | None:
     return exported[-1] if exported else None
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics_file(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
+    """metrics.jsonl's epoch records, and the lines that are none (number, text): cut off by a full disk or
+    a copy. The card and the run directory (training/rundir.py) read it alike."""
+    records, bad = [], []
+    for number, line in enumerate(path.read_text().splitlines() if path.is_file() else [], 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and type(record.get("epoch")) is int:
+            records.append(record)
+        elif line.strip():
+            bad.append((number, line))
+    return records, bad
 
 
 def _read_json(path: Path):

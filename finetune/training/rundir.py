@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 from ..atomic import LockHeld, lock_holder, release_lock, take_lock, this_process, write_atomic
 from ..data.badimages import DATA_REPORT_NAME, LOG_GLOB
 from ..errors import FinetuneError
-from ..model.card import CARD_NAME
+from ..model.card import CARD_NAME, read_metrics_file
 from ..model.environment import ENVIRONMENT_NAME
 from ..model.export import CONFIG_NAME, WEIGHTS_NAME
 from ..recipe.load import dump_recipe
@@ -204,17 +204,7 @@ class RunDir:
         return self._read_metrics()[0]
 
     def _read_metrics(self) -> tuple[list[dict], list[tuple[int, str]]]:
-        path, records, bad = self.path / METRICS_NAME, [], []
-        for number, line in enumerate(path.read_text().splitlines() if path.is_file() else [], 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            if isinstance(record, dict) and type(record.get("epoch")) is int:
-                records.append(record)
-            elif line.strip():
-                bad.append((number, line))
-        return records, bad
+        return read_metrics_file(self.path / METRICS_NAME)
 
     def keep_metrics_through(self, epoch: int, log: Log = print) -> list[dict]:
         """On resume: drop records of epochs after the checkpoint (an epoch that finished logging but was
