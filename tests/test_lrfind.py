@@ -55,16 +55,16 @@ def test_lr_find_writes_plot_and_json_into_a_new_folder_only(tmp_path, recipe):
 
 
 def test_lr_find_keeps_the_plan_ratios(tmp_path, recipe, monkeypatch):
-    import finetune.training.loop as loop
+    import finetune.training.step as step_module
 
     seen = []
-    original = loop.set_lr
+    original = step_module.set_lr
 
     def record(optimizer, multiplier, epoch=0, *rest):
         original(optimizer, multiplier, epoch, *rest)
         seen.append({g["name"]: (g["lr"], g["peak_lr"]) for g in optimizer.param_groups})
 
-    monkeypatch.setattr(loop, "set_lr", record)
+    monkeypatch.setattr(step_module, "set_lr", record)
     recipe["optim"] = {"lr": 1e-3, "head_lr_mult": 10.0, "layer_decay": 0.7}
     recipe["freeze"] = {"stages": 1, "unfreeze_at": 1}
     result = finetune.lr_find(recipe, output=tmp_path / "lrf", start=1e-5, end=1.0, steps=12)

@@ -36,7 +36,8 @@ from ..model.groups import build_plan
 from ..recipe.schema import DataConfig, RecipeConfig, TrainConfig
 from .batching import AUTO_LARGEST, derive_batching
 from .inputs import model_inputs
-from .loop import build_accelerator, start_session, train_epoch
+from .loop import build_accelerator, start_session
+from .step import train_epoch
 from .session import Session
 
 

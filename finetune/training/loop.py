@@ -11,11 +11,10 @@ stops all of them, and nothing of the bad update is applied.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -29,20 +28,20 @@ from ..data.badimages import SkipLog, save_data_report
 from ..data.splits import Splits
 from ..model.card import save_card
 from ..model.export import WEIGHTS_NAME, save_export
-from ..model.optim import drop_waiting_grads, set_lr
 from ..recipe.schema import RecipeConfig
 from ..reporting.metrics import format_epoch
 from ..reporting.plots import save_curves
 from ..reporting.review import score_after_training
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import eval_loader, predict_all, validate
-from .faults import FAULT_CHECK_UPDATES, FaultWatch, resume_hint
+from .faults import FAULT_CHECK_UPDATES, resume_hint
 from .features import fit_epoch_lbfgs, start_head, use_cached_features
-from .inputs import choose_pipeline, model_inputs, use_decoded_images
+from .inputs import choose_pipeline, use_decoded_images
 from .launch import check_process_count, check_processes_per_machine
 from .rundir import RunDir
 from .runtime import resolve_precision
 from .session import Session, build_session, describe
+from .step import train_epoch
 from .tracking import log_epoch, start_tracking, tracker_settings
 
 Log = Callable[[str], None]
@@ -214,86 +213,3 @@ def _main_process_run_dir(accelerator: Accelerator, run_dir: RunDir) -> RunDir:
     chosen in, so processes started a moment apart would each pick their own. The main process claimed
     it (finetune.train, rundir.py) before this broadcast, the run's first collective."""
     return broadcast_object_list([run_dir])[0]
-
-
-def train_epoch(s: Session, accelerator: Accelerator, epoch: int, update: int, fault_hint: str = "",
-                phase_epoch: int | None = None, check_every: int = FAULT_CHECK_UPDATES
-                ) -> Iterator[tuple[int, torch.Tensor]]:
-    """One epoch of `updates_per_epoch` optimizer updates, each over `accumulation` micro-batches per
-    process. Yields, after each update, the update count and that update's loss averaged over processes,
-    as a device tensor: reading it makes the host wait for the device, so the loop reads it only where
-    faults.py reads the health anyway (every `check_every` updates, and at the end of the epoch).
-    The training loop takes every update; the LR finder stops when it has seen enough, and trains every
-    pass in the unfreezing phase of one epoch (`phase_epoch`, default `epoch`)."""
-    phase_epoch = epoch if phase_epoch is None else phase_epoch
-    # The phase, the augmentation and dropout seeds and the data order are functions of the epoch alone,
-    # so a resumed run repeats them: seeds per (seed, epoch, process), loader workers following suit.
-    keep_eval = _enter_phase(s, accelerator, phase_epoch)
-    set_seed(s.seed + 1000 * (epoch + 1), device_specific=True)
-    s.train_set.set_epoch_seed(int(torch.randint(2**62, ())))
-    s.train_loader.set_epoch(epoch)
-    s.model.train()
-    for module in keep_eval:
-        module.eval()
-    watch = FaultWatch(accelerator, s.optimizer, check_every, fault_hint)
-    micro_batches = iter(s.train_loader)
-    for i in range(s.batching.updates_per_epoch):
-        set_lr(s.optimizer, s.schedule(update), phase_epoch, update, s.batching.updates_per_epoch, s.rewarm_updates)
-        update_loss, last_loss, failure = None, None, None
-        try:
-            update_loss, last_loss = _forward_micro_batches(s, accelerator, micro_batches)
-        except Exception as e:
-            if accelerator.num_processes == 1:
-                raise  # nobody else to stop: the exception itself is the clearest report
-            failure = e
-        loss = watch.record(update, update_loss, failure)
-        if watch.every == 1:
-            watch.check()  # this optimizer cannot skip on the device: read before anything is applied
-        with watch.peers():
-            accelerator.backward(last_loss)  # the backward that averages gradients over processes
-        drop_waiting_grads(s.optimizer, phase_epoch)  # before clipping: a waiting group must not shrink the others
-        if s.grad_clip is not None:
-            accelerator.clip_grad_norm_(s.model.parameters(), s.grad_clip)
-        s.optimizer.step()  # skipped on the device from a bad update on (faults.py)
-        s.optimizer.zero_grad(set_to_none=True)
-        if s.ema is not None:
-            s.ema.update(s.network, step=update)
-        update += 1
-        if watch.due(update, i == s.batching.updates_per_epoch - 1):
-            watch.check()
-        yield update, loss
-    # The micro-batches that fill no global batch (fewer than `accumulation`): drained, so the loader
-    # ends its epoch as Accelerate expects; they come first in another epoch's order.
-    for _ in micro_batches:
-        pass
-
-
-def _enter_phase(s: Session, accelerator: Accelerator, epoch: int) -> list[torch.nn.Module]:
-    """Set up the unfreezing phase `epoch` trains in; return the BatchNorm layers to keep in eval mode.
-    Groups whose phase has not begun get LR 0 and their gradients dropped before every step, so they
-    stay bit for bit. In one process their gradients are switched off, saving the backward pass; under
-    DDP they stay on (see session.py) and are computed, averaged, then dropped. Same weights either way."""
-    if accelerator.num_processes == 1:
-        s.plan.apply_freezing(s.network, epoch)
-    return s.plan.frozen_norm_modules(s.network, epoch)
-
-
-def _forward_micro_batches(s: Session, accelerator: Accelerator, micro_batches) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward every micro-batch of one update, and backward all but the last inside `no_sync` (gradients
-    add up locally, no communication). Returns the update's loss (the mean over its micro-batches) and
-    the last micro-batch's loss, whose backward, the one that averages gradients over processes, comes
-    after the processes exchanged their health (faults.py). Accumulation is written out rather than taken
-    from `accelerator.accumulate()`, which would run that averaging backward before that exchange."""
-    update_loss = torch.zeros((), device=accelerator.device)
-    accumulation = s.batching.accumulation
-    for i in range(accumulation):
-        images, labels = model_inputs(next(micro_batches), s.train_augment, s.runtime.channels_last)
-        last = i == accumulation - 1
-        # DDP decides at forward time whether the coming backward synchronises, so forward goes inside too.
-        with contextlib.nullcontext() if last else accelerator.no_sync(s.model):
-            # Equal micro-batches, each loss divided by their count: the gradients add up to the global mean.
-            loss = s.criterion(s.model(images), labels) / accumulation
-            if not last:
-                accelerator.backward(loss)
-        update_loss += loss.detach()
-    return update_loss, loss

@@ -32,7 +32,8 @@ from ..recipe.schema import RecipeConfig
 from ..reporting.plots import save_lr_find
 from .faults import NonFiniteLoss
 from .features import start_head
-from .loop import build_accelerator, start_session, train_epoch
+from .loop import build_accelerator, start_session
+from .step import train_epoch
 
 RULE = "steepest descent of the smoothed loss against log(LR) (fastai's 'steep')"
 BETA = 0.98  # smoothing of the loss: an average over roughly the last 50 updates
