@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     except FinetuneError as e:
         if not e.reported_elsewhere and (not e.raised_on_every_process or os.environ.get("RANK", "0") == "0"):
             print(f"finetune: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))  # a stop by a signal: the shell's code for that signal
     except KeyboardInterrupt:
         where = getattr(args, "resume", None) or getattr(args, "output", None) or "RUN_DIR (printed when training started)"
         hint = f" Continue with: finetune train --resume {where}" if args.command == "train" else ""

@@ -92,10 +92,23 @@ def test_optimizers_that_cannot_skip_on_the_device_are_checked_every_update():
 
 def test_a_failed_collective_reports_the_peer_that_raised():
     watch = FaultWatch(SimpleNamespace(**{**vars(one_process()), "num_processes": 2,
-                                          "reduce": lambda t, reduction: t + torch.tensor([[0.0, 0.0], [0.0, 1.0]])}),
+                                          "reduce": lambda t, reduction: t + torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])}),
                        adamw(torch.nn.Parameter(torch.ones(1))), every=50)
     watch.record(0, torch.tensor(0.5))  # process 1 raised in this update
     with pytest.raises(FinetuneError, match=r"update 1: process 1 \(of 2\) raised an exception") as info:
         with watch.peers():
             raise RuntimeError("Connection closed by peer")  # gloo, when process 1 exits
     assert info.value.reported_elsewhere
+
+
+def test_a_request_of_any_process_is_read_by_every_process_with_the_health():
+    """interrupt.py's requests (1: checkpoint, 2: stop) travel with the health; every process reads the
+    largest one at the same update, so they act together."""
+    other_asks = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 2.0]])  # process 1 received a stop signal
+    watch = FaultWatch(SimpleNamespace(**{**vars(one_process()), "num_processes": 2,
+                                          "reduce": lambda t, reduction: t + other_asks}),
+                       adamw(torch.nn.Parameter(torch.ones(1))), every=50)
+    watch.record(0, torch.tensor(0.5), request=1)
+    assert watch.requested == 0  # not read yet
+    assert watch.check() == [0.25]
+    assert watch.requested == 2

@@ -1,5 +1,6 @@
-"""From a split to batches: `Transformed` applies a transform and survives bad files, `EpochSeeded` reseeds
-loader workers every epoch, and `build_loader` makes one device's loader (Accelerate shards it later).
+"""From a split to batches: `Transformed` applies a transform and survives bad files, `EpochSeeded` seeds
+each training sample's augmentation by its epoch and position, and `build_loader` makes one device's loader
+(Accelerate shards it later).
 """
 
 from __future__ import annotations
@@ -7,6 +8,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import signal
+import threading
 from typing import Callable, Sequence
 
 import numpy as np
@@ -93,27 +96,30 @@ def build_loader(dataset: Dataset, batch_size: int, training: bool, num_workers:
         num_workers=num_workers,
         pin_memory=pin_memory,
         collate_fn=collate_fn,
-        # Workers live for the whole run instead of being forked again every epoch; training sets reseed
-        # them each epoch (EpochSeeded), so resuming still repeats the augmentation exactly. A loader used
+        # Workers live for the whole run instead of being forked again every epoch; training sets seed each
+        # sample (EpochSeeded), so resuming still repeats the augmentation exactly. A loader used
         # once (scoring after training) lets its workers go when it is done (`persistent` False).
         persistent_workers=persistent and num_workers > 0,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
     )
 
 
 class EpochSeeded(Dataset):
-    """A training dataset whose loader workers reseed their random generators at each new epoch.
+    """A training dataset whose augmentation is a function of (epoch, position in the epoch) alone.
 
-    Persistent workers would otherwise carry their random streams from one epoch into the next, so an
-    epoch's augmentation would depend on every epoch before it in the same process and a resumed run
-    would augment differently. The loop calls `set_epoch_seed` before each epoch (a seed drawn from its
-    per-epoch, per-process generator); each worker seeds torch, random and numpy with it plus its worker
-    id on the first sample it sees of that epoch. Without workers the loop's own reseeding does the job.
+    Its loader's sampler (sampling.Positioned) hands it (index, position) pairs; before each sample, torch,
+    random and numpy are seeded from the epoch's seed and the position. An image is then augmented the same
+    in whichever loader worker or process draws it, however many batches came before it, and whether or
+    not the run was resumed in the middle of the epoch. The loop calls `set_epoch_seed` before each epoch
+    (a function of train.seed and the epoch). Without loader workers the samples are drawn in the training
+    process, whose own random state (dropout) is put back after each one. Plain integer indices (a loader
+    without Positioned, the benchmark's) reseed each worker once per epoch with the epoch seed plus its id.
     """
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
         self.epoch_seed = multiprocessing.Value("q", -1, lock=False)  # shared memory, read by the workers
-        self.seeded_with = -1  # per worker: the epoch seed it last applied
+        self.seeded_with = -1  # per worker: the epoch seed it last applied (integer indices)
 
     def set_epoch_seed(self, seed: int) -> None:
         self.epoch_seed.value = seed
@@ -121,12 +127,52 @@ class EpochSeeded(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
         worker = torch.utils.data.get_worker_info()
+        if isinstance(key, tuple):
+            index, position = key
+            seed = (self.epoch_seed.value * 2**32 + position) % 2**63
+            if worker is not None:
+                _seed_generators(seed)
+                return self.dataset[index]
+            saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+            try:
+                _seed_generators(seed)
+                return self.dataset[index]
+            finally:
+                torch.set_rng_state(saved[0])
+                random.setstate(saved[1])
+                np.random.set_state(saved[2])
         if worker is not None and self.seeded_with != self.epoch_seed.value:
             self.seeded_with = self.epoch_seed.value
-            seed = self.seeded_with + worker.id
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-        return self.dataset[index]
+            _seed_generators(self.seeded_with + worker.id)
+        return self.dataset[key]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's augmentation: train.seed and the epoch, nothing of the process or worker."""
+    return (seed * 100_003 + epoch + 1) % 2**31
+
+
+def _seed_generators(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT and SIGTERM to their training process: a Ctrl-C in a terminal or a
+    scheduler's SIGTERM reaches the whole process group (SLURM signals every process of a job step), and a
+    worker that died of it would end the graceful stop (a checkpoint first) that the training process runs.
+    A SIGTERM from the training process itself (the loader's or multiprocessing's shutdown) still ends the
+    worker at once, as PyTorch's own worker handler does; so does the training process's death."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # Linux: who sent a signal can be told (not on macOS: default kept)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+
+
+def _end_on_sigterm_from(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)

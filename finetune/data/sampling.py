@@ -6,7 +6,8 @@ Both samplers draw each epoch from a generator seeded by (seed, epoch) alone, so
 same sequence and Accelerate's batch sharding hands each process different batches of it; a resumed run
 draws exactly what the interrupted one would have. Accelerate calls `set_epoch` on them through the
 prepared loader's `set_epoch`. Both yield `length` indices: a whole number of global batches, so every
-update has the same size on any number of processes and accumulation steps.
+update has the same size on any number of processes and accumulation steps. `Positioned` hands the loader
+each draw with its place in the epoch, for per-sample augmentation seeds and mid-epoch resumes.
 """
 
 from __future__ import annotations
@@ -78,3 +79,28 @@ class BalancedSampler(_EpochSampler):
 
     def __iter__(self) -> Iterator[int]:
         yield from torch.multinomial(self.weights, self.length, replacement=True, generator=self._generator()).tolist()
+
+
+class Positioned(Sampler):
+    """An epoch sampler's draws as (index, position) pairs, from position `start` on.
+
+    The position (the draw's place in the epoch, 0 to length - 1, the same on every process) lets
+    loaders.EpochSeeded seed each sample's augmentation by (epoch, position) alone, so an image is augmented
+    the same whichever process or loader worker draws it and however many batches came before. `start`
+    skips the draws of updates a resumed run already made (a whole number of global batches), so a run
+    resumed mid-epoch sees exactly the remaining batches; the loop sets it before such an epoch and back
+    to 0 after."""
+
+    def __init__(self, sampler: _EpochSampler):
+        self.sampler, self.start = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for position, index in enumerate(self.sampler):
+            if position >= self.start:
+                yield index, position

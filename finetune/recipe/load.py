@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from ..errors import FinetuneError
+from .interval import checkpoint_interval
 from .locate import check_backbone, check_distinct_sources, check_path_text, check_source, check_weights, is_file
 from .schema import (
     MAX_BATCH_SIZE,
@@ -208,6 +209,8 @@ def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
         ("train.label_smoothing", 0 <= c.train.label_smoothing < 1, "must be in [0, 1)"),
         ("train.grad_clip", c.train.grad_clip is None or 0 < c.train.grad_clip <= MAX_GRAD_CLIP,
          f"must be in (0, {MAX_GRAD_CLIP:g}] or null"),
+        ("train.checkpoint_every", _is_interval(c.train.checkpoint_every),
+         "must be a number of updates (1 or more), a duration such as 15min, 90s or 2h, or null"),
         ("data.val_fraction", 0 < c.data.val_fraction < 1, "must be between 0 and 1"),
         ("data.image_size", c.data.image_size is None or 8 <= c.data.image_size <= MAX_IMAGE_SIZE,
          f"must be between 8 and {MAX_IMAGE_SIZE} pixels, or null"),
@@ -288,3 +291,11 @@ def recipe_to_dict(config: RecipeConfig) -> dict:
 def dump_recipe(config: RecipeConfig) -> str:
     """The fully resolved recipe as YAML text, every default written out."""
     return yaml.safe_dump(recipe_to_dict(config), sort_keys=False)
+
+
+def _is_interval(value) -> bool:
+    try:
+        checkpoint_interval(value)
+    except ValueError:
+        return False
+    return True

@@ -187,6 +187,11 @@ class TrainConfig:
     # After training: this many highest-loss train and val images (the likely label errors) go into
     # hard_examples.json and a PNG grid; 0 skips the extra inference pass over train and val.
     hard_examples: int = 24
+    # Checkpoints inside an epoch, besides the one after each epoch: a number of optimizer updates (500) or
+    # a duration of training (15min, 90s, 2h); null: after each epoch only. A kill loses at most this much
+    # work, and --resume continues mid-epoch with the batches, augmentation and weights of an uninterrupted
+    # run. 15min: a long GPU epoch is covered, a short one never pauses for it.
+    checkpoint_every: Union[int, str, None] = "15min"
     # BatchNorm statistics over the whole global batch instead of each device's share (several GPUs only):
     # worth it when the per-device batch is small (under ~16); costs a synchronisation per BatchNorm layer.
     sync_bn: bool = False

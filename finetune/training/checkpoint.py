@@ -1,13 +1,14 @@
-"""Checkpoints: the training state after the last finished epoch and the one before, saved so that a kill
-at any moment leaves a complete checkpoint, and checked on `--resume` before anything of them is loaded.
+"""Checkpoints: the training state after the last finished epoch, or the last update saved inside an epoch
+(train.checkpoint_every, a stop signal), and the one before, saved so that a kill at any moment leaves a
+complete checkpoint, and checked on `--resume` before anything of them is loaded.
 
 Accelerate's `save_state` writes the model, optimizer and every process's RNG states; then
-`trainer_state.json` (epoch, update, best epoch and whether model or EMA, unfreezing phase), and last `manifest.json`: the size
-and sha256 of every file, so that a file cut short or a flipped bit is found on resume instead of
-training on from garbage. Why not Accelerate's own rotation (`ProjectConfiguration(automatic_checkpoint_naming=True,
+`trainer_state.json` (epochs finished, update, best epoch and whether model or EMA, unfreezing phase; inside an
+epoch also its updates so far and their losses), and last `manifest.json`: the size and sha256 of every
+file, so that a file cut short or a flipped bit is found on resume instead of training on from garbage. Why not Accelerate's own rotation (`ProjectConfiguration(automatic_checkpoint_naming=True,
 total_limit=...)`): it deletes the oldest checkpoint before it writes the new one in place, and
 `load_state()` picks the newest folder whether or not it was finished. Here the new state is written
-beside the others and swapped in by renames: `checkpoint/` is the last epoch's, `checkpoint.old/` the
+beside the others and swapped in by renames: `checkpoint/` is the newest, `checkpoint.old/` the
 one before, so a kill mid-save or a damaged newest checkpoint still leaves one to resume from.
 The accelerator is passed in: only the loop imports Accelerate.
 """
@@ -147,7 +148,13 @@ def _check_state(state) -> str | None:
     wrong = [k for k in STATE_INTS if type(state.get(k)) is not int]
     if wrong or type(state.get("best_val_acc")) not in (int, float):
         return f"{STATE_NAME} lacks whole numbers for {', '.join(wrong) or 'best_val_acc'}"
-    if state["epoch"] < 1 or state["step"] < 0 or not 0 <= state["best_epoch"] <= state["epoch"] or state["phase"] < 1:
+    within = state.get("epoch_updates", 0)  # a checkpoint inside an epoch: its updates so far
+    losses = state.get("epoch_losses", [])
+    if type(within) is not int or within < 0 or not isinstance(losses, list) or not all(
+            type(x) in (int, float) for x in losses):
+        return f"{STATE_NAME} has no valid epoch_updates and epoch_losses"
+    if (state["epoch"] < (0 if within else 1) or state["step"] < 0 or not 0 <= state["best_epoch"] <= state["epoch"]
+            or state["phase"] < 1):
         return (f"{STATE_NAME} holds impossible values (epoch {state['epoch']}, step {state['step']}, best epoch "
                 f"{state['best_epoch']}, phase {state['phase']})")
     return None

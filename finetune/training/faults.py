@@ -1,9 +1,10 @@
 """A fault on any process stops every process, and nothing of a bad update is applied, without the loop
 waiting for the device every update.
 
-Every update the processes all-reduce a small health tensor (each process's loss, and whether it raised)
-before the backward pass that averages gradients. The tensor stays on the device: reading it would make
-the host wait for the device once per update, which idles a GPU while the next update is queued.
+Every update the processes all-reduce a small health tensor (each process's loss, whether it raised, and
+its request to checkpoint or stop: interrupt.py) before the backward pass that averages gradients. The
+tensor stays on the device: reading it would make the host wait for the device once per update, which
+idles a GPU while the next update is queued.
 Instead the optimizer skips every update from a non-finite loss on, on the device (the `found_inf` flag
 that PyTorch's fused AdamW and SGD read, as GradScaler uses it), and the host reads the collected health
 every FAULT_CHECK_UPDATES updates and at the end of each epoch, before anything is validated, exported or
@@ -44,6 +45,7 @@ class FaultWatch:
         can_skip = (getattr(inner, "_step_supports_amp_scaling", False)
                     and getattr(accelerator, "scaler", None) is None)
         self.every = every if can_skip else 1
+        self.requested = 0  # the largest request (interrupt.py) of any process read so far
         self.rows: list[torch.Tensor] = []
         self.first_update = 0
         # 1 from the first bad update on: the fused optimizer then leaves weights and moments as they are.
@@ -51,13 +53,16 @@ class FaultWatch:
         if can_skip:
             inner.found_inf, inner.grad_scale = self.skip, None
 
-    def record(self, update: int, loss: torch.Tensor | None, failure: BaseException | None = None) -> torch.Tensor:
-        """Exchange this update's health (`loss` None: this process raised `failure`); return the mean loss
-        over processes as a device tensor. The process that raised stops here, reporting it."""
+    def record(self, update: int, loss: torch.Tensor | None, failure: BaseException | None = None,
+               request: int = 0) -> torch.Tensor:
+        """Exchange this update's health (`loss` None: this process raised `failure`) and this process's
+        `request`; return the mean loss over processes as a device tensor. The process that raised stops
+        here, reporting it."""
         processes = self.accelerator.num_processes
         if not self.rows:
             self.first_update = update
-        health = torch.zeros(2, processes, device=self.accelerator.device)
+        health = torch.zeros(3, processes, device=self.accelerator.device)
+        health[2, self.accelerator.process_index] = request
         if loss is None:
             health[1, self.accelerator.process_index] = 1
         else:
@@ -82,6 +87,7 @@ class FaultWatch:
             return []
         rows, first = torch.stack(self.rows).cpu(), self.first_update
         self.rows = []
+        self.requested = max(self.requested, int(rows[:, 2].max()))
         means = []
         for k, row in enumerate(rows):
             losses, failed = row[0].tolist(), [rank for rank, raised in enumerate(row[1].tolist()) if raised]

@@ -37,6 +37,7 @@ from .evaluate import eval_loader, predict_all, validate
 from .faults import FAULT_CHECK_UPDATES, resume_hint
 from .features import fit_epoch_lbfgs, start_head, use_cached_features
 from .inputs import choose_pipeline, use_decoded_images
+from .interrupt import Pauses
 from .launch import check_process_count, check_processes_per_machine
 from .rundir import RunDir
 from .runtime import resolve_precision
@@ -122,14 +123,19 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
 
     # --- the run directory: the first write happens only now, after everything was checked and built
     start_epoch, update, best_acc, best_epoch, best_from = 0, 0, -1.0, 0, "model"
+    done_in_epoch, earlier_losses = 0, []  # a checkpoint inside an epoch: its updates so far and their losses
     records: list[dict] = []
+    per_epoch = s.batching.updates_per_epoch
     checkpoint = find_checkpoint(run_dir) if run_dir.resuming else None
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, s.plan.phase_at)
         start_epoch, update, best_acc, best_epoch = (state["epoch"], state["step"], state["best_val_acc"],
                                                      state["best_epoch"])
         best_from = state.get("best_from", "model")
-        log(f"resuming {run_dir.path} after epoch {start_epoch} (update {update}, phase {s.plan.phase_at(start_epoch)})")
+        done_in_epoch, earlier_losses = state.get("epoch_updates", 0), state.get("epoch_losses", [])
+        within = f" and {done_in_epoch} of the {per_epoch} updates of epoch {start_epoch + 1}" if done_in_epoch else ""
+        log(f"resuming {run_dir.path} after epoch {start_epoch}{within} (update {update}, phase "
+            f"{s.plan.phase_at(start_epoch)})")
     else:
         s = start_head(s, config, splits, accelerator, log)
     if main:
@@ -140,56 +146,78 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
         run_dir.write_plan(s.plan.to_json())
         for bad in s.skipped:  # found while the features were cached, before the directory existed
             SkipLog.for_process(run_dir.path, 0).record(bad["split"], bad["file"], bad["reason"])
-        if checkpoint is not None and best_epoch == start_epoch:  # its export follows the checkpoint: a kill
+        if checkpoint is not None and best_epoch == start_epoch and not done_in_epoch:  # the export follows the
+            # epoch's checkpoint, and a kill
             save_export(s.ema.module if best_from == "ema" else s.network, run_dir.path, splits.class_names,
                         s.data_cfg)  # between the two left it unwritten
     start_tracking(accelerator, config, run_dir.path.name)
     accelerator.wait_for_everyone()
 
-    epoch_updates = fit_epoch_lbfgs if config.optim.name == "lbfgs" else train_epoch  # lbfgs: full-batch head fit
-    for epoch in range(start_epoch, tc.epochs):
-        if len(s.plan.phases) > 1 and (epoch == start_epoch or any(e == epoch for e, _ in s.plan.phases)):
-            log(f"phase {s.plan.phase_at(epoch)} from epoch {epoch + 1}: {s.plan.describe_phase(s.plan.phase_at(epoch))}")
-        started = time.perf_counter()
-        bar = tqdm(total=s.batching.updates_per_epoch, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
-                   dynamic_ncols=True, **({} if main else {"disable": True}))  # TQDM_DISABLE=1 silences it
-        losses, lrs, first = [], [], None
-        for update, loss in epoch_updates(s, accelerator, epoch, update, resume_hint(run_dir, epoch)):
-            losses.append(loss)
-            lrs.append({g["name"]: g["lr"] for g in s.optimizer.param_groups})  # host values: no wait
-            first = time.perf_counter() - started if first is None else first
-            bar.update()
-            if update % FAULT_CHECK_UPDATES == 0:  # the health was just read: no extra wait for the device
-                bar.set_postfix(loss=f"{float(loss):.3f}")
-        bar.close()
-        train_loss = float(torch.stack([torch.as_tensor(x) for x in losses]).mean()) if losses else 0.0
-        seconds = time.perf_counter() - started
+    pauses = Pauses(tc.checkpoint_every, main)  # checkpoints inside an epoch, and stopping on SIGTERM/SIGINT
+    lbfgs = config.optim.name == "lbfgs"  # a full-batch head fit: one update per epoch
+    with pauses.catching_signals():
+        for epoch in range(start_epoch, tc.epochs):
+            if len(s.plan.phases) > 1 and (epoch == start_epoch or any(e == epoch for e, _ in s.plan.phases)):
+                log(f"phase {s.plan.phase_at(epoch)} from epoch {epoch + 1}: "
+                    f"{s.plan.describe_phase(s.plan.phase_at(epoch))}")
+            started = time.perf_counter()
+            start = done_in_epoch if epoch == start_epoch else 0
+            bar = tqdm(total=per_epoch, initial=start, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False,
+                       dynamic_ncols=True, **({} if main else {"disable": True}))  # TQDM_DISABLE=1 silences it
+            losses = [torch.tensor(x, device=accelerator.device) for x in (earlier_losses if start else [])]
+            lrs, first = [], None
+            updates = (fit_epoch_lbfgs(s, accelerator, epoch, update, resume_hint(run_dir, epoch)) if lbfgs else
+                       train_epoch(s, accelerator, epoch, update, resume_hint(run_dir, epoch), pauses=pauses,
+                                   start=start))
+            for update, loss in updates:
+                losses.append(loss)
+                lrs.append({g["name"]: g["lr"] for g in s.optimizer.param_groups})  # host values: no wait
+                first = time.perf_counter() - started if first is None else first
+                bar.update()
+                if update % FAULT_CHECK_UPDATES == 0:  # the health was just read: no extra wait for the device
+                    bar.set_postfix(loss=f"{float(loss):.3f}")
+                if pauses.checkpoint_due(update, epoch_ended=update == (epoch + 1) * per_epoch):
+                    save_checkpoint(accelerator, run_dir, {
+                        "epoch": epoch, "step": update, "epoch_updates": update - epoch * per_epoch,
+                        "epoch_losses": [round(float(x), 6) for x in losses], "best_val_acc": best_acc,
+                        "best_epoch": best_epoch, "best_from": best_from, "phase": s.plan.phase_at(epoch)})
+                    pauses.saved()
+                    if pauses.stopping:
+                        raise pauses.interrupted(run_dir.path, f"in epoch {epoch + 1}, after update "
+                                                 f"{update - epoch * per_epoch} of {per_epoch}")
+            bar.close()
+            train_loss = float(torch.stack([torch.as_tensor(x) for x in losses]).mean()) if losses else 0.0
+            seconds = time.perf_counter() - started
 
-        val, candidate, acc = validate(s, accelerator, s.val_loader, splits.class_names)  # model or its average
-        improved = acc > best_acc
-        if improved:
-            best_acc, best_epoch, best_from = acc, epoch + 1, candidate
-        records.append({"epoch": epoch + 1, "step": update, "phase": s.plan.phase_at(epoch),
-                        "features_cached": s.features_cached,
-                        "train_loss": round(train_loss, 6), **val, "exported": candidate if improved else None,
-                        "lr": {g["name"]: g["lr"] for g in s.optimizer.param_groups},
-                        "epoch_seconds": round(seconds, 2),
-                        "train_images_per_second": round(len(losses) * s.batching.global_batch / seconds, 1),
-                        **({"compile_seconds": round(first, 2)} if tc.compile and epoch == start_epoch else {})})
-        log_epoch(accelerator, config, records[-1], losses, lrs)
-        if main:
-            run_dir.append_metrics(records[-1])
-            save_curves(records, run_dir.curves)
-            save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes())
-        log(format_epoch(records[-1], tc.epochs))
-        save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": update, "best_val_acc": best_acc,
-                                               "best_epoch": best_epoch, "best_from": best_from,
-                                               "phase": s.plan.phase_at(epoch + 1)})
-        if after_checkpoint is not None:
-            after_checkpoint(epoch + 1)
-        if main and improved:  # after the checkpoint, which describes it: a resume writes it again if missed
-            save_export(s.ema.module if candidate == "ema" else s.network, run_dir.path, splits.class_names,
-                        s.data_cfg)
+            val, candidate, acc = validate(s, accelerator, s.val_loader, splits.class_names)  # model or its average
+            improved = acc > best_acc
+            if improved:
+                best_acc, best_epoch, best_from = acc, epoch + 1, candidate
+            records.append({"epoch": epoch + 1, "step": update, "phase": s.plan.phase_at(epoch),
+                            "features_cached": s.features_cached,
+                            "train_loss": round(train_loss, 6), **val, "exported": candidate if improved else None,
+                            "lr": {g["name"]: g["lr"] for g in s.optimizer.param_groups},
+                            "epoch_seconds": round(seconds, 2),
+                            "train_images_per_second": round(len(lrs) * s.batching.global_batch / seconds, 1),
+                            **({"compile_seconds": round(first, 2)} if tc.compile and epoch == start_epoch else {})})
+            log_epoch(accelerator, config, records[-1], losses[len(losses) - len(lrs):], lrs)
+            if main:
+                run_dir.append_metrics(records[-1])
+                save_curves(records, run_dir.curves)
+                save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes())
+            log(format_epoch(records[-1], tc.epochs))
+            save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": update, "best_val_acc": best_acc,
+                                                   "best_epoch": best_epoch, "best_from": best_from,
+                                                   "phase": s.plan.phase_at(epoch + 1)})
+            pauses.saved()
+            if after_checkpoint is not None:
+                after_checkpoint(epoch + 1)
+            if main and improved:  # after the checkpoint, which describes it: a resume writes it again if missed
+                save_export(s.ema.module if candidate == "ema" else s.network, run_dir.path, splits.class_names,
+                            s.data_cfg)
+            if epoch + 1 < tc.epochs and pauses.stop_after_epoch(accelerator):  # the last epoch just finishes
+                accelerator.wait_for_everyone()  # the main process wrote the export
+                raise pauses.interrupted(run_dir.path, f"after epoch {epoch + 1}")
 
     # --- after training: the best epoch's weights (the export) score test, then train and val for review
     accelerator.wait_for_everyone()  # the main process wrote the export

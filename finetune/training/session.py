@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from ..data.badimages import SkipLog
 from ..data.loaders import EpochSeeded, Transformed, build_loader
-from ..data.sampling import BalancedSampler, EpochShuffle, inverse_frequency_weights
+from ..data.sampling import BalancedSampler, EpochShuffle, Positioned, inverse_frequency_weights
 from ..data.splits import Splits
 from ..data.transforms import build_transforms, resolve_data_config, train_size
 from ..model.backbone import build_model, fixed_input_size
@@ -41,15 +41,15 @@ class Session:
     criterion: torch.nn.Module  # (logits, labels) -> the mean loss of a micro-batch
     runtime: Runtime
     batching: Batching
-    train_set: EpochSeeded  # the training view; its loader workers reseed every epoch
+    train_set: EpochSeeded  # the training view; each sample's augmentation seeded by (epoch, position)
     train_loader: DataLoader
     val_loader: DataLoader | None
-    sampler: Sampler | None  # the training loader's sampler when it is not plain shuffling
+    sampler: Positioned  # the training loader's: draws with their place in the epoch (resumes skip some)
     train_transform: Callable  # the augmentation (features.py draws augmented views with it)
     schedule: Callable[[int], float]  # optimizer update -> multiplier of every group's peak LR
     total_updates: int
     warmup_updates: int
-    seed: int  # train.seed: augmentation and dropout are seeded by (seed, epoch, process)
+    seed: int  # train.seed: augmentation by (seed, epoch, position), dropout by (seed, update, process)
     grad_clip: float | None
     data_cfg: dict  # timm's preprocessing of this backbone (the export records it)
     eval_view: Callable[[Dataset, list[int] | None, str], Transformed]  # a split with the eval transform
@@ -97,8 +97,9 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
     train_set = EpochSeeded(Transformed(splits.train, splits.train_indices, train_tf, "train", **bad))
     val_set = eval_view(splits.val, splits.val_indices, "val")
     batching = derive_batching(tc.batch_size, tc.micro_batch_size, processes, len(train_set))
-    sampler = (BalancedSampler(splits.train_targets, tc.seed, batching.images_per_epoch) if dc.sampler == "balanced"
-               else EpochShuffle(len(train_set), batching.images_per_epoch, tc.seed))
+    draws = batching.images_per_epoch
+    sampler = Positioned(BalancedSampler(splits.train_targets, tc.seed, draws) if dc.sampler == "balanced"
+                         else EpochShuffle(len(train_set), draws, tc.seed))
     train_loader = build_loader(train_set, batching.per_device, True, runtime.workers, runtime.pin_memory, sampler)
     val_loader = build_loader(val_set, batching.per_device, False, runtime.workers, runtime.pin_memory)
     weights = (inverse_frequency_weights(splits.train_targets, len(splits.class_names))

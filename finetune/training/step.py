@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..data.loaders import epoch_seed
 from ..model.optim import drop_waiting_grads, set_lr
 from .faults import FAULT_CHECK_UPDATES, FaultWatch
 from .inputs import model_inputs
@@ -20,27 +21,33 @@ from .session import Session
 
 
 def train_epoch(s: Session, accelerator, epoch: int, update: int, fault_hint: str = "",
-                phase_epoch: int | None = None, check_every: int = FAULT_CHECK_UPDATES
-                ) -> Iterator[tuple[int, torch.Tensor]]:
+                phase_epoch: int | None = None, check_every: int = FAULT_CHECK_UPDATES, pauses=None,
+                start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
     """One epoch of `updates_per_epoch` optimizer updates, each over `accumulation` micro-batches per
-    process. Yields, after each update, the update count and that update's loss averaged over processes,
+    process, from its update `start` on (a run resumed mid-epoch: the sampler skips what was drawn).
+    Yields, after each update, the update count and that update's loss averaged over processes,
     as a device tensor: reading it makes the host wait for the device, so the loop reads it only where
     faults.py reads the health anyway (every `check_every` updates, and at the end of the epoch).
     The training loop takes every update; the LR finder stops when it has seen enough, and trains every
-    pass in the unfreezing phase of one epoch (`phase_epoch`, default `epoch`)."""
+    pass in the unfreezing phase of one epoch (`phase_epoch`, default `epoch`). `pauses`
+    (interrupt.Pauses): the requests to checkpoint or stop, exchanged with the health and read into it."""
     phase_epoch = epoch if phase_epoch is None else phase_epoch
-    # The phase, the augmentation and dropout seeds and the data order are functions of the epoch alone,
-    # so a resumed run repeats them: seeds per (seed, epoch, process), loader workers following suit.
+    # The phase, the data order and the augmentation are functions of the epoch (and a sample's place in
+    # it), dropout of the update, so a run resumed at any update repeats them: nothing depends on how many
+    # updates this process ran before.
     keep_eval = _enter_phase(s, accelerator, phase_epoch)
-    seed_everything(s.seed + 1000 * (epoch + 1) + accelerator.process_index)
-    s.train_set.set_epoch_seed(int(torch.randint(2**62, ())))
+    s.train_set.set_epoch_seed(epoch_seed(s.seed, epoch))
+    s.sampler.start = start * s.batching.global_batch
     s.train_loader.set_epoch(epoch)
     s.model.train()
     for module in keep_eval:
         module.eval()
+    # On a CPU the health is computed by the host itself: reading it after every update waits for nothing.
+    check_every = 1 if accelerator.device.type == "cpu" else check_every
     watch = FaultWatch(accelerator, s.optimizer, check_every, fault_hint)
     micro_batches = iter(s.train_loader)
-    for i in range(s.batching.updates_per_epoch):
+    for i in range(start, s.batching.updates_per_epoch):
+        seed_everything(s.seed * 1_000_003 + update * 1_009 + accelerator.process_index)  # dropout, drop-path
         set_lr(s.optimizer, s.schedule(update), phase_epoch, update, s.batching.updates_per_epoch, s.rewarm_updates)
         update_loss, last_loss, failure = None, None, None
         try:
@@ -49,7 +56,7 @@ def train_epoch(s: Session, accelerator, epoch: int, update: int, fault_hint: st
             if accelerator.num_processes == 1:
                 raise  # nobody else to stop: the exception itself is the clearest report
             failure = e
-        loss = watch.record(update, update_loss, failure)
+        loss = watch.record(update, update_loss, failure, pauses.request() if pauses is not None else 0)
         if watch.every == 1:
             watch.check()  # this optimizer cannot skip on the device: read before anything is applied
         with watch.peers():
@@ -62,13 +69,16 @@ def train_epoch(s: Session, accelerator, epoch: int, update: int, fault_hint: st
         if s.ema is not None:
             s.ema.update(s.network, step=update)
         update += 1
-        if watch.due(update, i == s.batching.updates_per_epoch - 1):
+        if watch.due(update, i == s.batching.updates_per_epoch - 1) or (pauses is not None and pauses.read_due(update)):
             watch.check()
+        if pauses is not None:
+            pauses.agree(watch.requested)  # what every process read with the health, at the same update
         yield update, loss
     # The micro-batches that fill no global batch (fewer than `accumulation`): drained, so the loader
     # ends its epoch as Accelerate expects; they come first in another epoch's order.
     for _ in micro_batches:
         pass
+    s.sampler.start = 0
 
 
 def _enter_phase(s: Session, accelerator, epoch: int) -> list[torch.nn.Module]:
@@ -103,7 +113,8 @@ def _forward_micro_batches(s: Session, accelerator, micro_batches) -> tuple[torc
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's generators (every device's) with `seed`."""
+    """Seed Python's, NumPy's and torch's generators (every device's) with `seed`: a host-side call, cheap
+    enough for every update."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
