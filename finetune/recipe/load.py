@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib.resources
 import typing
 from pathlib import Path
@@ -35,7 +36,8 @@ from .schema import (
     RecipeConfig,
     RecipeLike,
 )
-from .typed import DuplicateKeyError, build_dataclass, load_yaml, shown, shown_text
+from .techniques import technique_rules
+from .typed import DuplicateKeyError, build_dataclass, load_yaml, optional_dataclass, shown, shown_text
 
 
 def packaged_recipes() -> dict[str, Path]:
@@ -165,7 +167,12 @@ def _set_dotted(raw: dict, dotted: Any, value: Any, errors: list[str]) -> None:
     key, _, subkey = rest.partition(".")
     section_cls = {f.name: f.default_factory for f in dataclasses.fields(RecipeConfig)}.get(section)
     hint = typing.get_type_hints(section_cls).get(key) if section_cls else None
-    if subkey and typing.get_origin(hint) is dict:  # optim.lr_mult.blocks.*=0.5 sets one entry of a mapping
+    # optim.lr_mult.blocks.*=0.5 sets one entry of a mapping; train.early_stop.patience=3 one key of a
+    # sub-section, turning it on when it was null.
+    sub_section = optional_dataclass(hint) is not None
+    if subkey and (typing.get_origin(hint) is dict or sub_section):
+        if sub_section and target.get(key) is None:
+            target[key] = {}
         entries = target.setdefault(key, {})
         if not isinstance(entries, dict):
             errors.append(f"override {dotted!r}: {section}.{key} is {shown(entries)}, not a mapping with entries "
@@ -245,10 +252,10 @@ def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
         ("freeze.phases", all(0 <= e < c.train.epochs and 0 <= n <= MAX_STAGES for e, n in c.freeze.phases.items()),
          f"maps epochs in [0, {c.train.epochs - 1}] to numbers of frozen stages in [0, {MAX_STAGES}]"),
     ]
+    rules += technique_rules(c)  # mixing and early stopping (techniques.py)
     for key, ok, what in rules:
         if not ok and key not in bad:
-            section, name = key.split(".")
-            errors.append(f"{key}: {shown(getattr(getattr(c, section), name))} {what}")
+            errors.append(f"{key}: {shown(functools.reduce(getattr, key.split('.'), c))} {what}")
     d = c.data
     # Paths the OS cannot take (a NUL, too long) are reported here, not as an OSError from the checks below.
     for key, text in (("data.train", d.train), ("data.val", d.val), ("data.test", d.test), ("data.root", d.root),

@@ -35,6 +35,8 @@ MAX_HARD_EXAMPLES = 1000  # train.hard_examples: images per split drawn into one
 # freeze.stages and freeze.phases values: more than any timm model's group_matcher gives (the deepest ViTs
 # have ~50 blocks); the backbone's own count is checked when it is built (model/groups.py).
 MAX_STAGES = 1000
+MAX_EARLY_STOP_DELTA = 1e6  # train.early_stop.min_delta: accuracies are fractions; a loss in the millions is lost
+MAX_MIX_ALPHA = 100.0  # train.mixup and train.cutmix: Beta(alpha, alpha); from ~10 on the weight is always ~0.5
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,15 @@ class FreezeConfig:
 
 
 @dataclass(frozen=True)
+class EarlyStopConfig:
+    # The validation metric watched, of the better of the model and its moving average (the export's pick
+    # for val_acc): val_acc and val_balanced_acc should rise, val_loss fall.
+    metric: Literal["val_acc", "val_balanced_acc", "val_loss"] = "val_acc"
+    patience: int = 5  # epochs in a row without improvement after which the run stops (and finishes as usual)
+    min_delta: float = 0.0  # in the metric's unit (a fraction for accuracies): a change this small is no improvement
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
     # The new head's start. zero: all-zero weights (equal logits, the body's first gradients are small).
@@ -196,6 +207,19 @@ class TrainConfig:
     # torch.compile (inductor) of the model, through Accelerate: faster steps on GPUs after a one-off
     # compilation of a minute or more, printed with the first epoch (compile_seconds in metrics.jsonl).
     compile: bool = False
+    # Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) of training micro-batches, through timm's Mixup:
+    # each the alpha of the Beta(alpha, alpha) that draws the mixing weight; 0 turns it off (default: off,
+    # a small fine-tune learns fine without). timm's ImageNet recipes use mixup 0.8, cutmix 1.0; 0.2 is gentle.
+    # Targets become soft (label_smoothing folded in) and the loss timm's SoftTargetCrossEntropy; validation,
+    # test and hard examples use the plain labels. Needs an even number of images per micro-batch.
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0  # share of training micro-batches mixed at all (the rest train on plain images)
+    mix_switch_prob: float = 0.5  # with both mixup and cutmix on: share of mixed micro-batches that use cutmix
+    # Stop after early_stop.patience epochs without improvement of early_stop.metric; the run then finishes
+    # as at its last epoch (the best epoch's export, the scoring after training, the model card) and cannot
+    # be resumed. null (default): every epoch of train.epochs runs; the export is the best epoch's anyway.
+    early_stop: EarlyStopConfig | None = None
     # Experiment trackers, through Accelerate's own tracker support: each update's loss and the groups' LRs,
     # each epoch's metrics, the recipe as hyperparameters. TensorBoard files go to RUN_DIR/tensorboard;
     # the others need their package installed and configured as it documents (e.g. WANDB_PROJECT).

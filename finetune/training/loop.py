@@ -42,6 +42,7 @@ from .rundir import RunDir
 from .runtime import resolve_precision
 from .session import Session, build_session, describe
 from .step import train_epoch
+from .stopping import EarlyStop
 from .tracking import log_epoch, start_tracking, tracker_settings
 
 Log = Callable[[str], None]
@@ -86,7 +87,7 @@ def start_session(config: RecipeConfig, splits: Splits, accelerator: Accelerator
     set_seed(config.train.seed)
     s = build_session(config, splits, accelerator.num_processes, accelerator.process_index,
                       accelerator.device.type == "cuda", precision, skip_log_folder, log)
-    if config.data.feature_cache == "auto" and s.plan.body_fixed:
+    if config.data.feature_cache == "auto" and s.plan.body_fixed and s.mixing is None:  # features are not images
         s = use_cached_features(s, splits, config.data, config.train.seed, accelerator.device,
                                 accelerator.is_main_process, accelerator.wait_for_everyone, log)
     else:
@@ -123,9 +124,11 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
     # --- the run directory: the first write happens only now, after everything was checked and built
     start_epoch, update, best_acc, best_epoch, best_from = 0, 0, -1.0, 0, "model"
     records: list[dict] = []
+    stopper = EarlyStop(tc.early_stop)
     checkpoint = find_checkpoint(run_dir) if run_dir.resuming else None
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, s.plan.phase_at)
+        stopper.resume(state, str(run_dir.path))  # a run that stopped early is finished: refused
         start_epoch, update, best_acc, best_epoch = (state["epoch"], state["step"], state["best_val_acc"],
                                                      state["best_epoch"])
         best_from = state.get("best_from", "model")
@@ -167,6 +170,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
 
         val, candidate, acc = validate(s, accelerator, s.val_loader, splits.class_names)  # model or its average
         improved = acc > best_acc
+        stop = stopper.update(epoch + 1, tc.epochs, val)
         if improved:
             best_acc, best_epoch, best_from = acc, epoch + 1, candidate
         records.append({"epoch": epoch + 1, "step": update, "phase": s.plan.phase_at(epoch),
@@ -175,21 +179,24 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
                         "lr": {g["name"]: g["lr"] for g in s.optimizer.param_groups},
                         "epoch_seconds": round(seconds, 2),
                         "train_images_per_second": round(len(losses) * s.batching.global_batch / seconds, 1),
-                        **({"compile_seconds": round(first, 2)} if tc.compile and epoch == start_epoch else {})})
+                        **({"compile_seconds": round(first, 2)} if tc.compile and epoch == start_epoch else {}),
+                        **stopper.record()})
         log_epoch(accelerator, config, records[-1], losses, lrs)
         if main:
             run_dir.append_metrics(records[-1])
             save_curves(records, run_dir.curves)
             save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes())
-        log(format_epoch(records[-1], tc.epochs))
+        log(format_epoch(records[-1], tc.epochs) + (f"\n{stopper.describe(tc.epochs)}" if stop else ""))
         save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": update, "best_val_acc": best_acc,
                                                "best_epoch": best_epoch, "best_from": best_from,
-                                               "phase": s.plan.phase_at(epoch + 1)})
+                                               "phase": s.plan.phase_at(epoch + 1), **stopper.state()})
         if after_checkpoint is not None:
             after_checkpoint(epoch + 1)
         if main and improved:  # after the checkpoint, which describes it: a resume writes it again if missed
             save_export(s.ema.module if candidate == "ema" else s.network, run_dir.path, splits.class_names,
                         s.data_cfg)
+        if stop:
+            break
 
     # --- after training: the best epoch's weights (the export) score test, then train and val for review
     accelerator.wait_for_everyone()  # the main process wrote the export

@@ -27,6 +27,7 @@ from ..model.optim import build_optimizer, lr_multiplier
 from ..model.plan import Plan
 from ..recipe.schema import RecipeConfig
 from .batching import Batching, derive_batching
+from .mixing import Mixing, build_mixing, soft_target_loss
 from .runtime import Runtime, adapt_model, resolve_runtime
 
 WARMUP_SHARE = 0.2  # the most of a run that warmup may take
@@ -66,6 +67,7 @@ class Session:
     eval_augment: Callable | None = None
     collate: Callable | None = None  # the loaders' collate function (None: PyTorch's default)
     input_pipeline: str = ""  # which pipeline feeds the model and why, for the printed set-up
+    mixing: Mixing | None = None  # mixup/cutmix of training micro-batches (mixing.py); None: off
 
 
 def build_session(config: RecipeConfig, splits: Splits, processes: int, process_index: int, cuda: bool,
@@ -103,7 +105,9 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
     val_loader = build_loader(val_set, batching.per_device, False, runtime.workers, runtime.pin_memory)
     weights = (inverse_frequency_weights(splits.train_targets, len(splits.class_names))
                if tc.class_weights == "auto" else None)
-    criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing)
+    mixing = build_mixing(tc, len(splits.class_names), batching, process_index)
+    criterion = (soft_target_loss() if mixing is not None else
+                 torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing))
 
     total = tc.epochs * batching.updates_per_epoch
     # A warmup of whole epochs would eat most of a short run: it never takes more than a fifth of it.
@@ -114,7 +118,7 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
                    ema_decay=_ema_decay(tc.ema, total),
                    head_init=tc.head_init if tc.head_init != "auto" else
                    "probe" if config.model.pretrained is not False and not plan.body_fixed else "zero",
-                   train_side=train_side)
+                   train_side=train_side, mixing=mixing)
 
 
 def _ema_decay(ema: float | str | None, total_updates: int) -> float | None:
@@ -140,4 +144,7 @@ def describe(session: Session, config: RecipeConfig, splits: Splits) -> str:
     if weights is not None or config.data.sampler == "balanced":
         lines.append(f"  class balance: sampler {config.data.sampler}, loss weights {config.train.class_weights}"
                      + (f" ({weights.min():.3g} to {weights.max():.3g})" if weights is not None else ""))
+    if session.mixing is not None:
+        frozen = " | the frozen body runs every step: cached features are not images" if session.plan.body_fixed else ""
+        lines.append(f"  {session.mixing.describe()}{frozen}")
     return "\n".join(lines + [session.plan.table()])
