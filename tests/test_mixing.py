@@ -244,4 +244,4 @@ def test_quickstart_with_mixup_still_reaches_96_percent(tmp_path):
     print(f"quickstart + mixup 0.2: best val acc {result.best_val_acc:.4f} at epoch {result.best_epoch}; "
           f"train losses {losses}; val accs {[r['val_acc'] for r in result.metrics]}")
     assert result.best_val_acc >= 0.96
-    assert losses[-1] < losses[0] and losses[-1] < losses[1]
+    assert losses[-1] < losses[0] / 2
