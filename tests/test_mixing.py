@@ -190,6 +190,17 @@ def write(folder: Path, recipe: dict) -> Path:
     return path
 
 
+def test_a_resumed_run_mixes_as_the_run_it_continues(tiny_recipe, tmp_path, train_until_epoch_one):
+    recipe = tiny_recipe(**{"train.mixup": 0.4, "train.cutmix": 1.0, "train.hard_examples": 0})
+    whole = finetune.train(recipe, output=tmp_path / "whole")
+    train_until_epoch_one(recipe, tmp_path / "run")
+    resumed = finetune.train(resume=tmp_path / "run")
+    assert [r["train_loss"] for r in resumed.metrics] == [r["train_loss"] for r in whole.metrics]
+    expected = load_file(str(tmp_path / "whole" / "checkpoint" / "model.safetensors"))
+    got = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    assert max((got[k].double() - expected[k].double()).abs().max().item() for k in expected) <= 1e-6
+
+
 # ----------------------------------------------------------------------------------------------------
 # Slow: several processes, and the quickstart with real weights
 
