@@ -66,6 +66,12 @@ def test_targets_are_soft_rows_that_sum_to_one_with_label_smoothing_folded_in(ke
     assert {int(labels[0]), int(labels[-1])} <= top2 | {int(labels[0])}
 
 
+def test_set_up_line_says_how_much_is_mixed():
+    assert mixing(mixup=0.8, cutmix=1.0, mix_prob=0.5, mix_switch_prob=0.25, label_smoothing=0.0).describe() == (
+        "mixing: mixup alpha 0.8 and cutmix alpha 1 on 50% of training micro-batches (25% of those by cutmix), "
+        "soft targets with label smoothing 0; validation is never mixed")
+
+
 def test_mix_prob_zero_leaves_images_alone_but_targets_smoothed():
     m = mixing(mix_prob=0.0, label_smoothing=0.1)
     images, labels = batch()
@@ -178,8 +184,8 @@ def test_a_frozen_body_with_mixing_runs_on_mixed_images_and_says_so(tiny_recipe,
                            "train.epochs=1", "train.mixup=0.2", "freeze.backbone=true", "--output", tmp_path / "run"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert ("mixing: mixup alpha 0.2 on 1 of the training micro-batches (soft targets with label smoothing 0.1; "
-            "validation is never mixed) | the frozen body runs every step: cached features are not images") \
+    assert ("mixing: mixup alpha 0.2 on every training micro-batch, soft targets with label smoothing 0.1; "
+            "validation is never mixed | the frozen body runs every step: cached features are not images") \
         in proc.stdout
     assert read_metrics(tmp_path / "run")[0]["features_cached"] is False
 

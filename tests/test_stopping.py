@@ -137,7 +137,8 @@ def test_a_run_on_a_plateau_stops_early_and_finishes(tiny_recipe, plateau, tmp_p
     assert records[0]["val_acc"] == records[1]["val_acc"]
     assert records[-1]["stopped_early"] is True and records[-1]["epochs_without_improvement"] == 1
     assert "stopped_early" not in records[0]
-    assert "early stop: val_acc has not improved by more than 0 for 1 epoch(s) (best 0.5 at epoch 1)" in out
+    assert ("early stop: val_acc has not improved by more than 0 for 1 epoch(s) (best 50.00% at epoch 1); stopping "
+            "after epoch 2 of 5") in out
     # Complete: the export, the after-training scoring, the model card.
     for name in ("model.safetensors", "hard_examples.json", "val_report.json", "README.md", "data_report.json"):
         assert (run / name).is_file(), name

@@ -57,9 +57,10 @@ class Mixing:
         m = self.mixup
         kinds = [f"mixup alpha {m.mixup_alpha:g}" if m.mixup_alpha > 0 else "",
                  f"cutmix alpha {m.cutmix_alpha:g}" if m.cutmix_alpha > 0 else ""]
-        switch = f", cutmix for {m.switch_prob:g} of them" if all(kinds) else ""
-        return (f"mixing: {' and '.join(k for k in kinds if k)} on {m.mix_prob:g} of the training micro-batches"
-                f"{switch} (soft targets with label smoothing {m.label_smoothing:g}; validation is never mixed)")
+        share = "every training micro-batch" if m.mix_prob == 1 else f"{100 * m.mix_prob:g}% of training micro-batches"
+        switch = f" ({100 * m.switch_prob:g}% of those by cutmix)" if all(kinds) else ""
+        return (f"mixing: {' and '.join(k for k in kinds if k)} on {share}{switch}, soft targets with label "
+                f"smoothing {m.label_smoothing:g}; validation is never mixed")
 
 
 def mixing_on(tc: TrainConfig) -> bool:

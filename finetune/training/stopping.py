@@ -73,6 +73,7 @@ class EarlyStop:
     def describe(self, epochs: int) -> str:
         """The log line of the stop."""
         c = self.config
+        best = f"{100 * self.best:.2f}%" if c.metric.endswith("_acc") else f"{self.best:.4g}"
         return (f"early stop: {c.metric} has not improved by more than {c.min_delta:g} for {self.bad_epochs} "
-                f"epoch(s) (best {self.best:.4g} at epoch {self.best_epoch}); stopping before the {epochs} epochs of "
-                "train.epochs. The export holds the best epoch's weights.")
+                f"epoch(s) (best {best} at epoch {self.best_epoch}); stopping after epoch "
+                f"{self.best_epoch + self.bad_epochs} of {epochs}. The export holds the best epoch's weights.")
