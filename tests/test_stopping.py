@@ -19,6 +19,7 @@ import finetune
 from finetune import FinetuneError
 from finetune.recipe.load import dump_recipe, load_recipe
 from finetune.recipe.schema import EarlyStopConfig
+from finetune.training.runs import summarise
 from finetune.training.stopping import EarlyStop
 
 
@@ -151,6 +152,8 @@ def test_a_run_on_a_plateau_stops_early_and_finishes(tiny_recipe, plateau, tmp_p
     epoch_2 = load_file(str(run / "checkpoint" / "model.safetensors"))
     assert all(np.array_equal(exported[k].numpy(), epoch_1[k].numpy()) for k in exported)
     assert any(not np.array_equal(exported[k].numpy(), epoch_2[k].numpy()) for k in exported)
+
+    assert summarise(run).status == "finished"  # finetune runs: not "interrupted" at 2 of 5 epochs
 
     before = sorted(p.name for p in run.iterdir())
     card = (run / "README.md").read_text()
