@@ -58,28 +58,34 @@ def test_the_last_epoch_is_no_early_stop():
     assert run_rule([0.5, 0.5], epochs=2, patience=1) == [False, False]
 
 
-def test_off_it_adds_nothing():
+def test_off_it_adds_nothing(tmp_path):
     stop = EarlyStop(None)
     assert not stop.update(1, 2, {"val_acc": 0.1}) and stop.record() == {} and stop.state() == {}
-    stop.resume({"epoch": 1, "best_epoch": 1}, "run")
+    stop.resume({"epoch": 1, "best_epoch": 1}, tmp_path)
+    assert not stop.stopped
 
 
-def test_a_resumed_run_counts_on_from_the_checkpoint():
+def test_a_resumed_run_counts_on_from_the_checkpoint(tmp_path):
     before = EarlyStop(EarlyStopConfig(patience=2))
     before.update(1, 10, {"val_acc": 0.5})
     before.update(2, 10, {"val_acc": 0.4})
     state = json.loads(json.dumps({"epoch": 2, "best_epoch": 1, **before.state()}))  # as trainer_state.json
     after = EarlyStop(EarlyStopConfig(patience=2))
-    after.resume(state, "run")
+    after.resume(state, tmp_path)
     assert after.update(3, 10, {"val_acc": 0.45})
     assert after.record() == {"epochs_without_improvement": 2, "stopped_early": True}
 
 
-def test_resume_of_a_run_that_stopped_early_is_refused():
+def test_resume_of_a_run_that_stopped_early_and_finished_is_refused(tmp_path):
+    state = {"epoch": 3, "best_epoch": 1, "stopped_early": True}
+    unscored = EarlyStop(EarlyStopConfig())
+    unscored.resume(state, tmp_path)  # killed before its scoring after training: that is left to do
+    assert unscored.stopped
+    (tmp_path / "val_report.json").write_text("{}")  # written by the scoring after training
     with pytest.raises(FinetuneError, match="stopped early after epoch 3 .* is finished"):
-        EarlyStop(EarlyStopConfig()).resume({"epoch": 3, "best_epoch": 1, "stopped_early": True}, "runs/x")
+        EarlyStop(EarlyStopConfig()).resume(state, tmp_path)
     with pytest.raises(FinetuneError, match="stopped early"):  # even when the recipe no longer asks for it
-        EarlyStop(None).resume({"epoch": 3, "best_epoch": 1, "stopped_early": True}, "runs/x")
+        EarlyStop(None).resume(state, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -154,6 +160,13 @@ def test_a_run_on_a_plateau_stops_early_and_finishes(tiny_recipe, plateau, tmp_p
     assert any(not np.array_equal(exported[k].numpy(), epoch_2[k].numpy()) for k in exported)
 
     assert summarise(run).status == "finished"  # finetune runs: not "interrupted" at 2 of 5 epochs
+
+    # Killed between its stop and the end of its scoring: a resume trains no epoch and finishes the scoring.
+    (run / "val_report.json").unlink()
+    finished = finetune.train(resume=run)
+    assert [r["epoch"] for r in finished.metrics] == [1, 2] and (run / "val_report.json").is_file()
+    again = load_file(str(run / "model.safetensors"))
+    assert all(np.array_equal(again[k].numpy(), epoch_1[k].numpy()) for k in epoch_1)  # still epoch 1's
 
     before = sorted(p.name for p in run.iterdir())
     card = (run / "README.md").read_text()

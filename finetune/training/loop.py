@@ -128,7 +128,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
     checkpoint = find_checkpoint(run_dir) if run_dir.resuming else None
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, s.plan.phase_at)
-        stopper.resume(state, str(run_dir.path))  # a run that stopped early is finished: refused
+        stopper.resume(state, run_dir.path)  # a run that stopped early and finished is refused
         start_epoch, update, best_acc, best_epoch = (state["epoch"], state["step"], state["best_val_acc"],
                                                      state["best_epoch"])
         best_from = state.get("best_from", "model")
@@ -150,7 +150,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
     accelerator.wait_for_everyone()
 
     epoch_updates = fit_epoch_lbfgs if config.optim.name == "lbfgs" else train_epoch  # lbfgs: full-batch head fit
-    for epoch in range(start_epoch, tc.epochs):
+    for epoch in range(start_epoch, start_epoch if stopper.stopped else tc.epochs):  # stopped: only the scoring
         if len(s.plan.phases) > 1 and (epoch == start_epoch or any(e == epoch for e, _ in s.plan.phases)):
             log(f"phase {s.plan.phase_at(epoch)} from epoch {epoch + 1}: {s.plan.describe_phase(s.plan.phase_at(epoch))}")
         started = time.perf_counter()

@@ -12,9 +12,11 @@ and `stopped_early`, so that a resume of a finished run is refused instead of tr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import FinetuneError
 from ..recipe.schema import EarlyStopConfig
+from ..reporting.evaluation import VAL_REPORT_NAME
 
 LOWER_IS_BETTER = ("val_loss",)
 
@@ -57,15 +59,18 @@ class EarlyStop:
         return {"stopped_early": self.stopped,
                 "early_stop": {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}}
 
-    def resume(self, state: dict, run: str) -> None:
-        """Continue from a checkpoint's trainer state. Raises FinetuneError when the run already stopped early:
-        it finished, and training on would go past the stop its recipe asked for."""
-        if state.get("stopped_early"):
+    def resume(self, state: dict, run: Path) -> None:
+        """Continue from a checkpoint's trainer state. Raises FinetuneError when the run already stopped early
+        and finished: training on would go past the stop its recipe asked for. One killed between its stop
+        and the end of its scoring after training (val_report.json is written then) is `stopped`: the loop
+        trains no further epoch and only finishes that."""
+        if state.get("stopped_early") and (run / VAL_REPORT_NAME).is_file():
             raise FinetuneError(
                 f"--resume {run}: this run stopped early after epoch {state['epoch']} (train.early_stop) and is "
                 f"finished: its export (the best epoch's, epoch {state['best_epoch']}), scores and model card are in "
                 "its directory. To train longer, start a new run (another --output, or --overwrite) with a larger "
                 "train.early_stop.patience or train.early_stop: null.", raised_on_every_process=True)
+        self.stopped = bool(state.get("stopped_early"))
         saved = state.get("early_stop")
         if self.config is not None and isinstance(saved, dict):
             self.best, self.best_epoch, self.bad_epochs = saved["best"], saved["best_epoch"], saved["bad_epochs"]
