@@ -21,7 +21,7 @@ from .model.formats import ExportResult, export_run
 from .model.groups import build_plan
 from .model.plan import Plan
 from .model.predict import Predictor, load
-from .recipe.load import load_recipe, recipe_to_dict
+from .recipe.load import TOP_LEVEL_KEYS, load_recipe, recipe_to_dict
 from .recipe.schema import RecipeConfig, RecipeLike
 from .training.loop import train as run_loop
 from .training.lrfind import LRFindResult, find_lr
@@ -85,7 +85,8 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
     items = {**_flatten_overrides(overrides), **_keyword_overrides("train", kw_overrides)}
     config, run_dir = resolve_run(recipe, items, output, overwrite, resume, train_data is not None,
                                   val_data is not None, test_data is not None)
-    splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names, test_data)
+    splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names, test_data,
+                          multi_label=config.task == "multi_label")
     if config.data.on_bad_image == "error":
         _require_readable(splits)
     # The run owns its directory from here to the end, before the session is built: a second run into it
@@ -160,7 +161,7 @@ def check_data(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | N
     from .data.checkdata import check_data as run_check
 
     config = resolve(recipe, {**_flatten_overrides(overrides), **_keyword_overrides("check_data", kw_overrides)})
-    return run_check(config.data, config.train.seed)
+    return run_check(config.data, config.train.seed, multi_label=config.task == "multi_label")
 
 
 def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = None, *,
@@ -206,6 +207,9 @@ def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | P
         if not run.is_dir():
             raise FinetuneError(f"{run} is not a folder; give the run directory that `finetune train` wrote.")
         predictor = load(run, device="cpu")
+        if predictor.multi_label:
+            raise FinetuneError(f"{run} is a multi-label run; `finetune eval` scores single-label runs for now. Its "
+                                "val_report.json holds mAP, F1 and per-label AP; for other data use data.test.")
         config = eval_config(run, str(data) if isinstance(data, (str, Path)) else "python:data")
         samples = match_classes(open_eval_data(data, config, predictor.label_names, class_names),
                                 predictor.label_names, str(run))
@@ -238,7 +242,7 @@ def export(run_dir: str | Path, format: str = "onnx", output: str | Path | None 
 
 
 def open_data(config: RecipeConfig) -> Splits:
-    return build_splits(config.data, config.train.seed)
+    return build_splits(config.data, config.train.seed, multi_label=config.task == "multi_label")
 
 
 def _keyword_overrides(function: str, kw: dict[str, Any]) -> dict[str, Any]:
@@ -246,7 +250,7 @@ def _keyword_overrides(function: str, kw: dict[str, Any]) -> dict[str, Any]:
     Anything else is a misspelt Python argument (criterion=...) and gets Python's own kind of error."""
     sections = [f.name for f in dataclasses.fields(RecipeConfig)]
     for key, value in kw.items():
-        if not ("." in key or "__" in key or (key in sections and isinstance(value, dict))):
+        if not ("." in key or "__" in key or key in TOP_LEVEL_KEYS or (key in sections and isinstance(value, dict))):
             raise TypeError(f"{function}() got an unexpected keyword argument {key!r}; recipe overrides are "
                             "section__key=value (optim__lr=1e-3), a section's dict (optim={'lr': 1e-3}) or "
                             "overrides={'optim.lr': 1e-3}")
@@ -273,7 +277,9 @@ def _flatten_overrides(overrides: dict[str, Any] | Sequence[str] | None) -> dict
 def _check_same(asked: RecipeConfig, saved: RecipeConfig, run_dir: RunDir) -> None:
     a, s = recipe_to_dict(asked), recipe_to_dict(saved)
     diffs = [f"{sec}.{k}: saved {s[sec][k]!r}, given {a[sec][k]!r}"
-             for sec in s for k in s[sec] if s[sec][k] != a[sec][k]]
+             for sec in s if isinstance(s[sec], dict) for k in s[sec] if s[sec][k] != a[sec][k]]
+    diffs += [f"{key}: saved {s[key]!r}, given {a[key]!r}" for key in s if not isinstance(s[key], dict)
+              and s[key] != a[key]]  # `task`, a key of the recipe itself
     if diffs:
         raise FinetuneError(f"--resume {run_dir.path} continues the saved recipe, but the recipe given differs: "
                             f"{'; '.join(diffs[:5])}. Resume without a recipe or overrides, or start a new run.")

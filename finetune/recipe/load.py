@@ -37,6 +37,10 @@ from .schema import (
 )
 from .typed import DuplicateKeyError, build_dataclass, load_yaml, shown, shown_text
 
+# Keys of the recipe itself rather than of a section (`task`): an override names them without a dot.
+TOP_LEVEL_KEYS = tuple(name for name, hint in typing.get_type_hints(RecipeConfig).items()
+                       if not dataclasses.is_dataclass(hint))
+
 
 def packaged_recipes() -> dict[str, Path]:
     """Recipes shipped inside the wheel (the repository's recipes/ folder), by name."""
@@ -155,6 +159,9 @@ def _set_dotted(raw: dict, dotted: Any, value: Any, errors: list[str]) -> None:
         errors.append(f"override {shown(dotted)} must name section.key as text, e.g. optim.lr")
         return
     section, _, rest = dotted.partition(".")
+    if not rest and section in TOP_LEVEL_KEYS:  # `task=multi_label`: a key of the recipe itself
+        raw[section] = value
+        return
     if not rest:
         errors.append(f"override {dotted!r} must name section.key, e.g. optim.lr")
         return
@@ -242,6 +249,8 @@ def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
                                                    and c.data.feature_cache == "auto"),
          "fits a linear probe's head on cached features: it needs freeze.backbone=true for the whole run, "
          "freeze.bn auto or frozen and data.feature_cache auto; use adamw or sgd to train more than the head"),
+        ("train.threshold", 0 < c.train.threshold < 1, "is a probability, in (0, 1)"),
+        *_multi_label_rules(c),
         ("freeze.phases", all(0 <= e < c.train.epochs and 0 <= n <= MAX_STAGES for e, n in c.freeze.phases.items()),
          f"maps epochs in [0, {c.train.epochs - 1}] to numbers of frozen stages in [0, {MAX_STAGES}]"),
     ]
@@ -272,6 +281,18 @@ def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
         except OSError as e:  # e.g. a folder on the way that this user may not list
             errors.append(f"{key}: cannot look at {shown(value)}: {e.strerror or e}; give a path this user can read.")
     return errors
+
+
+def _multi_label_rules(c: RecipeConfig) -> list[tuple[str, bool, str]]:
+    """What task multi_label cannot combine with: ideas that assume one class per image."""
+    multi = c.task == "multi_label"
+    return [("data.sampler", not multi or c.data.sampler == "shuffle",
+             "draws every class equally often, which needs one class per image; with task multi_label use "
+             "data.sampler=shuffle and train.class_weights=auto (positives weighed by negatives / positives)"),
+            ("optim.name", not multi or c.optim.name != "lbfgs",
+             "fits a softmax regression; with task multi_label use adamw or sgd with freeze.backbone=true"),
+            ("train.head_init", not multi or c.train.head_init != "probe",
+             "fits a softmax probe first; with task multi_label use zero (auto means zero there)")]
 
 
 def recipe_to_dict(config: RecipeConfig) -> dict:

@@ -27,6 +27,7 @@ from ..model.optim import build_optimizer, lr_multiplier
 from ..model.plan import Plan
 from ..recipe.schema import RecipeConfig
 from .batching import Batching, derive_batching
+from .multilabel import build_multi_label_loss
 from .runtime import Runtime, adapt_model, resolve_runtime
 
 WARMUP_SHARE = 0.2  # the most of a run that warmup may take
@@ -38,7 +39,7 @@ class Session:
     network: torch.nn.Module  # the whole model, unwrapped: the plan's, the export's and the checkpoint's
     plan: Plan
     optimizer: torch.optim.Optimizer
-    criterion: torch.nn.Module  # (logits, labels) -> the mean loss of a micro-batch
+    criterion: torch.nn.Module  # (logits, labels) -> the mean loss of a micro-batch (labels [B, C]: multi-label)
     runtime: Runtime
     batching: Batching
     train_set: EpochSeeded  # the training view; its loader workers reseed every epoch
@@ -66,6 +67,7 @@ class Session:
     eval_augment: Callable | None = None
     collate: Callable | None = None  # the loaders' collate function (None: PyTorch's default)
     input_pipeline: str = ""  # which pipeline feeds the model and why, for the printed set-up
+    threshold: float | None = None  # task multi_label: train.threshold (F1, predicted labels); None: single-label
 
 
 def build_session(config: RecipeConfig, splits: Splits, processes: int, process_index: int, cuda: bool,
@@ -101,9 +103,13 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
                else EpochShuffle(len(train_set), batching.images_per_epoch, tc.seed))
     train_loader = build_loader(train_set, batching.per_device, True, runtime.workers, runtime.pin_memory, sampler)
     val_loader = build_loader(val_set, batching.per_device, False, runtime.workers, runtime.pin_memory)
-    weights = (inverse_frequency_weights(splits.train_targets, len(splits.class_names))
-               if tc.class_weights == "auto" else None)
-    criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing)
+    multi_label = config.task == "multi_label"
+    if multi_label:  # a sigmoid per label: binary cross-entropy (multilabel.py)
+        criterion = build_multi_label_loss(splits.train_targets, len(splits.class_names), tc)
+    else:
+        weights = (inverse_frequency_weights(splits.train_targets, len(splits.class_names))
+                   if tc.class_weights == "auto" else None)
+        criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing)
 
     total = tc.epochs * batching.updates_per_epoch
     # A warmup of whole epochs would eat most of a short run: it never takes more than a fifth of it.
@@ -113,8 +119,9 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
                    warmup, tc.seed, tc.grad_clip, data_cfg, eval_view, rewarm_updates=warmup,
                    ema_decay=_ema_decay(tc.ema, total),
                    head_init=tc.head_init if tc.head_init != "auto" else
-                   "probe" if config.model.pretrained is not False and not plan.body_fixed else "zero",
-                   train_side=train_side)
+                   "probe" if config.model.pretrained is not False and not plan.body_fixed and not multi_label
+                   else "zero",
+                   train_side=train_side, threshold=tc.threshold if multi_label else None)
 
 
 def _ema_decay(ema: float | str | None, total_updates: int) -> float | None:
