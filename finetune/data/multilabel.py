@@ -4,7 +4,8 @@ A sample's target is a sorted tuple of class indices (`()`: no label applies); `
 the float multi-hot vector [C] the loss reads (`multi_hot`), and the loaders stack those into [B, C].
 Readers: a CSV manifest whose label cell lists labels joined by `|` (`cat|dog`), a JSONL manifest whose
 label is a list, a Hugging Face `Sequence(ClassLabel)` (or list) column, and Python datasets whose labels
-are lists of names or indices. The class list is every label seen in train, in natural order (a
+are lists of names or indices. A source of one class per image (a folder, torchvision, sklearn, a single
+label in Python) gives each image that one label. The class list is every label seen in train, in natural order (a
 ClassLabel keeps its own); val and test labels must be among them. Validation is split off train per
 each image's rarest label, so a rare label still reaches val.
 """
@@ -23,7 +24,15 @@ from ..recipe.locate import parse_source
 from ..recipe.schema import DataConfig
 from .badimages import IGNORE_LABEL
 from .samples import FileSamples, HFSamples, ImageSamples, IndexedSamples, natural_key
-from .sources import IMAGE_COLUMNS, LABEL_COLUMNS, pick_column, read_hf, read_manifest_rows
+from .sources import (
+    IMAGE_COLUMNS,
+    LABEL_COLUMNS,
+    load_source,
+    pick_column,
+    read_hf,
+    read_manifest_rows,
+    wrap_hf_dataset,
+)
 
 LABEL_SEPARATOR = "|"  # between the labels of one CSV cell: `cat|dog`
 LISTED = 10  # unknown labels named in an error
@@ -63,11 +72,13 @@ def label_matrix(targets: Sequence[tuple], num_classes: int) -> np.ndarray:
 
 
 def positive_weights(targets: Sequence[tuple], num_classes: int) -> torch.Tensor:
-    """BCE pos_weight per label: its negatives / positives in train (1 where it has none, as nothing is
-    known), so each label's positives weigh as much in the loss as its negatives (train.class_weights auto)."""
+    """BCE pos_weight per label: its negatives / positives in train, so each label's positives weigh as much
+    in the loss as its negatives (train.class_weights auto); 1 for a label with no positive or no negative
+    image, which has nothing to balance (0 would silence an always-present label)."""
     positives = label_matrix(targets, num_classes).sum(axis=0).astype(np.float64)
     negatives = len(targets) - positives
-    return torch.tensor(np.where(positives > 0, negatives / np.maximum(positives, 1), 1.0), dtype=torch.float32)
+    balance = np.where((positives > 0) & (negatives > 0), negatives / np.maximum(positives, 1), 1.0)
+    return torch.tensor(balance, dtype=torch.float32)
 
 
 def stratify_keys(targets: Sequence[tuple], num_classes: int) -> list[int]:
@@ -98,10 +109,8 @@ def load_multi_label_source(text: str, cfg: DataConfig, class_names: list[str] |
         samples = _manifest(Path(spec.name).expanduser(), cfg)
     elif spec.scheme == "hf":
         samples = read_hf(spec, cfg, wrap_hf_multi_label)
-    else:
-        raise FinetuneError(f"{text}: task multi_label reads labels from a .csv/.jsonl manifest (`a|b` in CSV, a "
-                            "list in JSONL), an hf: dataset or Python objects; a folder, torchvision or sklearn "
-                            "source holds one class per image. Write a manifest, or use task single_label.")
+    else:  # a folder, torchvision or sklearn: one class per image, which is its one label
+        samples = as_label_sets(load_source(text, cfg))
     return samples if class_names is None else align_multi_label(samples, class_names)
 
 
@@ -135,10 +144,8 @@ def wrap_hf_multi_label(dataset: Any, cfg: DataConfig, origin: str) -> HFSamples
     if len(dataset) == 0:
         raise FinetuneError(f"{origin} is empty.")
     values = list(dataset[label_col])
-    if not all(isinstance(v, (list, tuple)) or v is None for v in values):
-        raise FinetuneError(f"{origin}: column {label_col!r} holds {type(values[0]).__name__} values, not lists of "
-                            "labels; task multi_label needs a Sequence(ClassLabel) or list column (or use task "
-                            "single_label).")
+    if not all(isinstance(v, (list, tuple)) or v is None for v in values):  # one class per image: its one label
+        return as_label_sets(wrap_hf_dataset(dataset, cfg, origin))
     feature = inner(features[label_col])
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     return HFSamples(dataset, image_col, *_named([list(v or []) for v in values], names, origin), origin)
@@ -159,10 +166,7 @@ def wrap_multi_label_in_memory(data: Any, class_names: Sequence[str] | None, cfg
     pairs = isinstance(data, (list, tuple))
     labels = [item[1] for item in data] if pairs else [data[i][1] for i in range(len(data))]
     labels = [label.tolist() if hasattr(label, "tolist") else label for label in labels]
-    bad = next((label for label in labels if not isinstance(label, (list, tuple))), None)
-    if bad is not None:
-        raise FinetuneError(f"{what} has the label {bad!r}, not a list of labels; with task multi_label give each "
-                            "image a list of label names or indices ([] for none).")
+    labels = [list(label) if isinstance(label, (list, tuple)) else [label] for label in labels]  # one: its set
     names = class_names or getattr(data, "class_names", None) or getattr(data, "classes", None)
     targets, class_names = _named(labels, names, f"python:{what}")
     if pairs and all(isinstance(item[0], (str, Path)) for item in data):
@@ -190,10 +194,18 @@ def _named(labels: list[list], names: Sequence[str] | None, origin: str) -> tupl
     return [tuple(sorted({index[label] for label in row})) for row in labels], class_names
 
 
+def as_label_sets(samples: ImageSamples) -> ImageSamples:
+    """Samples of one class per image as multi-label samples whose images each hold that one label."""
+    if is_multi_label(samples) or not samples.targets:
+        return samples
+    sets = copy.copy(samples)
+    sets.targets = [(int(t),) for t in samples.targets]
+    return sets
+
+
 def align_multi_label(samples: ImageSamples, class_names: list[str]) -> ImageSamples:
     """`samples` with label tuples re-indexed onto the run's labels; a label train lacks is an error naming it."""
-    if not is_multi_label(samples) and samples.targets:
-        raise FinetuneError(f"{samples.origin} has one class per image; with task multi_label give label lists.")
+    samples = as_label_sets(samples)
     if samples.class_names == list(class_names):
         return samples
     index = {name: i for i, name in enumerate(class_names)}

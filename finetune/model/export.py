@@ -2,8 +2,9 @@
 the model card (`README.md`, card.py) and `environment.json` (environment.py) that describe it.
 
 timm's public `save_for_hf` writes both (the config holds architecture, num_classes, label_names and the
-pretrained_cfg with mean/std/input size; a multi-label run adds task and threshold, which timm ignores), so `timm.create_model("local-dir:RUN_DIR", pretrained=True)`
-rebuilds the model anywhere timm runs, without finetune. timm writes into a scratch folder inside the
+pretrained_cfg with mean/std/input size; a multi-label run adds task and threshold, which timm ignores),
+so `timm.create_model("local-dir:RUN_DIR", pretrained=True)` rebuilds the model anywhere timm runs,
+without finetune. timm writes into a scratch folder inside the
 run directory; each file is then renamed into place, so a crash mid-write never leaves half an export.
 
 timm copies the source weights' pretrained tag (`ra_in1k`) and license into the config. They are kept

@@ -68,8 +68,9 @@ class Predictor:
             threshold = self.threshold if threshold is None else threshold
             if not 0 < threshold < 1:
                 raise FinetuneError(f"threshold {threshold!r}: give a probability in (0, 1).")
-            return [[{"label": self.label_names[i], "prob": float(row[i])} for i in row.argsort(descending=True).tolist()
-                     if row[i] >= threshold] for row in self.logits(images, tta).sigmoid()]
+            return [[{"label": self.label_names[i], "prob": float(row[i])}
+                     for i in row.argsort(descending=True).tolist() if row[i] >= threshold]
+                    for row in self.logits(images, tta).sigmoid()]
         if threshold is not None:
             raise FinetuneError("a threshold applies to a multi-label model (task multi_label); this one picks one "
                                 "class per image: use top_k.")
