@@ -21,8 +21,8 @@ from .model.formats import ExportResult, export_run
 from .model.groups import build_plan
 from .model.plan import Plan
 from .model.predict import Predictor, load
-from .recipe.load import TOP_LEVEL_KEYS, load_recipe, recipe_to_dict
-from .recipe.schema import RecipeConfig, RecipeLike
+from .recipe.load import load_recipe, recipe_to_dict
+from .recipe.schema import TOP_LEVEL_KEYS, RecipeConfig, RecipeLike
 from .training.loop import train as run_loop
 from .training.lrfind import LRFindResult, find_lr
 from .training.rundir import CHECKPOINT_NAME, MARKER_NAME, RunDir
@@ -250,7 +250,8 @@ def _keyword_overrides(function: str, kw: dict[str, Any]) -> dict[str, Any]:
     Anything else is a misspelt Python argument (criterion=...) and gets Python's own kind of error."""
     sections = [f.name for f in dataclasses.fields(RecipeConfig)]
     for key, value in kw.items():
-        if not ("." in key or "__" in key or key in TOP_LEVEL_KEYS or (key in sections and isinstance(value, dict))):
+        if not ("." in key or "__" in key or key in TOP_LEVEL_KEYS  # task="multi_label"
+                or (key in sections and isinstance(value, dict))):
             raise TypeError(f"{function}() got an unexpected keyword argument {key!r}; recipe overrides are "
                             "section__key=value (optim__lr=1e-3), a section's dict (optim={'lr': 1e-3}) or "
                             "overrides={'optim.lr': 1e-3}")

@@ -32,14 +32,11 @@ from .schema import (
     MAX_WEIGHT_DECAY,
     OPTIMIZER_DEFAULTS,
     REQUIRED,
+    TOP_LEVEL_KEYS,
     RecipeConfig,
     RecipeLike,
 )
 from .typed import DuplicateKeyError, build_dataclass, load_yaml, shown, shown_text
-
-# Keys of the recipe itself rather than of a section (`task`): an override names them without a dot.
-TOP_LEVEL_KEYS = tuple(name for name, hint in typing.get_type_hints(RecipeConfig).items()
-                       if not dataclasses.is_dataclass(hint))
 
 
 def packaged_recipes() -> dict[str, Path]:
@@ -199,6 +196,7 @@ def _resolve_defaults(config: RecipeConfig) -> RecipeConfig:
 def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
     """Range checks and existence checks that the types alone cannot express (skipping `bad` keys)."""
     errors = []
+    single = c.task == "single_label"  # task multi_label refuses what assumes one class per image
     rules = [
         ("optim.lr", 0 < c.optim.lr <= MAX_LR, f"must be in (0, {MAX_LR:g}]"),
         ("optim.head_lr_mult", 0 < c.optim.head_lr_mult <= MAX_LR_MULT, f"must be in (0, {MAX_LR_MULT:g}]"),
@@ -250,7 +248,10 @@ def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
          "fits a linear probe's head on cached features: it needs freeze.backbone=true for the whole run, "
          "freeze.bn auto or frozen and data.feature_cache auto; use adamw or sgd to train more than the head"),
         ("train.threshold", 0 < c.train.threshold < 1, "is a probability, in (0, 1)"),
-        *_multi_label_rules(c),
+        ("data.sampler", single or c.data.sampler == "shuffle", "draws every class equally often, which needs one "
+         "class per image; with task multi_label use train.class_weights=auto (BCE pos_weight)"),
+        ("optim.name", single or c.optim.name != "lbfgs", "fits a softmax regression; with task multi_label use adamw"),
+        ("train.head_init", single or c.train.head_init != "probe", "fits a softmax probe; with multi_label use zero"),
         ("freeze.phases", all(0 <= e < c.train.epochs and 0 <= n <= MAX_STAGES for e, n in c.freeze.phases.items()),
          f"maps epochs in [0, {c.train.epochs - 1}] to numbers of frozen stages in [0, {MAX_STAGES}]"),
     ]
@@ -281,18 +282,6 @@ def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
         except OSError as e:  # e.g. a folder on the way that this user may not list
             errors.append(f"{key}: cannot look at {shown(value)}: {e.strerror or e}; give a path this user can read.")
     return errors
-
-
-def _multi_label_rules(c: RecipeConfig) -> list[tuple[str, bool, str]]:
-    """What task multi_label cannot combine with: ideas that assume one class per image."""
-    multi = c.task == "multi_label"
-    return [("data.sampler", not multi or c.data.sampler == "shuffle",
-             "draws every class equally often, which needs one class per image; with task multi_label use "
-             "data.sampler=shuffle and train.class_weights=auto (positives weighed by negatives / positives)"),
-            ("optim.name", not multi or c.optim.name != "lbfgs",
-             "fits a softmax regression; with task multi_label use adamw or sgd with freeze.backbone=true"),
-            ("train.head_init", not multi or c.train.head_init != "probe",
-             "fits a softmax probe first; with task multi_label use zero (auto means zero there)")]
 
 
 def recipe_to_dict(config: RecipeConfig) -> dict:

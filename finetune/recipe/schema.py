@@ -226,6 +226,7 @@ class RecipeConfig:
 
 
 REQUIRED = {"model.backbone": "a timm model name", "data.train": "a data source"}
+TOP_LEVEL_KEYS = ("task",)  # keys of the recipe itself, not of a section: an override names them without a dot
 # Per-optimizer defaults for `optim.lr` and `optim.weight_decay` when a recipe leaves them out.
 OPTIMIZER_DEFAULTS = {"adamw": {"lr": 3e-4, "weight_decay": 0.05}, "sgd": {"lr": 0.01, "weight_decay": 1e-4},
                       "lbfgs": {"lr": 1.0, "weight_decay": 1e-3}}
