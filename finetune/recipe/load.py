@@ -168,7 +168,7 @@ def _set_dotted(raw: dict, dotted: Any, value: Any, errors: list[str]) -> None:
         return
     key, _, subkey = rest.partition(".")
     section_cls = {f.name: f.default_factory for f in dataclasses.fields(RecipeConfig)}.get(section)
-    hint = typing.get_type_hints(section_cls).get(key) if section_cls else None
+    hint = typing.get_type_hints(section_cls).get(key) if dataclasses.is_dataclass(section_cls) else None
     if subkey and typing.get_origin(hint) is dict:  # optim.lr_mult.blocks.*=0.5 sets one entry of a mapping
         entries = target.setdefault(key, {})
         if not isinstance(entries, dict):

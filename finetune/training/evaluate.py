@@ -63,7 +63,7 @@ def predict_batches(model: torch.nn.Module, accelerator, batches: Iterable[tuple
 def evaluate(s: Session, accelerator, loader, class_names: list[str], prefix: str = "val") -> dict:
     """Loss, top-1, balanced and per-class accuracy over exactly the loader's dataset."""
     results = predict_all(s, accelerator, loader)
-    if s.threshold is not None:  # task multi_label
+    if "probs" in results:  # task multi_label: a sigmoid per label (multilabel.py)
         return multi_label_metrics(results, class_names, prefix, s.threshold)
     return classification_metrics(results["loss"], results["pred"], results["label"], class_names, prefix)
 
@@ -74,7 +74,7 @@ def validate(s: Session, accelerator, loader, class_names: list[str]) -> tuple[d
     val = evaluate(s, accelerator, loader, class_names)
     if s.ema is not None:  # the average, validated like the model
         val.update(evaluate(dataclasses.replace(s, model=s.ema.module), accelerator, loader, class_names, "ema_val"))
-    key = "map" if s.threshold is not None else "acc"  # multi-label runs select by val mAP
+    key = "map" if "val_map" in val else "acc"  # multi-label runs select by val mAP
     candidate = "ema" if s.ema is not None and val[f"ema_val_{key}"] > val[f"val_{key}"] else "model"
     return val, candidate, val[f"ema_val_{key}" if candidate == "ema" else f"val_{key}"]
 
