@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 import finetune
 from finetune.data.badimages import IGNORE_LABEL
-from finetune.data.checkdata import check_data
+from finetune.data.checkdata import check_data, format_report
 from finetune.data.multilabel import (
     cooccurrence,
     load_multi_label_source,
@@ -195,6 +195,7 @@ def test_check_data_reports_cooccurrence_and_labels_without_positives(shapes):
     assert sum(labels["labels_per_image"].values()) == report["splits"]["train"]["readable"]
     assert "0" in labels["labels_per_image"]  # the images without a label are counted, not refused
     assert labels["no_positives"] == []
+    assert "most frequent pairs" in format_report(report)
     readable = report["splits"]["train"]["readable"] + report["splits"]["val"]["readable"]
     assert readable == len(rows)
     positives = {name: report["splits"]["train"]["classes"][name] + report["splits"]["val"]["classes"][name]
@@ -296,3 +297,18 @@ def test_shapes_reach_map_0_9_and_the_export_predicts_label_sets(tmp_path):
     right = sum(sorted(p["label"] for p in row) == sorted(rows[i]["labels"]) for i, row in zip(range(1, 40), predicted))
     assert right >= 30  # most images get exactly their label set
     assert all(len(row) == 5 for row in predictor.predict(images[:3], threshold=1e-6))
+
+
+def test_python_label_lists_train_a_frozen_body_without_cached_features(shapes, tmp_path):
+    root, rows = shapes
+    pairs = [(str(root / r["image"]), r["labels"]) for r in rows]
+    result = finetune.train({"model": {"backbone": "test_resnet", "pretrained": False},
+                             "data": {"image_size": 32, "num_workers": 0, "cache": "none"},
+                             "freeze": {"backbone": True}, "train": {"epochs": 1, "batch_size": 8, "hard_examples": 2}},
+                            train_data=pairs, task="multi_label", output=tmp_path / "run")
+    record = result.metrics[0]
+    assert record["features_cached"] is False  # cached features serve a softmax head only
+    assert {"val_map", "val_f1_micro", "val_f1_macro", "val_per_class_ap"} <= set(record) and "val_acc" not in record
+    assert result.best_val_acc == max(record["val_map"], record.get("ema_val_map") or 0)
+    with pytest.raises(FinetuneError, match="multi-label"):
+        finetune.evaluate(result.run_dir, str(write_csv(root / "m.csv", rows)))
