@@ -191,13 +191,16 @@ def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | P
              class_names: Sequence[str] | None = None, batch_size: int = 64) -> EvalResult | None:
     """Score a finished run's exported model on labelled data, writing the report into a new folder (default
     RUN/eval-<data>-<time>; nothing of the run is touched): metrics.json, confusion_matrix.png,
-    reliability.png, mistakes.png and predictions.csv. `data`: a source string (folder, manifest, hf:,
+    reliability.png, mistakes.png and predictions.csv (a multi-label run: metrics.json with mAP and F1 at
+    its threshold, and predictions.csv with each label's probability). `data`: a source string (folder, manifest, hf:,
     torchvision:, sklearn:digits) or a Python dataset as `train` takes; its classes are matched to the run's
     by name. Integer labels name classes through `class_names`, the dataset's `.classes`, or else the run's
     own list. Under a multi-process launch each process scores a share; the main process writes and
     returns the result, the others return None."""
     from .data.loaders import Transformed
+    from .data.multilabel import align_multi_label
     from .reporting.evaluation import build_report, default_output, match_classes, save_evaluation
+    from .reporting.multilabel import save_multi_label_evaluation
     from .training.evalrun import eval_config, open_eval_data, predict_dataset
 
     try:  # every process checks the same things: under a launch, the main process alone reports a mistake
@@ -207,12 +210,10 @@ def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | P
         if not run.is_dir():
             raise FinetuneError(f"{run} is not a folder; give the run directory that `finetune train` wrote.")
         predictor = load(run, device="cpu")
-        if predictor.multi_label:
-            raise FinetuneError(f"{run} is a multi-label run; `finetune eval` scores single-label runs for now. Its "
-                                "val_report.json holds mAP, F1 and per-label AP; for other data use data.test.")
         config = eval_config(run, str(data) if isinstance(data, (str, Path)) else "python:data")
-        samples = match_classes(open_eval_data(data, config, predictor.label_names, class_names),
-                                predictor.label_names, str(run))
+        samples = open_eval_data(data, config, predictor.label_names, class_names, predictor.multi_label)
+        samples = (align_multi_label(samples, predictor.label_names) if predictor.multi_label
+                   else match_classes(samples, predictor.label_names, str(run)))
         if output is not None:
             folder = Path(output).expanduser()
             if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
@@ -226,9 +227,12 @@ def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | P
     if results is None:
         return None
     folder = Path(output).expanduser() if output is not None else default_output(run, samples.origin)
-    report = build_report(results, predictor.label_names, view)
-    save_evaluation(folder, report, results, view, predictor.label_names,
-                    {"run": str(run.resolve()), "data": samples.origin})
+    about = {"run": str(run.resolve()), "data": samples.origin}
+    if predictor.multi_label:  # mAP and F1 at the run's threshold: metrics.json and predictions.csv
+        report = save_multi_label_evaluation(folder, results, view, predictor.label_names, predictor.threshold, about)
+    else:
+        report = build_report(results, predictor.label_names, view)
+        save_evaluation(folder, report, results, view, predictor.label_names, about)
     return EvalResult(str(folder), report)
 
 

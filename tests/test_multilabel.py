@@ -31,6 +31,7 @@ from finetune.data.splits import build_splits
 from finetune.errors import FinetuneError
 from finetune.recipe.load import load_recipe
 from finetune.recipe.schema import DataConfig, TrainConfig
+from finetune.reporting.evaluation import summary
 from finetune.reporting.multilabel import multi_label_metrics, multi_label_report
 from finetune.training.multilabel import MultiLabelLoss, build_multi_label_loss, multi_label_results
 
@@ -299,7 +300,7 @@ def test_shapes_reach_map_0_9_and_the_export_predicts_label_sets(tmp_path):
     assert all(len(row) == 5 for row in predictor.predict(images[:3], threshold=1e-6))
 
 
-def test_python_label_lists_train_a_frozen_body_without_cached_features(shapes, tmp_path):
+def test_python_label_lists_train_a_frozen_body_without_cached_features_and_eval_scores_it(shapes, tmp_path):
     root, rows = shapes
     pairs = [(str(root / r["image"]), r["labels"]) for r in rows]
     result = finetune.train({"model": {"backbone": "test_resnet", "pretrained": False},
@@ -310,5 +311,12 @@ def test_python_label_lists_train_a_frozen_body_without_cached_features(shapes, 
     assert record["features_cached"] is False  # cached features serve a softmax head only
     assert {"val_map", "val_f1_micro", "val_f1_macro", "val_per_class_ap"} <= set(record) and "val_acc" not in record
     assert result.best_val_acc == max(record["val_map"], record.get("ema_val_map") or 0)
-    with pytest.raises(FinetuneError, match="multi-label"):
-        finetune.evaluate(result.run_dir, str(write_csv(root / "m.csv", rows)))
+    evaluated = finetune.evaluate(result.run_dir, str(write_csv(root / "m.csv", rows)), output=tmp_path / "eval")
+    assert evaluated.metrics["images"] == len(rows) and evaluated.metrics["threshold"] == 0.5
+    assert {"map", "f1_micro", "f1_macro", "per_class"} <= set(evaluated.metrics)
+    assert "mAP" in summary(evaluated.metrics)  # what `finetune eval` prints
+    table = (tmp_path / "eval" / "predictions.csv").read_text().splitlines()
+    assert table[0].split(",")[:3] == ["path", "labels", "predicted"] and len(table) == len(rows) + 1
+    assert table[1].split(",")[1] == ""  # the image with no label
+    with pytest.raises(FinetuneError, match="hexagon"):
+        finetune.evaluate(result.run_dir, [(str(root / rows[1]["image"]), ["hexagon"])], output=tmp_path / "e2")

@@ -10,6 +10,8 @@ examples ranked by each image's loss over all its labels. The counting is torchm
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +26,7 @@ from torchmetrics.functional.classification import (
 
 from ..atomic import write_atomic
 from ..data.badimages import IGNORE_LABEL
-from .evaluation import VAL_REPORT_NAME
+from .evaluation import METRICS_NAME, PREDICTIONS_NAME, VAL_REPORT_NAME
 from .plots import save_image_grid
 from .review import HARD_EXAMPLES_JSON, HARD_EXAMPLES_PNG, RIGHT_COLOR, TEST_METRICS_NAME, WRONG_COLOR
 
@@ -149,3 +151,26 @@ def save_multi_label_hard_examples(entries: dict[str, list[dict]], images: list,
     colors = [RIGHT_COLOR if e["given"] == e["predicted"] else WRONG_COLOR for e in shown]
     save_image_grid(images, captions, run_dir / HARD_EXAMPLES_PNG, colors=colors,
                     title="highest loss first, train then val: review these labels")
+
+
+def save_multi_label_evaluation(folder: Path, results: dict, view, class_names: list[str], threshold: float,
+                                about: dict) -> dict:
+    """`finetune eval` of a multi-label run: metrics.json (multi_label_report, the run's labels without a
+    positive image here, the unreadable images) and predictions.csv (path, given labels, predicted labels,
+    then each label's probability). Returns the report."""
+    report = multi_label_report(results, class_names, threshold)
+    keep = (results["label"] != IGNORE_LABEL).all(dim=1)
+    report.update(classes_missing=[name for name, c in report["per_class"].items() if not c or not c["support"]],
+                  unreadable=[view.name(p) for p in torch.nonzero(~keep).flatten().tolist()])
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / METRICS_NAME, json.dumps({**about, **report}, indent=2))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["path", "labels", "predicted"] + class_names)
+    for p in torch.nonzero(keep).flatten().tolist():
+        given = [class_names[i] for i in (results["label"][p] > 0).nonzero()[:, 0].tolist()]
+        probs = results["probs"][p].tolist()
+        predicted = [name for name, prob in zip(class_names, probs) if prob >= threshold]
+        writer.writerow([view.name(p), "|".join(given), "|".join(predicted)] + [f"{prob:.6f}" for prob in probs])
+    write_atomic(folder / PREDICTIONS_NAME, out.getvalue())
+    return report
