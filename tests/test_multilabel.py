@@ -311,6 +311,8 @@ def test_python_label_lists_train_a_frozen_body_without_cached_features_and_eval
     assert record["features_cached"] is False  # cached features serve a softmax head only
     assert {"val_map", "val_f1_micro", "val_f1_macro", "val_per_class_ap"} <= set(record) and "val_acc" not in record
     assert result.best_val_acc == max(record["val_map"], record.get("ema_val_map") or 0)
+    card = (Path(result.run_dir) / "README.md").read_text()
+    assert "| val mAP |" in card and ".sigmoid()" in card and "best by validation mAP" in card
     evaluated = finetune.evaluate(result.run_dir, str(write_csv(root / "m.csv", rows)), output=tmp_path / "eval")
     assert evaluated.metrics["images"] == len(rows) and evaluated.metrics["threshold"] == 0.5
     assert {"map", "f1_micro", "f1_macro", "per_class"} <= set(evaluated.metrics)
