@@ -158,6 +158,9 @@ def test_a_hugging_face_sequence_of_class_labels(shapes):
     assert [sorted(names[t] for t in target) for target in samples.targets] == [sorted(r["labels"]) for r in rows]
     image, target = samples[3]
     assert image.size == (32, 32) and target == samples.targets[3]
+    ds.save_to_disk(str(root / "hf"))  # the recipe's hf:FOLDER reads the same label sets
+    from_disk = load_multi_label_source(f"hf:{root / 'hf'}", DataConfig())
+    assert from_disk.class_names == names and from_disk.targets == samples.targets
 
 
 def test_python_objects_with_label_lists(shapes):
