@@ -151,7 +151,8 @@ def _split_report(split: str, samples: ImageSamples, indices: list[int], results
                         f"First: {unreadable[0]['file']} ({unreadable[0]['reason']}).")
     if split == "train" and ratio is not None and ratio > IMBALANCE_WARNING:
         warnings.append(f"train is imbalanced: its largest class has {ratio:g}x the images of its smallest; consider "
-                        "train.class_weights=auto or data.sampler=balanced, and watch balanced accuracy.")
+                        + ("train.class_weights=auto (positive weights), and watch per-label AP." if multi else
+                           "train.class_weights=auto or data.sampler=balanced, and watch balanced accuracy."))
     empty = [c for c, n in classes.items() if not n]
     if split == "train" and empty and len(nonzero) >= 2:
         warnings.append(f"train has classes without readable images: {', '.join(empty[:LISTED])}; the model gets an "
