@@ -221,7 +221,7 @@ def _predict(predictor, args: argparse.Namespace) -> None:
     images = list_images(args.images)
     predictions = predictor.predict(images, args.top_k, tta=args.tta, threshold=args.threshold)
     if args.csv:
-        save_predictions(args.csv, images, predictions)
+        save_predictions(args.csv, images, predictions, predictor.multi_label)
         print(f"predictions for {len(images)} image(s) in {args.csv}")
     elif args.json:
         print(json.dumps([{"image": i, "predictions": p} for i, p in zip(images, predictions)], indent=2))

@@ -323,6 +323,12 @@ def test_python_label_lists_train_a_frozen_body_without_cached_features_and_eval
     table = (tmp_path / "eval" / "predictions.csv").read_text().splitlines()
     assert table[0].split(",")[:3] == ["path", "labels", "predicted"] and len(table) == len(rows) + 1
     assert table[1].split(",")[1] == ""  # the image with no label
+    from finetune import cli
+
+    cli.main(["predict", result.run_dir, str(root / rows[1]["image"]), "--threshold", "0.01", "--csv",
+              str(tmp_path / "p.csv")])
+    written = (tmp_path / "p.csv").read_text().splitlines()
+    assert written[0] == "path,labels,probabilities" and len(written[1].split(",")[1].split("|")) == 5
     with pytest.raises(FinetuneError, match="hexagon"):
         finetune.evaluate(result.run_dir, [(str(root / rows[1]["image"]), ["hexagon"])], output=tmp_path / "e2")
 

@@ -166,16 +166,22 @@ def _manifest_images(path: Path) -> list[str]:
     return [str(path.parent / str(row[column]).strip()) for row in rows if row.get(column)]
 
 
-def save_predictions(path: str | Path, images: list[str], predictions: list[list[dict]]) -> None:
+def save_predictions(path: str | Path, images: list[str], predictions: list[list[dict]],
+                     multi_label: bool = False) -> None:
     """A CSV with one row per image: path, prediction, probability, then the next classes as
-    prediction_2, probability_2, ... (as many as top-k)."""
+    prediction_2, probability_2, ... (as many as top-k). `multi_label`: path, labels and probabilities,
+    each joined by `|` as a multi-label manifest writes them (both empty when no label reaches the threshold)."""
     k = max((len(p) for p in predictions), default=1)
-    header = ["path", "prediction", "probability"] + [f"{c}_{i}" for i in range(2, k + 1)
-                                                      for c in ("prediction", "probability")]
+    header = (["path", "labels", "probabilities"] if multi_label else
+              ["path", "prediction", "probability"] + [f"{c}_{i}" for i in range(2, k + 1)
+                                                       for c in ("prediction", "probability")])
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(header)
     for image, top in zip(images, predictions):
-        writer.writerow([image] + [v for p in top for v in (p["label"], f"{p['prob']:.6f}")])
+        if multi_label:
+            writer.writerow([image, "|".join(p["label"] for p in top), "|".join(f"{p['prob']:.6f}" for p in top)])
+        else:
+            writer.writerow([image] + [v for p in top for v in (p["label"], f"{p['prob']:.6f}")])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text.getvalue())
