@@ -309,8 +309,10 @@ def test_python_label_lists_train_a_frozen_body_without_cached_features_and_eval
     result = finetune.train({"model": {"backbone": "test_resnet", "pretrained": False},
                              "data": {"image_size": 32, "num_workers": 0, "cache": "none"},
                              "freeze": {"backbone": True}, "train": {"epochs": 1, "batch_size": 8, "hard_examples": 2}},
-                            train_data=pairs, task="multi_label", output=tmp_path / "run")
+                            train_data=pairs, test_data=pairs[:6], task="multi_label", output=tmp_path / "run")
     record = result.metrics[0]
+    assert result.test["test_images"] == 6 and "test_map" in result.test
+    assert json.loads((Path(result.run_dir) / "test_metrics.json").read_text())["test_map"] == result.test["test_map"]
     assert record["features_cached"] is False  # cached features serve a softmax head only
     assert {"val_map", "val_f1_micro", "val_f1_macro", "val_per_class_ap"} <= set(record) and "val_acc" not in record
     assert result.best_val_acc == max(record["val_map"], record.get("ema_val_map") or 0)
