@@ -216,7 +216,8 @@ class RecipeConfig:
     # per image, none included (a sigmoid per label, binary cross-entropy, mAP and F1 at train.threshold; the
     # best epoch is the one with the best val mAP). Labels: `a|b` in a CSV manifest, a list in JSONL, an HF
     # Sequence(ClassLabel) column or label lists in Python. data.sampler balanced, optim lbfgs and
-    # train.head_init probe are single-label ideas and are refused; a frozen body trains the whole model.
+    # train.head_init probe are single-label ideas and are refused; a frozen body runs every epoch (its
+    # features are cached only for a softmax head).
     task: Literal["single_label", "multi_label"] = "single_label"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
