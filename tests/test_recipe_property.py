@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 import finetune
 from finetune import FinetuneError
 from finetune.recipe.load import load_recipe
-from finetune.recipe.schema import RecipeConfig
+from finetune.recipe.schema import TOP_LEVEL_KEYS, RecipeConfig
 
-SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(RecipeConfig)}
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(RecipeConfig) if f.name not in TOP_LEVEL_KEYS}
 KEYS = [(section, f.name) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 HINTS = {(section, name): hint for section, cls in SECTIONS.items()
          for name, hint in typing.get_type_hints(cls).items()}

@@ -33,6 +33,7 @@ from .schema import (
     MAX_WEIGHT_DECAY,
     OPTIMIZER_DEFAULTS,
     REQUIRED,
+    TOP_LEVEL_KEYS,
     RecipeConfig,
     RecipeLike,
 )
@@ -157,6 +158,9 @@ def _set_dotted(raw: dict, dotted: Any, value: Any, errors: list[str]) -> None:
         errors.append(f"override {shown(dotted)} must name section.key as text, e.g. optim.lr")
         return
     section, _, rest = dotted.partition(".")
+    if not rest and section in TOP_LEVEL_KEYS:  # `task=multi_label`: a key of the recipe itself
+        raw[section] = value
+        return
     if not rest:
         errors.append(f"override {dotted!r} must name section.key, e.g. optim.lr")
         return
@@ -166,7 +170,7 @@ def _set_dotted(raw: dict, dotted: Any, value: Any, errors: list[str]) -> None:
         return
     key, _, subkey = rest.partition(".")
     section_cls = {f.name: f.default_factory for f in dataclasses.fields(RecipeConfig)}.get(section)
-    hint = typing.get_type_hints(section_cls).get(key) if section_cls else None
+    hint = typing.get_type_hints(section_cls).get(key) if dataclasses.is_dataclass(section_cls) else None
     # optim.lr_mult.blocks.*=0.5 sets one entry of a mapping; train.early_stop.patience=3 one key of a
     # sub-section, turning it on when it was null.
     sub_section = optional_dataclass(hint) is not None
@@ -249,6 +253,7 @@ def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:
                                                    and c.data.feature_cache == "auto"),
          "fits a linear probe's head on cached features: it needs freeze.backbone=true for the whole run, "
          "freeze.bn auto or frozen and data.feature_cache auto; use adamw or sgd to train more than the head"),
+        ("train.threshold", 0 < c.train.threshold < 1, "is a probability, in (0, 1)"),
         ("freeze.phases", all(0 <= e < c.train.epochs and 0 <= n <= MAX_STAGES for e, n in c.freeze.phases.items()),
          f"maps epochs in [0, {c.train.epochs - 1}] to numbers of frozen stages in [0, {MAX_STAGES}]"),
     ]

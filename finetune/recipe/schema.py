@@ -190,11 +190,18 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
     seed: int = 0  # one seed for model init, data order, split and augmentation
     warmup_epochs: float = 1.0  # linear warmup, then cosine to zero; protects the body from the random head
-    label_smoothing: float = 0.1  # cross-entropy smoothing; regularises small fine-tuning sets
+    # Cross-entropy smoothing; regularises small fine-tuning sets. task multi_label: each label's binary
+    # target moves toward 1/2 (1 - s/2 and s/2, as YOLOv5's smooth_BCE), which leaves the ranking mAP reads.
+    label_smoothing: float = 0.1
     grad_clip: float | None = None  # max global gradient norm; none: no clipping
     # auto: weigh each class's loss by inverse frequency (N / (classes x count)), so rare classes count as much
-    # as common ones; none: every image weighs the same.
+    # as common ones; none: every image weighs the same. task multi_label: auto weighs each label's positives
+    # by its negatives / positives in train (BCE pos_weight), so a rare label's misses cost as much as its
+    # false alarms.
     class_weights: Literal["none", "auto"] = "none"
+    # task multi_label only: the probability from which a label is predicted. Micro/macro F1 are read at it,
+    # and the export's config.json records it for `finetune predict` (which may override it).
+    threshold: float = 0.5
     # After training: this many highest-loss train and val images (the likely label errors) go into
     # hard_examples.json and a PNG grid; 0 skips the extra inference pass over train and val.
     hard_examples: int = 24
@@ -229,6 +236,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RecipeConfig:
+    # single_label: one class per image (softmax, cross-entropy, accuracy). multi_label: any number of labels
+    # per image, none included (a sigmoid per label, binary cross-entropy, mAP and F1 at train.threshold; the
+    # best epoch is the one with the best val mAP). Labels: `a|b` in a CSV manifest, a list in JSONL, an HF
+    # Sequence(ClassLabel) column or label lists in Python. data.sampler balanced, optim lbfgs and
+    # train.head_init probe are single-label ideas and are refused; a frozen body runs every epoch (its
+    # features are cached only for a softmax head).
+    task: Literal["single_label", "multi_label"] = "single_label"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -237,6 +251,7 @@ class RecipeConfig:
 
 
 REQUIRED = {"model.backbone": "a timm model name", "data.train": "a data source"}
+TOP_LEVEL_KEYS = ("task",)  # keys of the recipe itself, not of a section: an override names them without a dot
 # Per-optimizer defaults for `optim.lr` and `optim.weight_decay` when a recipe leaves them out.
 OPTIMIZER_DEFAULTS = {"adamw": {"lr": 3e-4, "weight_decay": 0.05}, "sgd": {"lr": 0.01, "weight_decay": 1e-4},
                       "lbfgs": {"lr": 1.0, "weight_decay": 1e-3}}

@@ -1,6 +1,7 @@
 """Checks of the training techniques' keys, mixing (train.mixup, cutmix, mix_prob, mix_switch_prob) and
-early stopping (train.early_stop): their ranges and the combinations that cannot work, as rules that
-load.py checks with every other key's, so one error lists every problem of a recipe.
+early stopping (train.early_stop), and of what `task: multi_label` cannot combine with: ranges and the
+combinations that cannot work, as rules that load.py checks with every other key's, so one error lists
+every problem of a recipe.
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from .schema import MAX_EARLY_STOP_DELTA, MAX_EPOCHS, MAX_MIX_ALPHA, RecipeConfi
 def technique_rules(c: RecipeConfig) -> list[tuple[str, bool, str]]:
     """(dotted key, whether its value is fine, what the message says after the value) for load.py."""
     tc, mixing = c.train, c.train.mixup > 0 or c.train.cutmix > 0
+    single = c.task == "single_label"  # task multi_label refuses what assumes one class per image
     rules = [
+        ("data.sampler", single or c.data.sampler == "shuffle", "draws every class equally often, which needs one "
+         "class per image; with task multi_label use train.class_weights=auto (BCE pos_weight)"),
+        ("optim.name", single or c.optim.name != "lbfgs", "fits a softmax regression; with task multi_label use adamw"),
+        ("train.head_init", single or c.train.head_init != "probe", "fits a softmax probe; with multi_label use zero"),
+        ("train.mixup", single or not mixing, "and train.cutmix mix one-hot targets with timm's Mixup; task "
+         "multi_label cannot use them yet: set both to 0"),
         ("train.mixup", 0 <= tc.mixup <= MAX_MIX_ALPHA, f"must be in [0, {MAX_MIX_ALPHA:g}] (0 turns mixup off)"),
         ("train.cutmix", 0 <= tc.cutmix <= MAX_MIX_ALPHA, f"must be in [0, {MAX_MIX_ALPHA:g}] (0 turns cutmix off)"),
         ("train.mix_prob", 0 <= tc.mix_prob <= 1, "is a probability, in [0, 1]"),

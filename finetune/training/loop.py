@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +31,7 @@ from ..model.card import save_card
 from ..model.export import WEIGHTS_NAME, save_export
 from ..recipe.schema import RecipeConfig
 from ..reporting.metrics import format_epoch
+from ..reporting.multilabel import format_epoch_multi_label, score_multi_label_after_training
 from ..reporting.plots import save_curves
 from ..reporting.review import score_after_training
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -87,7 +89,10 @@ def start_session(config: RecipeConfig, splits: Splits, accelerator: Accelerator
     set_seed(config.train.seed)
     s = build_session(config, splits, accelerator.num_processes, accelerator.process_index,
                       accelerator.device.type == "cuda", precision, skip_log_folder, log)
-    if config.data.feature_cache == "auto" and s.plan.body_fixed and s.mixing is None:  # features are not images
+    # Cached features serve a softmax head (its probe, lbfgs) on unmixed images; a multi-label linear probe
+    # and a mixed batch run the body.
+    if (config.data.feature_cache == "auto" and s.plan.body_fixed and config.task == "single_label"
+            and s.mixing is None):
         s = use_cached_features(s, splits, config.data, config.train.seed, accelerator.device,
                                 accelerator.is_main_process, accelerator.wait_for_everyone, log)
     else:
@@ -186,7 +191,8 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
             run_dir.append_metrics(records[-1])
             save_curves(records, run_dir.curves)
             save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes())
-        log(format_epoch(records[-1], tc.epochs) + (f"\n{stopper.describe(tc.epochs)}" if stop else ""))
+        log((format_epoch_multi_label if s.threshold is not None else format_epoch)(records[-1], tc.epochs)
+            + (f"\n{stopper.describe(tc.epochs)}" if stop else ""))
         save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": update, "best_val_acc": best_acc,
                                                "best_epoch": best_epoch, "best_from": best_from,
                                                "phase": s.plan.phase_at(epoch + 1), **stopper.state()})
@@ -201,13 +207,18 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
     # --- after training: the best epoch's weights (the export) score test, then train and val for review
     accelerator.wait_for_everyone()  # the main process wrote the export
     s.network.load_state_dict(load_file(str(run_dir.path / WEIGHTS_NAME)))
-    test = score_after_training(lambda view: predict_all(s, accelerator, eval_loader(s, accelerator, view)), splits,
-                                s.eval_view, tc.hard_examples, run_dir.path if main else None, best_epoch)
+    score = (partial(score_multi_label_after_training, threshold=s.threshold) if s.threshold is not None
+             else score_after_training)
+    test = score(lambda view: predict_all(s, accelerator, eval_loader(s, accelerator, view)), splits,
+                 s.eval_view, tc.hard_examples, run_dir.path if main else None, best_epoch)
     skipped = save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes(), final=True) if main else 0
     if main:  # the model card again, now with every epoch and the test metrics
         save_card(run_dir.path)
-    log(f"done: best val acc {100 * best_acc:.2f}% at epoch {best_epoch}"
-        + (f"; test acc {100 * test['test_acc']:.2f}% (balanced {100 * test['test_balanced_acc']:.2f}%)" if test else "")
+    multi_label = s.threshold is not None
+    log(f"done: best val {'mAP' if multi_label else 'acc'} {100 * best_acc:.2f}% at epoch {best_epoch}"
+        + (f"; test mAP {100 * (test['test_map'] or 0):.2f}%" if test and multi_label
+           else f"; test acc {100 * test['test_acc']:.2f}% (balanced {100 * test['test_balanced_acc']:.2f}%)"
+           if test else "")
         + (f"; {skipped} unreadable image(s) skipped, listed in data_report.json" if skipped else "")
         + f"; model in {run_dir.path}")
     accelerator.end_training()

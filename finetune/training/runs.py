@@ -133,7 +133,8 @@ def _checkpoint_epoch(path: Path) -> int | None:
 
 
 def _val_acc(record: dict) -> float | None:
-    accs = [record.get(k) for k in ("val_acc", "ema_val_acc") if _is_number(record.get(k))]
+    accs = [record.get(k) for k in ("val_acc", "ema_val_acc", "val_map", "ema_val_map")  # map: multi-label runs
+            if _is_number(record.get(k))]
     return max(accs) if accs else None
 
 
