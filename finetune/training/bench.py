@@ -37,8 +37,8 @@ from ..recipe.schema import DataConfig, RecipeConfig, TrainConfig
 from .batching import AUTO_LARGEST, derive_batching
 from .inputs import model_inputs
 from .loop import build_accelerator, start_session
-from .step import train_epoch
 from .session import Session
+from .step import train_epoch
 
 
 class RandomImages(Dataset):
