@@ -22,7 +22,7 @@ from .model.groups import build_plan
 from .model.plan import Plan
 from .model.predict import Predictor, load
 from .recipe.load import load_recipe, recipe_to_dict
-from .recipe.schema import RecipeConfig, RecipeLike
+from .recipe.schema import TOP_LEVEL_KEYS, RecipeConfig, RecipeLike
 from .training.loop import train as run_loop
 from .training.lrfind import LRFindResult, find_lr
 from .training.rundir import CHECKPOINT_NAME, MARKER_NAME, RunDir
@@ -85,7 +85,8 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
     items = {**_flatten_overrides(overrides), **_keyword_overrides("train", kw_overrides)}
     config, run_dir = resolve_run(recipe, items, output, overwrite, resume, train_data is not None,
                                   val_data is not None, test_data is not None)
-    splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names, test_data)
+    splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names, test_data,
+                          multi_label=config.task == "multi_label")
     if config.data.on_bad_image == "error":
         _require_readable(splits)
     # The run owns its directory from here to the end, before the session is built: a second run into it
@@ -160,7 +161,7 @@ def check_data(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | N
     from .data.checkdata import check_data as run_check
 
     config = resolve(recipe, {**_flatten_overrides(overrides), **_keyword_overrides("check_data", kw_overrides)})
-    return run_check(config.data, config.train.seed)
+    return run_check(config.data, config.train.seed, multi_label=config.task == "multi_label")
 
 
 def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = None, *,
@@ -190,13 +191,16 @@ def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | P
              class_names: Sequence[str] | None = None, batch_size: int = 64) -> EvalResult | None:
     """Score a finished run's exported model on labelled data, writing the report into a new folder (default
     RUN/eval-<data>-<time>; nothing of the run is touched): metrics.json, confusion_matrix.png,
-    reliability.png, mistakes.png and predictions.csv. `data`: a source string (folder, manifest, hf:,
+    reliability.png, mistakes.png and predictions.csv (a multi-label run: metrics.json with mAP and F1 at
+    its threshold, and predictions.csv with each label's probability). `data`: a source string (folder, manifest, hf:,
     torchvision:, sklearn:digits) or a Python dataset as `train` takes; its classes are matched to the run's
     by name. Integer labels name classes through `class_names`, the dataset's `.classes`, or else the run's
     own list. Under a multi-process launch each process scores a share; the main process writes and
     returns the result, the others return None."""
     from .data.loaders import Transformed
+    from .data.multilabel import align_multi_label
     from .reporting.evaluation import build_report, default_output, match_classes, save_evaluation
+    from .reporting.multilabel import save_multi_label_evaluation
     from .training.evalrun import eval_config, open_eval_data, predict_dataset
 
     try:  # every process checks the same things: under a launch, the main process alone reports a mistake
@@ -207,8 +211,9 @@ def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | P
             raise FinetuneError(f"{run} is not a folder; give the run directory that `finetune train` wrote.")
         predictor = load(run, device="cpu")
         config = eval_config(run, str(data) if isinstance(data, (str, Path)) else "python:data")
-        samples = match_classes(open_eval_data(data, config, predictor.label_names, class_names),
-                                predictor.label_names, str(run))
+        samples = open_eval_data(data, config, predictor.label_names, class_names, predictor.multi_label)
+        samples = (align_multi_label(samples, predictor.label_names) if predictor.multi_label
+                   else match_classes(samples, predictor.label_names, str(run)))
         if output is not None:
             folder = Path(output).expanduser()
             if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
@@ -222,9 +227,12 @@ def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | P
     if results is None:
         return None
     folder = Path(output).expanduser() if output is not None else default_output(run, samples.origin)
-    report = build_report(results, predictor.label_names, view)
-    save_evaluation(folder, report, results, view, predictor.label_names,
-                    {"run": str(run.resolve()), "data": samples.origin})
+    about = {"run": str(run.resolve()), "data": samples.origin}
+    if predictor.multi_label:  # mAP and F1 at the run's threshold: metrics.json and predictions.csv
+        report = save_multi_label_evaluation(folder, results, view, predictor.label_names, predictor.threshold, about)
+    else:
+        report = build_report(results, predictor.label_names, view)
+        save_evaluation(folder, report, results, view, predictor.label_names, about)
     return EvalResult(str(folder), report)
 
 
@@ -238,7 +246,7 @@ def export(run_dir: str | Path, format: str = "onnx", output: str | Path | None 
 
 
 def open_data(config: RecipeConfig) -> Splits:
-    return build_splits(config.data, config.train.seed)
+    return build_splits(config.data, config.train.seed, multi_label=config.task == "multi_label")
 
 
 def _keyword_overrides(function: str, kw: dict[str, Any]) -> dict[str, Any]:
@@ -246,7 +254,8 @@ def _keyword_overrides(function: str, kw: dict[str, Any]) -> dict[str, Any]:
     Anything else is a misspelt Python argument (criterion=...) and gets Python's own kind of error."""
     sections = [f.name for f in dataclasses.fields(RecipeConfig)]
     for key, value in kw.items():
-        if not ("." in key or "__" in key or (key in sections and isinstance(value, dict))):
+        if not ("." in key or "__" in key or key in TOP_LEVEL_KEYS  # task="multi_label"
+                or (key in sections and isinstance(value, dict))):
             raise TypeError(f"{function}() got an unexpected keyword argument {key!r}; recipe overrides are "
                             "section__key=value (optim__lr=1e-3), a section's dict (optim={'lr': 1e-3}) or "
                             "overrides={'optim.lr': 1e-3}")
@@ -273,7 +282,9 @@ def _flatten_overrides(overrides: dict[str, Any] | Sequence[str] | None) -> dict
 def _check_same(asked: RecipeConfig, saved: RecipeConfig, run_dir: RunDir) -> None:
     a, s = recipe_to_dict(asked), recipe_to_dict(saved)
     diffs = [f"{sec}.{k}: saved {s[sec][k]!r}, given {a[sec][k]!r}"
-             for sec in s for k in s[sec] if s[sec][k] != a[sec][k]]
+             for sec in s if isinstance(s[sec], dict) for k in s[sec] if s[sec][k] != a[sec][k]]
+    diffs += [f"{key}: saved {s[key]!r}, given {a[key]!r}" for key in s if not isinstance(s[key], dict)
+              and s[key] != a[key]]  # `task`, a key of the recipe itself
     if diffs:
         raise FinetuneError(f"--resume {run_dir.path} continues the saved recipe, but the recipe given differs: "
                             f"{'; '.join(diffs[:5])}. Resume without a recipe or overrides, or start a new run.")

@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="OUT", help="write path,prediction,probability (and the next top-k classes) "
                    "to this CSV file instead of printing")
     p.add_argument("--tta", action="store_true", help="average the logits of each image and its horizontal mirror")
+    p.add_argument("--threshold", type=float, default=None, help="multi-label runs: predict every label whose "
+                   "probability reaches this (default: the run's train.threshold, kept in config.json)")
 
     p = sub.add_parser("eval", help="score a trained run on labelled data: metrics.json, confusion matrix, "
                        "reliability diagram, confident mistakes, predictions.csv")
@@ -217,12 +219,12 @@ def _predict(predictor, args: argparse.Namespace) -> None:
     if args.top_k < 1:
         raise FinetuneError(f"predict: --top-k {args.top_k}: give a number of classes, 1 or more.")
     images = list_images(args.images)
-    predictions = predictor.predict(images, args.top_k, tta=args.tta)
+    predictions = predictor.predict(images, args.top_k, tta=args.tta, threshold=args.threshold)
     if args.csv:
-        save_predictions(args.csv, images, predictions)
+        save_predictions(args.csv, images, predictions, predictor.multi_label)
         print(f"predictions for {len(images)} image(s) in {args.csv}")
     elif args.json:
         print(json.dumps([{"image": i, "predictions": p} for i, p in zip(images, predictions)], indent=2))
     else:
         for image, top in zip(images, predictions):
-            print(image + ": " + ", ".join(f"{p['label']} {100 * p['prob']:.1f}%" for p in top))
+            print(image + ": " + (", ".join(f"{p['label']} {100 * p['prob']:.1f}%" for p in top) or "no label"))

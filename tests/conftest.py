@@ -155,7 +155,8 @@ def train_until_epoch_one() -> Callable[..., None]:
 
         config, run_dir = api.resolve_run(recipe, output=output)
         with pytest.raises(Interrupted):
-            loop.train(config, run_dir, build_splits(config.data, config.train.seed),
+            loop.train(config, run_dir, build_splits(config.data, config.train.seed,
+                                                     multi_label=config.task == "multi_label"),
                        after_checkpoint=stop_after_epoch_one)
 
     return run

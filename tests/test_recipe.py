@@ -62,10 +62,11 @@ def test_saved_recipe_loads_back_identical(tmp_path, tiny_recipe):
 
 @pytest.mark.parametrize("path", SHIPPED_RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_loads(path, image_folder):
-    # Gallery recipes name folders of the user's own images (data/train, ...): stand in generated ones.
+    # Gallery recipes name folders or manifests of the user's own images (data/train, data/train.csv):
+    # stand in generated folders (multi-label reads a folder as one label per image).
     data = yaml.safe_load(path.read_text()).get("data") or {}
     overrides = {f"data.{key}": str(image_folder(name=key)) for key in ("train", "val")
-                 if data.get(key) and parse_source(data[key]).scheme == "folder"}
+                 if data.get(key) and parse_source(data[key]).scheme in ("folder", "manifest")}
     config = load_recipe(path, overrides)
     assert config.model.backbone
     assert config.data.train

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 import finetune
 from finetune import FinetuneError
 from finetune.recipe.load import load_recipe
-from finetune.recipe.schema import RecipeConfig
+from finetune.recipe.schema import TOP_LEVEL_KEYS, RecipeConfig
 
-SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(RecipeConfig)}
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(RecipeConfig) if f.name not in TOP_LEVEL_KEYS}
 KEYS = [(section, f.name) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 HINTS = {(section, name): hint for section, cls in SECTIONS.items()
          for name, hint in typing.get_type_hints(cls).items()}
@@ -55,6 +55,8 @@ wild = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3)
 def typed(hint: Any) -> st.SearchStrategy:
     """Values of the declared type, across their whole range (so that the range checks get their turn)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):  # a sub-section (train.early_stop): any of its keys, each of its type
+        return st.fixed_dictionaries({}, optional={name: typed(h) for name, h in typing.get_type_hints(hint).items()})
     if origin in (Union, types.UnionType):
         return st.one_of([st.none() if a is type(None) else typed(a) for a in args])
     if origin is Literal:

@@ -15,7 +15,7 @@ import yaml
 
 from finetune import FinetuneError, cli
 from finetune.recipe.load import load_recipe, parse_overrides
-from finetune.recipe.schema import RecipeConfig
+from finetune.recipe.schema import TOP_LEVEL_KEYS, RecipeConfig
 
 
 def problem_line(recipe, overrides, key: str) -> str:
@@ -138,6 +138,7 @@ def numeric_keys() -> list[tuple[str, Any]]:
     def numeric(hint: Any) -> bool:
         return hint in (int, float) or any(numeric(a) for a in typing.get_args(hint))
     return [(f"{section.name}.{name}", hint) for section in dataclasses.fields(RecipeConfig)
+            if section.name not in TOP_LEVEL_KEYS  # `task`: a key of the recipe itself, no section
             for name, hint in typing.get_type_hints(section.default_factory).items() if numeric(hint)]
 
 

@@ -12,7 +12,8 @@ import finetune
 from finetune.recipe.load import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-GALLERY = ["hotdog-resnet18", "linear-probe", "fastai-style", "vit-layer-decay", "partial-freeze"]
+GALLERY = ["hotdog-resnet18", "linear-probe", "fastai-style", "vit-layer-decay", "partial-freeze", "mixup",
+           "early-stop", "multi-label"]
 
 
 def test_the_gallery_is_complete():

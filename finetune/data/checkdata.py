@@ -25,8 +25,9 @@ from ..recipe.schema import DataConfig
 from .badimages import BAD_IMAGE_ERRORS, describe_error
 from .images import to_rgb
 from .loaders import default_num_workers
+from .multilabel import cooccurrence, is_multi_label, load_multi_label_source, stratify_keys
 from .samples import ImageSamples, natural_key
-from .sources import load_source
+from .sources import load_source as load_plain_source
 from .splits import stratified_split
 
 IMBALANCE_WARNING = 10.0  # largest class / smallest class above this: say so (class_weights, sampler)
@@ -68,13 +69,17 @@ def find_unreadable(samples: ImageSamples, indices: Sequence[int] | None = None)
             for i, r in zip(indices, inspect_all(samples, indices)) if "error" in r]
 
 
-def check_data(cfg: DataConfig, seed: int) -> dict:
+def check_data(cfg: DataConfig, seed: int, multi_label: bool = False) -> dict:
     """The report `finetune check-data` prints: {"trainable", "errors", "warnings", "splits", "leakage"}.
-    Sources that cannot be opened at all raise FinetuneError, as they would in training."""
+    Sources that cannot be opened at all raise FinetuneError, as they would in training. `multi_label`
+    (task multi_label): label lists; "classes" count each label's positive images, and each split also
+    reports its label co-occurrence and the labels with no positive image ("labels")."""
+    load_source = load_multi_label_source if multi_label else load_plain_source
     train = load_source(cfg.train, cfg)
     views: dict[str, tuple[ImageSamples, list[int], str]] = {}
     if cfg.val is None:
-        train_idx, val_idx = stratified_split(train.targets, cfg.val_fraction, seed)
+        keys = stratify_keys(train.targets, len(train.class_names)) if multi_label else train.targets
+        train_idx, val_idx = stratified_split(keys, cfg.val_fraction, seed)
         views["train"] = (train, train_idx, f"{cfg.train} (without the validation split)")
         views["val"] = (train, val_idx, f"{cfg.train} (split off train: {cfg.val_fraction:.0%} per class, seed {seed})")
     else:
@@ -114,7 +119,9 @@ def _split_report(split: str, samples: ImageSamples, indices: list[int], results
                   errors: list[str], warnings: list[str]) -> tuple[dict, dict[str, list[int]]]:
     """One split's counts and findings; appends its errors and warnings. Also returns digest -> indices."""
     ok = [(i, r) for i, r in zip(indices, results) if "error" not in r]
-    counts = Counter(samples.class_names[samples.targets[i]] for i, _ in ok)
+    multi = is_multi_label(samples)  # label tuples: count each label's positive images
+    counts = Counter(samples.class_names[t] for i, _ in ok
+                     for t in (samples.targets[i] if multi else (samples.targets[i],)))
     classes = {name: counts.get(name, 0) for name in samples.class_names}
     nonzero = [n for n in classes.values() if n]
     ratio = round(max(nonzero) / min(nonzero), 2) if nonzero else None
@@ -136,7 +143,7 @@ def _split_report(split: str, samples: ImageSamples, indices: list[int], results
 
     if not ok:
         errors.append(f"{split} has no readable images ({len(indices)} listed in {origin}).")
-    elif split == "train" and len(nonzero) < 2:
+    elif split == "train" and len(nonzero) < (1 if multi else 2):
         errors.append(f"train has {len(nonzero)} class with readable images ({', '.join(c for c, n in classes.items() if n)}); "
                       "a classifier needs at least two.")
     if unreadable:
@@ -144,7 +151,8 @@ def _split_report(split: str, samples: ImageSamples, indices: list[int], results
                         f"First: {unreadable[0]['file']} ({unreadable[0]['reason']}).")
     if split == "train" and ratio is not None and ratio > IMBALANCE_WARNING:
         warnings.append(f"train is imbalanced: its largest class has {ratio:g}x the images of its smallest; consider "
-                        "train.class_weights=auto or data.sampler=balanced, and watch balanced accuracy.")
+                        + ("train.class_weights=auto (positive weights), and watch per-label AP." if multi else
+                           "train.class_weights=auto or data.sampler=balanced, and watch balanced accuracy."))
     empty = [c for c, n in classes.items() if not n]
     if split == "train" and empty and len(nonzero) >= 2:
         warnings.append(f"train has classes without readable images: {', '.join(empty[:LISTED])}; the model gets an "
@@ -162,6 +170,8 @@ def _split_report(split: str, samples: ImageSamples, indices: list[int], results
               "imbalance_ratio": ratio, "modes": dict(modes.most_common()), "unreadable": unreadable,
               "mode_outliers": mode_outliers[:LISTED], "size_outliers": size_outliers[:LISTED],
               "duplicates": duplicates[:LISTED]}
+    if multi:
+        report["labels"] = cooccurrence([samples.targets[i] for i, _ in ok], samples.class_names)
     return report, {d: [samples.name(i) for i in g] for d, g in by_digest.items()}
 
 
@@ -194,6 +204,13 @@ def format_report(report: dict) -> str:
         lines.append(f"{name:<{width}} " + " ".join(f"{splits[s]['classes'].get(name, 0):>6}" for s in splits))
     if len(names) > 50:
         lines.append(f"... and {len(names) - 50} more classes (--json lists all)")
+    for split, r in splits.items():
+        if "labels" in r:  # multi-label
+            labels = r["labels"]
+            pairs = ", ".join(f"{'+'.join(p['labels'])} {p['images']}" for p in labels["top_pairs"]) or "none"
+            empty = f"; labels with no positive image: {', '.join(labels['no_positives'][:LISTED])}"
+            lines.append(f"{split}: images per number of labels {labels['labels_per_image']}; most frequent pairs: "
+                         f"{pairs}" + (empty if labels["no_positives"] else ""))
     for split, r in splits.items():
         for bad in r["unreadable"][:LISTED]:
             lines.append(f"unreadable ({split}): {bad['file']}: {bad['reason']}")

@@ -106,7 +106,7 @@ def collate_crops(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     height, width = max(s[0][0].shape[0] for s in batch), max(s[0][0].shape[1] for s in batch)
     if all(s[0][0].shape[:2] == (height, width) for s in batch):  # crops resized to size in the workers
         images = default_collate([s[0][0] for s in batch])  # in a worker: straight into shared memory
-        return images, torch.stack([s[0][1] for s in batch]), torch.tensor([int(s[1]) for s in batch])
+        return images, torch.stack([s[0][1] for s in batch]), _labels(batch)
     images = torch.zeros((len(batch), height, width, 3), dtype=torch.uint8)
     for k, ((patch, _), _) in enumerate(batch):
         h, w = patch.shape[:2]
@@ -116,7 +116,14 @@ def collate_crops(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         if h < height:
             images[k, h, :w + 1] = images[k, h - 1, :w + 1]
     params = torch.stack([s[0][1] for s in batch])
-    return images, params, torch.tensor([int(s[1]) for s in batch], dtype=torch.long)
+    return images, params, _labels(batch)
+
+
+def _labels(batch: list) -> torch.Tensor:
+    """Class indices [B], or multi-hot vectors [B, C] stacked (task multi_label)."""
+    if isinstance(batch[0][1], torch.Tensor):
+        return torch.stack([s[1] for s in batch])
+    return torch.tensor([int(s[1]) for s in batch], dtype=torch.long)
 
 
 class DeviceAugment:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import FinetuneError
 from .badimages import BAD_IMAGE_ERRORS, IGNORE_LABEL, MAX_BAD_IN_A_ROW, SkipLog, describe_error
+from .multilabel import multi_hot
 from .samples import as_pil
 
 
@@ -48,6 +49,8 @@ class Transformed(Dataset):
             except BAD_IMAGE_ERRORS as e:
                 self._bad(i, describe_error(e))
                 continue
+            if isinstance(label, tuple):  # multi-label: the multi-hot vector [C] (multilabel.py)
+                return tensor, multi_hot(label, len(self.base.class_names), attempt > 0 and not self.substitute)
             return tensor, (int(label) if attempt == 0 or self.substitute else IGNORE_LABEL)
         tried = min(len(self.indices), MAX_BAD_IN_A_ROW)
         where = (f"all {tried} images of the {self.split} data are unreadable" if tried == len(self.indices) else

@@ -12,7 +12,7 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -51,7 +51,7 @@ def load_source(text: str, cfg: DataConfig | None = None, class_names: list[str]
     if spec.scheme == "python":
         raise FinetuneError(f"{text} names an in-memory dataset: pass it to finetune.train(train_data=..., "
                             "val_data=..., test_data=...) from Python, or give a source in the recipe.")
-    readers = {"folder": _image_folder, "manifest": _manifest, "hf": _hf, "torchvision": _torchvision,
+    readers = {"folder": _image_folder, "manifest": _manifest, "hf": read_hf, "torchvision": _torchvision,
                "sklearn": _sklearn_digits}
     samples = readers[spec.scheme](spec, cfg)
     return samples if class_names is None else align(samples, class_names)
@@ -95,10 +95,13 @@ def _manifest(spec: SourceSpec, cfg: DataConfig) -> FileSamples:
     if not rows:
         raise FinetuneError(f"{path} lists no images; give one row per image with an image path and a label.")
     columns = list(rows[0])
-    image_col = _pick_column(cfg.image_column, IMAGE_COLUMNS, columns, "image_column", path)
-    label_col = _pick_column(cfg.label_column, LABEL_COLUMNS, columns, "label_column", path)
+    image_col = pick_column(cfg.image_column, IMAGE_COLUMNS, columns, "image_column", path)
+    label_col = pick_column(cfg.label_column, LABEL_COLUMNS, columns, "label_column", path)
     base = path.parent
     paths = [str(base / str(row[image_col]).strip()) if row.get(image_col) is not None else "" for row in rows]
+    if any(isinstance(row.get(label_col), list) for row in rows):
+        raise FinetuneError(f"{path}: column {label_col!r} holds lists of labels; set task: multi_label to train "
+                            "on them.")
     labels = [str(row.get(label_col, "")).strip() for row in rows]
     if any(label == "" for label in labels):
         line = labels.index("") + (2 if path.suffix.lower() == ".csv" else 1)
@@ -111,7 +114,7 @@ def _manifest(spec: SourceSpec, cfg: DataConfig) -> FileSamples:
     return FileSamples(paths, [index[label] for label in labels], classes, str(path))
 
 
-def _pick_column(asked: str | None, candidates: Sequence[str], columns: list[str], key: str, where: Any) -> str:
+def pick_column(asked: str | None, candidates: Sequence[str], columns: list[str], key: str, where: Any) -> str:
     if asked is not None:
         if asked not in columns:
             raise FinetuneError(f"data.{key}={asked!r}: {where} has no such column; its columns: {columns}.")
@@ -158,7 +161,8 @@ def _torchvision(spec: SourceSpec, cfg: DataConfig) -> IndexedSamples:
 # hf:NAME_OR_DIR[@split]
 
 
-def _hf(spec: SourceSpec, cfg: DataConfig) -> HFSamples:
+def read_hf(spec: SourceSpec, cfg: DataConfig, wrap: Callable = None) -> HFSamples:
+    """hf:NAME_OR_DIR[@split] opened, and made samples by `wrap` (default: wrap_hf_dataset, one class each)."""
     import datasets
 
     path = Path(spec.name).expanduser()
@@ -187,7 +191,7 @@ def _hf(spec: SourceSpec, cfg: DataConfig) -> HFSamples:
             raise FinetuneError(f"hf:{spec.name} has no split {split!r}; it has {list(loaded)}: write "
                                 f"hf:{spec.name}@{next(iter(loaded))}.")
         loaded = loaded[split]
-    return wrap_hf_dataset(loaded, cfg, f"hf:{spec.name}@{split}" if kind != "dataset" else f"hf:{spec.name}")
+    return (wrap or wrap_hf_dataset)(loaded, cfg, f"hf:{spec.name}@{split}" if kind != "dataset" else f"hf:{spec.name}")
 
 
 class _hub_offline:
@@ -218,9 +222,9 @@ def wrap_hf_dataset(dataset: Any, cfg: DataConfig, origin: str) -> HFSamples:
     features = dataset.features
     columns = list(features)
     image_col = cfg.image_column or next((c for c in columns if isinstance(features[c], datasets.Image)), None)
-    image_col = _pick_column(image_col, IMAGE_COLUMNS, columns, "image_column", origin)
+    image_col = pick_column(image_col, IMAGE_COLUMNS, columns, "image_column", origin)
     label_col = cfg.label_column or next((c for c in columns if isinstance(features[c], datasets.ClassLabel)), None)
-    label_col = _pick_column(label_col, LABEL_COLUMNS, columns, "label_column", origin)
+    label_col = pick_column(label_col, LABEL_COLUMNS, columns, "label_column", origin)
     if len(dataset) == 0:
         raise FinetuneError(f"{origin} is empty.")
     values = list(dataset[label_col])

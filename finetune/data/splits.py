@@ -1,8 +1,8 @@
 """The run's splits: train, val (given, or a stratified seeded split of train) and test, with one class
 list taken from the training data and applied to val and test.
 
-Sources (sources.py) yield (PIL RGB image, class index) lazily and know their class names; nothing here
-decodes an image.
+Sources (sources.py; multilabel.py for label lists) yield (PIL RGB image, class index or label tuple)
+lazily and know their class names; nothing here decodes an image.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from ..errors import FinetuneError
 from ..recipe.schema import DataConfig
+from .multilabel import align_multi_label, load_multi_label_source, stratify_keys, wrap_multi_label_in_memory
 from .samples import align
 from .sources import load_source, wrap_in_memory
 
@@ -59,31 +60,35 @@ class Splits:
 
 
 def build_splits(cfg: DataConfig, seed: int, train: Any = None, val: Any = None,
-                 class_names: Sequence[str] | None = None, test: Any = None) -> Splits:
+                 class_names: Sequence[str] | None = None, test: Any = None, multi_label: bool = False) -> Splits:
     """Open train, val (or split it off train) and test; in-memory datasets from the Python API take
-    precedence over the recipe's strings. One class list, from train, for all three."""
+    precedence over the recipe's strings. One class list, from train, for all three. `multi_label`
+    (task multi_label): label lists, read by multilabel.py."""
+    load, wrap, align_to = ((load_multi_label_source, wrap_multi_label_in_memory, align_multi_label) if multi_label
+                            else (load_source, wrap_in_memory, align))
     if train is None:
-        train = load_source(cfg.train, cfg)
+        train = load(cfg.train, cfg)
     else:
-        train = wrap_in_memory(train, class_names, cfg, "train_data")
+        train = wrap(train, class_names, cfg, "train_data")
     if class_names is not None and list(class_names) != train.class_names:
-        train = align(train, list(class_names))
+        train = align_to(train, list(class_names))
     class_names = train.class_names
     if len(train) == 0:
         raise FinetuneError(f"the training data {cfg.train!r} is empty.")
-    if len(class_names) < 2:
+    if len(class_names) < (1 if multi_label else 2):
         raise FinetuneError(f"the training data {train.origin} has {len(class_names)} class ({class_names}); "
                             "a classifier needs at least two.")
 
     def open_other(data: Any, text: str | None, what: str) -> Dataset | None:
         if data is not None:
-            return align(wrap_in_memory(data, class_names, cfg, what), class_names)
-        return None if text is None else load_source(text, cfg, class_names)
+            return align_to(wrap(data, class_names, cfg, what), class_names)
+        return None if text is None else load(text, cfg, class_names)
     val = open_other(val, cfg.val, "val_data")
     test = open_other(test, cfg.test, "test_data")
     if val is not None:
         return Splits(train, val, None, None, class_names, test)
-    train_idx, val_idx = stratified_split(train.targets, cfg.val_fraction, seed)
+    keys = stratify_keys(train.targets, len(class_names)) if multi_label else train.targets
+    train_idx, val_idx = stratified_split(keys, cfg.val_fraction, seed)
     if not val_idx:
         raise FinetuneError(f"cannot split validation off {len(train)} training images: no class has two or more; "
                             "give data.val or more images.")

@@ -72,8 +72,9 @@ def front_matter(name: str, recipe: dict, config: dict, exported: dict | None, t
     results, val_source = [], data.get("val") or data.get("train")
     for split, record, prefix, source in (("validation", exported, _val_prefix(exported), val_source),
                                           ("test", test, "test", data.get("test"))):
-        metrics = [{"type": "accuracy", "value": record[f"{prefix}_{key}"], "name": f"{split.title()} {label}"}
-                   for key, label in (("acc", "accuracy"), ("balanced_acc", "balanced accuracy"))
+        metrics = [{"type": kind, "value": record[f"{prefix}_{key}"], "name": f"{split.title()} {label}"}
+                   for key, kind, label in (("acc", "accuracy", "accuracy"), ("balanced_acc", "accuracy",
+                                            "balanced accuracy"), ("map", "mAP", "mAP"), ("f1_micro", "f1", "micro F1"))
                    if record and isinstance(record.get(f"{prefix}_{key}"), (int, float))]
         if metrics:
             results.append({"task": {"type": "image-classification", "name": "Image Classification"},
@@ -134,9 +135,10 @@ def _intro(recipe: dict, config: dict, exported: dict | None, epochs_run: int) -
             f"image classifier for {len(labels)} classes: {listed}{more}, fine-tuned with finetune from {start}.")
     if exported:
         which = "the moving average (EMA) of the weights" if exported.get("exported") == "ema" else "the weights"
-        acc = exported.get(f"{_val_prefix(exported)}_acc")
+        acc = exported.get(f"{_val_prefix(exported)}_acc", exported.get(f"{_val_prefix(exported)}_map"))
         epochs = recipe.get("train", {}).get("epochs", "?")
-        text += (f" The model is {which} after epoch {exported['epoch']} of {epochs}, the best by validation accuracy"
+        metric = "mAP" if "val_map" in exported else "accuracy"  # mAP: a multi-label run
+        text += (f" The model is {which} after epoch {exported['epoch']} of {epochs}, the best by validation {metric}"
                  + (f" ({100 * acc:.2f}%)" if isinstance(acc, (int, float)) else "")
                  + f" of the {epochs_run} epoch(s) finished when this card was written.")
     return text
@@ -145,6 +147,10 @@ def _intro(recipe: dict, config: dict, exported: dict | None, epochs_run: int) -
 def _usage(run_dir: Path, config: dict) -> str:
     local = _shown_path(run_dir)
     size = config.get("pretrained_cfg", {}).get("input_size", [3, 224, 224])
+    # A multi-label export (config.json: task, threshold): a sigmoid per label, every label from the threshold.
+    scores, shown = ((".sigmoid()[0]", "[(name, float(p)) for name, p in zip(labels, probs) if p >= "
+                      f"{config.get('threshold', 0.5)}]") if config.get("task") == "multi_label"
+                     else (".softmax(-1)", "labels[int(probs.argmax())], float(probs.max())"))
     return f"""## How to use it
 
 With timm alone (no finetune needed). From this folder:
@@ -158,8 +164,8 @@ model = timm.create_model("local-dir:{local}", pretrained=True).eval()
 transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
 labels = model.pretrained_cfg["label_names"]
 with torch.no_grad():
-    probs = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0)).softmax(-1)
-print(labels[int(probs.argmax())], float(probs.max()))
+    probs = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0)){scores}
+print({shown})
 ```
 
 After uploading the folder to the Hugging Face hub (the checkpoint is only needed to resume training):
@@ -206,19 +212,24 @@ def _data(recipe: dict, report: dict | None) -> str:
 def _results(records: list[dict], test: dict | None, curves: bool) -> str:
     if not records:
         return ""
-    ema = any("ema_val_acc" in r for r in records)
-    head = "| epoch | train loss | val loss | val acc | val balanced acc |" + (" EMA val acc |" if ema else "") + \
-        " exported |"
+    # A multi-label run's records (val_map) get its mAP and micro F1 where accuracy would go.
+    key, second, name = ("map", "f1_micro", "mAP") if any("val_map" in r for r in records) else \
+        ("acc", "balanced_acc", "acc")
+    ema = any(f"ema_val_{key}" in r for r in records)
+    head = (f"| epoch | train loss | val loss | val {name} | val {second.replace('_', ' ')} |"
+            + (f" EMA val {name} |" if ema else "") + " exported |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in records:
-        cells = [str(r.get("epoch")), _num(r.get("train_loss")), _num(r.get("val_loss")), _pct(r.get("val_acc")),
-                 _pct(r.get("val_balanced_acc"))] + ([_pct(r.get("ema_val_acc"))] if ema else [])
+        cells = [str(r.get("epoch")), _num(r.get("train_loss")), _num(r.get("val_loss")), _pct(r.get(f"val_{key}")),
+                 _pct(r.get(f"val_{second}"))] + ([_pct(r.get(f"ema_val_{key}"))] if ema else [])
         lines.append("| " + " | ".join(cells + [r.get("exported") or ""]) + " |")
     text = ("## Results\n\nPer epoch (`metrics.jsonl` has every number, per-class accuracy included):\n\n"
             + "\n".join(lines))
     if test:
-        text += (f"\n\nTest set, with the exported weights (epoch {test.get('epoch')}): accuracy "
-                 f"{_pct(test.get('test_acc'))}, balanced accuracy {_pct(test.get('test_balanced_acc'))} "
+        scores = (f"mAP {_pct(test.get('test_map'))}, micro F1 {_pct(test.get('test_f1_micro'))}"
+                  if "test_map" in test else
+                  f"accuracy {_pct(test.get('test_acc'))}, balanced accuracy {_pct(test.get('test_balanced_acc'))}")
+        text += (f"\n\nTest set, with the exported weights (epoch {test.get('epoch')}): {scores} "
                  f"({test.get('test_images')} images).")
     if curves:
         text += "\n\n![loss and accuracy per epoch](curves.png)"

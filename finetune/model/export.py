@@ -2,8 +2,9 @@
 the model card (`README.md`, card.py) and `environment.json` (environment.py) that describe it.
 
 timm's public `save_for_hf` writes both (the config holds architecture, num_classes, label_names and the
-pretrained_cfg with mean/std/input size), so `timm.create_model("local-dir:RUN_DIR", pretrained=True)`
-rebuilds the model anywhere timm runs, without finetune. timm writes into a scratch folder inside the
+pretrained_cfg with mean/std/input size; a multi-label run adds task and threshold, which timm ignores),
+so `timm.create_model("local-dir:RUN_DIR", pretrained=True)` rebuilds the model anywhere timm runs,
+without finetune. timm writes into a scratch folder inside the
 run directory; each file is then renamed into place, so a crash mid-write never leaves half an export.
 
 timm copies the source weights' pretrained tag (`ra_in1k`) and license into the config. They are kept
@@ -46,7 +47,10 @@ def save_export(model: torch.nn.Module, run_dir: Path, label_names: list[str], d
     shutil.rmtree(scratch, ignore_errors=True)
     recipe = yaml.safe_load((run_dir / RECIPE_NAME).read_text()) if (run_dir / RECIPE_NAME).is_file() else None
     try:
-        save_for_hf(model, str(scratch), model_config={"label_names": list(label_names)}, safe_serialization=True,
+        model_config = {"label_names": list(label_names)}
+        if recipe is not None and recipe.get("task") == "multi_label":  # predict's sigmoid and its threshold
+            model_config.update(task="multi_label", threshold=recipe.get("train", {}).get("threshold", 0.5))
+        save_for_hf(model, str(scratch), model_config=model_config, safe_serialization=True,
                     data_config={k: data_cfg[k] for k in DATA_CONFIG_KEYS if k in data_cfg})
         if recipe is not None and recipe.get("model", {}).get("pretrained") is not True:
             drop_hub_weights_claims(scratch / CONFIG_NAME)

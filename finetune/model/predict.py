@@ -39,6 +39,10 @@ class Predictor:
     label_names: list[str]
     transform: object  # timm eval transform: PIL image -> normalised CHW tensor
     device: torch.device
+    # A multi-label run's export (config.json: task multi_label): a sigmoid per label, and the probability
+    # from which a label is predicted (train.threshold when it trained).
+    multi_label: bool = False
+    threshold: float = 0.5
 
     def logits(self, images: Iterable[ImageLike] | ImageLike, tta: bool = False, batch_size: int = 64) -> torch.Tensor:
         """Logits for one image or many: paths, PIL images, or tensors (CHW images, or an NCHW batch
@@ -55,8 +59,21 @@ class Predictor:
         with torch.inference_mode():
             return torch.cat([self._forward(batch.to(self.device), tta) for batch in batches])
 
-    def predict(self, images: Iterable[ImageLike] | ImageLike, top_k: int = 5, tta: bool = False) -> list[list[dict]]:
-        """Per image, the top_k classes best first: [{"label": ..., "prob": ...}, ...]."""
+    def predict(self, images: Iterable[ImageLike] | ImageLike, top_k: int = 5, tta: bool = False,
+                threshold: float | None = None) -> list[list[dict]]:
+        """Per image, the top_k classes best first: [{"label": ..., "prob": ...}, ...]. A multi-label model
+        gives instead every label whose probability reaches `threshold` (default: the export's), most
+        probable first, and [] where none does."""
+        if self.multi_label:
+            threshold = self.threshold if threshold is None else threshold
+            if not 0 < threshold < 1:
+                raise FinetuneError(f"threshold {threshold!r}: give a probability in (0, 1).")
+            return [[{"label": self.label_names[i], "prob": float(row[i])}
+                     for i in row.argsort(descending=True).tolist() if row[i] >= threshold]
+                    for row in self.logits(images, tta).sigmoid()]
+        if threshold is not None:
+            raise FinetuneError("a threshold applies to a multi-label model (task multi_label); this one picks one "
+                                "class per image: use top_k.")
         probs = self.logits(images, tta).softmax(dim=-1)
         values, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
         return [[{"label": self.label_names[i], "prob": float(p)} for p, i in zip(row_p.tolist(), row_i.tolist())]
@@ -95,8 +112,8 @@ def load(run_dir: str | Path, device: str | torch.device | None = None) -> Predi
                                 "(the export appears after the first epoch).")
     try:
         model = timm.create_model(f"local-dir:{run_dir.resolve()}", pretrained=True)
-        labels = json.loads((run_dir / CONFIG_NAME).read_text()).get("label_names") or [
-            str(i) for i in range(model.num_classes)]
+        config = json.loads((run_dir / CONFIG_NAME).read_text())
+        labels = config.get("label_names") or [str(i) for i in range(model.num_classes)]
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise FinetuneError(f"the exported model cannot be read from {run_dir} ({type(e).__name__}: {str(e)[:200]}): "
                             f"{WEIGHTS_NAME} or {CONFIG_NAME} is damaged or incomplete (a copy cut short, a full "
@@ -104,7 +121,8 @@ def load(run_dir: str | Path, device: str | torch.device | None = None) -> Predi
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
     transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
-    return Predictor(model, list(labels), transform, device)
+    return Predictor(model, list(labels), transform, device, config.get("task") == "multi_label",
+                     float(config.get("threshold", 0.5)))
 
 
 def list_images(items: Iterable[str | Path]) -> list[str]:
@@ -148,16 +166,22 @@ def _manifest_images(path: Path) -> list[str]:
     return [str(path.parent / str(row[column]).strip()) for row in rows if row.get(column)]
 
 
-def save_predictions(path: str | Path, images: list[str], predictions: list[list[dict]]) -> None:
+def save_predictions(path: str | Path, images: list[str], predictions: list[list[dict]],
+                     multi_label: bool = False) -> None:
     """A CSV with one row per image: path, prediction, probability, then the next classes as
-    prediction_2, probability_2, ... (as many as top-k)."""
+    prediction_2, probability_2, ... (as many as top-k). `multi_label`: path, labels and probabilities,
+    each joined by `|` as a multi-label manifest writes them (both empty when no label reaches the threshold)."""
     k = max((len(p) for p in predictions), default=1)
-    header = ["path", "prediction", "probability"] + [f"{c}_{i}" for i in range(2, k + 1)
-                                                      for c in ("prediction", "probability")]
+    header = (["path", "labels", "probabilities"] if multi_label else
+              ["path", "prediction", "probability"] + [f"{c}_{i}" for i in range(2, k + 1)
+                                                       for c in ("prediction", "probability")])
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(header)
     for image, top in zip(images, predictions):
-        writer.writerow([image] + [v for p in top for v in (p["label"], f"{p['prob']:.6f}")])
+        if multi_label:
+            writer.writerow([image, "|".join(p["label"] for p in top), "|".join(f"{p['prob']:.6f}" for p in top)])
+        else:
+            writer.writerow([image] + [v for p in top for v in (p["label"], f"{p['prob']:.6f}")])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text.getvalue())

@@ -35,6 +35,8 @@ MAX_HARD_EXAMPLES = 1000  # train.hard_examples: images per split drawn into one
 # freeze.stages and freeze.phases values: more than any timm model's group_matcher gives (the deepest ViTs
 # have ~50 blocks); the backbone's own count is checked when it is built (model/groups.py).
 MAX_STAGES = 1000
+MAX_EARLY_STOP_DELTA = 1e6  # train.early_stop.min_delta: accuracies are fractions; a loss in the millions is lost
+MAX_MIX_ALPHA = 100.0  # train.mixup and train.cutmix: Beta(alpha, alpha); from ~10 on the weight is always ~0.5
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,15 @@ class FreezeConfig:
 
 
 @dataclass(frozen=True)
+class EarlyStopConfig:
+    # The validation metric watched, of the better of the model and its moving average (the export's pick
+    # for val_acc): val_acc and val_balanced_acc should rise, val_loss fall.
+    metric: Literal["val_acc", "val_balanced_acc", "val_loss"] = "val_acc"
+    patience: int = 5  # epochs in a row without improvement after which the run stops (and finishes as usual)
+    min_delta: float = 0.0  # in the metric's unit (a fraction for accuracies): a change this small is no improvement
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
     # The new head's start. zero: all-zero weights (equal logits, the body's first gradients are small).
@@ -179,11 +190,18 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPUs that have it, else fp32
     seed: int = 0  # one seed for model init, data order, split and augmentation
     warmup_epochs: float = 1.0  # linear warmup, then cosine to zero; protects the body from the random head
-    label_smoothing: float = 0.1  # cross-entropy smoothing; regularises small fine-tuning sets
+    # Cross-entropy smoothing; regularises small fine-tuning sets. task multi_label: each label's binary
+    # target moves toward 1/2 (1 - s/2 and s/2, as YOLOv5's smooth_BCE), which leaves the ranking mAP reads.
+    label_smoothing: float = 0.1
     grad_clip: float | None = None  # max global gradient norm; none: no clipping
     # auto: weigh each class's loss by inverse frequency (N / (classes x count)), so rare classes count as much
-    # as common ones; none: every image weighs the same.
+    # as common ones; none: every image weighs the same. task multi_label: auto weighs each label's positives
+    # by its negatives / positives in train (BCE pos_weight), so a rare label's misses cost as much as its
+    # false alarms.
     class_weights: Literal["none", "auto"] = "none"
+    # task multi_label only: the probability from which a label is predicted. Micro/macro F1 are read at it,
+    # and the export's config.json records it for `finetune predict` (which may override it).
+    threshold: float = 0.5
     # After training: this many highest-loss train and val images (the likely label errors) go into
     # hard_examples.json and a PNG grid; 0 skips the extra inference pass over train and val.
     hard_examples: int = 24
@@ -201,6 +219,19 @@ class TrainConfig:
     # torch.compile (inductor) of the model, through Accelerate: faster steps on GPUs after a one-off
     # compilation of a minute or more, printed with the first epoch (compile_seconds in metrics.jsonl).
     compile: bool = False
+    # Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) of training micro-batches, through timm's Mixup:
+    # each the alpha of the Beta(alpha, alpha) that draws the mixing weight; 0 turns it off (default: off,
+    # a small fine-tune learns fine without). timm's ImageNet recipes use mixup 0.8, cutmix 1.0; 0.2 is gentle.
+    # Targets become soft (label_smoothing folded in) and the loss timm's SoftTargetCrossEntropy; validation,
+    # test and hard examples use the plain labels. Needs an even number of images per micro-batch.
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0  # share of training micro-batches mixed at all (the rest train on plain images)
+    mix_switch_prob: float = 0.5  # with both mixup and cutmix on: share of mixed micro-batches that use cutmix
+    # Stop after early_stop.patience epochs without improvement of early_stop.metric; the run then finishes
+    # as at its last epoch (the best epoch's export, the scoring after training, the model card) and cannot
+    # be resumed. null (default): every epoch of train.epochs runs; the export is the best epoch's anyway.
+    early_stop: EarlyStopConfig | None = None
     # Experiment trackers, through Accelerate's own tracker support: each update's loss and the groups' LRs,
     # each epoch's metrics, the recipe as hyperparameters. TensorBoard files go to RUN_DIR/tensorboard;
     # the others need their package installed and configured as it documents (e.g. WANDB_PROJECT).
@@ -210,6 +241,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RecipeConfig:
+    # single_label: one class per image (softmax, cross-entropy, accuracy). multi_label: any number of labels
+    # per image, none included (a sigmoid per label, binary cross-entropy, mAP and F1 at train.threshold; the
+    # best epoch is the one with the best val mAP). Labels: `a|b` in a CSV manifest, a list in JSONL, an HF
+    # Sequence(ClassLabel) column or label lists in Python. data.sampler balanced, optim lbfgs and
+    # train.head_init probe are single-label ideas and are refused; a frozen body runs every epoch (its
+    # features are cached only for a softmax head).
+    task: Literal["single_label", "multi_label"] = "single_label"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -218,6 +256,7 @@ class RecipeConfig:
 
 
 REQUIRED = {"model.backbone": "a timm model name", "data.train": "a data source"}
+TOP_LEVEL_KEYS = ("task",)  # keys of the recipe itself, not of a section: an override names them without a dot
 # Per-optimizer defaults for `optim.lr` and `optim.weight_decay` when a recipe leaves them out.
 OPTIMIZER_DEFAULTS = {"adamw": {"lr": 3e-4, "weight_decay": 0.05}, "sgd": {"lr": 0.01, "weight_decay": 1e-4},
                       "lbfgs": {"lr": 1.0, "weight_decay": 1e-3}}

@@ -69,7 +69,11 @@ def build_dataclass(cls: type, raw: Any, prefix: str, errors: list[str], bad: se
             errors.append(_unknown_key(prefix, key if isinstance(key, str) else shown(key), known))
             continue
         hint = hints[key]
-        if not dataclasses.is_dataclass(hint):
+        section = optional_dataclass(hint)
+        if section is not None:  # a sub-section that may be null (off): built like a section when given
+            kwargs[key] = None if value is None else build_dataclass(section, value, f"{prefix}{key}.", errors, bad,
+                                                                     required)
+        elif not dataclasses.is_dataclass(hint):
             ok, converted = _convert(value, hint)
             if ok:
                 kwargs[key] = converted
@@ -83,6 +87,13 @@ def build_dataclass(cls: type, raw: Any, prefix: str, errors: list[str], bad: se
             errors.append(f"{prefix}{name} is required ({required[prefix + name]})")
             bad.add(f"{prefix}{name}")
     return cls(**kwargs)
+
+
+def optional_dataclass(hint: Any) -> type | None:
+    """The dataclass of a `Section | None` hint (a sub-section that null turns off), else None."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else ()
+    sections = [a for a in args if dataclasses.is_dataclass(a)]
+    return sections[0] if len(args) == 2 and type(None) in args and sections else None
 
 
 def shown(value: Any) -> str:

@@ -129,9 +129,14 @@ def summary(report: dict) -> str:
     """The report in a few lines, as `finetune eval` prints it."""
     def pct(key: str) -> str:
         return f"{100 * report[key]:.2f}%" if report.get(key) is not None else "n/a"
-    lines = [f"{report['images']} images, {report['classes']} classes: top-1 {pct('top1_acc')}"
-             + (f", top-5 {pct('top5_acc')}" if "top5_acc" in report else "")
-             + f", balanced {pct('balanced_acc')}, macro F1 {pct('macro_f1')}, ECE {pct('ece')}"]
+    if "map" in report:  # a multi-label run's (reporting/multilabel.py)
+        lines = [f"{report['images']} images, {report['labels']} labels: mAP {pct('map')}, at threshold "
+                 f"{report['threshold']:g} F1 micro {pct('f1_micro')}, macro {pct('f1_macro')}, exact label set "
+                 f"{pct('exact_match')}"]
+    else:
+        lines = [f"{report['images']} images, {report['classes']} classes: top-1 {pct('top1_acc')}"
+                 + (f", top-5 {pct('top5_acc')}" if "top5_acc" in report else "")
+                 + f", balanced {pct('balanced_acc')}, macro F1 {pct('macro_f1')}, ECE {pct('ece')}"]
     if report["classes_missing"]:
         missing = report["classes_missing"]
         lines.append(f"classes of the run with no images in the data ({len(missing)}): {', '.join(missing[:10])}"

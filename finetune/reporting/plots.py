@@ -30,21 +30,24 @@ def curves_figure(records: list[dict]):
     ax_loss.plot(epochs, [r["val_loss"] for r in records], "o-", label="val")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax_loss.legend()
-    ax_acc.plot(epochs, [_percent(r["val_acc"]) for r in records], "o-", color="tab:green", label="top-1")
-    if any(r.get("ema_val_acc") is not None for r in records):
-        ax_acc.plot(epochs, [_percent(r.get("ema_val_acc")) for r in records], "^:", color="tab:purple",
-                    label="top-1, weight average (EMA)")
+    # A multi-label run (metrics.jsonl's val_map) is selected, and drawn, by its mean average precision.
+    key, name = ("map", "mAP") if "val_map" in records[0] else ("acc", "top-1")
+    ax_acc.plot(epochs, [_percent(r[f"val_{key}"]) for r in records], "o-", color="tab:green", label=name)
+    if any(r.get(f"ema_val_{key}") is not None for r in records):
+        ax_acc.plot(epochs, [_percent(r.get(f"ema_val_{key}")) for r in records], "^:", color="tab:purple",
+                    label=f"{name}, weight average (EMA)")
     if all(r.get("val_balanced_acc") is not None for r in records):
         ax_acc.plot(epochs, [100 * r["val_balanced_acc"] for r in records], "s--", color="tab:olive",
                     label="balanced (mean per class)")
     # The export is rewritten whenever an epoch improves, so the one on disk is the last improvement's.
     best = next((r for r in reversed(records) if r.get("exported") is not None), None)
     if best is not None:
-        acc = best.get("ema_val_acc") if best["exported"] == "ema" else best["val_acc"]
+        acc = best.get(f"ema_val_{key}") if best["exported"] == "ema" else best[f"val_{key}"]
         ax_acc.axvline(best["epoch"], color="tab:red", linestyle="--", alpha=0.4)
         ax_acc.plot([best["epoch"]], [_percent(acc)], "*", color="tab:red", markersize=15, zorder=3,
                     label=f"exported: epoch {best['epoch']} ({best['exported']}, {_percent(acc):.1f}%)")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy %", title="val accuracy")
+    ax_acc.set(xlabel="epoch", ylabel=f"{'mAP' if key == 'map' else 'accuracy'} %",
+               title="val mAP" if key == "map" else "val accuracy")
     ax_acc.legend(fontsize=8)
     if with_lr:
         _plot_lr(axes[2], records)

@@ -61,8 +61,10 @@ def run_bench(config: RecipeConfig, steps: int = 20, warmup: int = 3, repeats: i
     # The step on images is what is timed, also for a recipe whose head would train on cached features;
     # batch_size auto would follow the stand-in data's size, so it is the largest auto choice here.
     batch = AUTO_LARGEST if config.train.batch_size == "auto" else config.train.batch_size
+    # The stand-in data has one class per image: a multi-label recipe is timed with its loss as softmax
+    # cross-entropy, which costs the same as its binary cross-entropy next to the model.
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, feature_cache="none"),
-                                 train=dataclasses.replace(config.train, batch_size=batch))
+                                 train=dataclasses.replace(config.train, batch_size=batch), task="single_label")
     tc = config.train
     accelerator, precision = build_accelerator(config)
     session = start_session(config, _stand_in_splits(tc.batch_size, num_classes), accelerator, precision, None,
@@ -103,7 +105,7 @@ def run_pipeline_bench(config: RecipeConfig, batches: int = 20) -> dict:
     batched device augmentation (data.cache=decoded), with the same loader workers, batch and crop size.
     The cache's one-off build is timed apart (`decoded_setup_seconds`, including the session set-up)."""
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, feature_cache="none"))
-    splits = build_splits(config.data, config.train.seed)
+    splits = build_splits(config.data, config.train.seed, multi_label=config.task == "multi_label")
     result: dict = {"batches": batches}
     for name, cache in (("pil", "none"), ("decoded", "decoded")):
         c = dataclasses.replace(config, data=dataclasses.replace(config.data, cache=cache))

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.loaders import build_loader
+from ..data.multilabel import load_multi_label_source, wrap_multi_label_in_memory
 from ..data.sources import load_source, wrap_in_memory
 from ..errors import FinetuneError
 from ..recipe.locate import check_source
@@ -64,18 +65,20 @@ def eval_config(run: Path, data_text: str) -> RecipeConfig:
                                           channels_last=train.get("channels_last")))
 
 
-def open_eval_data(data: Any, config: RecipeConfig, label_names: list[str], class_names: Sequence[str] | None):
+def open_eval_data(data: Any, config: RecipeConfig, label_names: list[str], class_names: Sequence[str] | None,
+                   multi_label: bool = False):
     """`finetune eval`'s data as labelled samples: a source string as the recipe grammar reads it, or a
-    Python dataset whose integer labels name classes through class_names, its own names, or the run's."""
+    Python dataset whose integer labels name classes through class_names, its own names, or the run's.
+    `multi_label`: label lists, as a multi-label run trained on (data/multilabel.py)."""
     if isinstance(data, (str, Path)):
         problems = check_source("data", str(data), config.data.root, False)
         if problems:
             raise FinetuneError(" ".join(problems))
-        return load_source(str(data), config.data)
+        return (load_multi_label_source if multi_label else load_source)(str(data), config.data)
     names = class_names or getattr(data, "class_names", None) or getattr(data, "classes", None)
     if names is None and not isinstance(_first_label(data), str):
         names = label_names  # integer labels with no names of their own: the run's class indices
-    return wrap_in_memory(data, names, config.data, "data")
+    return (wrap_multi_label_in_memory if multi_label else wrap_in_memory)(data, names, config.data, "data")
 
 
 def _first_label(data: Any) -> Any:

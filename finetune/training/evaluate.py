@@ -14,7 +14,9 @@ from tqdm.auto import tqdm
 
 from ..data.loaders import build_loader
 from ..reporting.metrics import classification_metrics
+from ..reporting.multilabel import multi_label_metrics
 from .inputs import model_inputs
+from .multilabel import multi_label_results
 from .session import Session
 
 TOP_K = 5  # the classes kept per image (top-5 accuracy, calibration): a few numbers, not all C probabilities
@@ -41,6 +43,12 @@ def predict_batches(model: torch.nn.Module, accelerator, batches: Iterable[tuple
     parts: dict[str, list] = {key: [] for key in RESULT_KEYS}
     for images, labels in batches:
         logits = model(images).float()
+        if labels.ndim == 2:  # multi-hot targets (task multi_label): a sigmoid per label, multilabel.py's keys
+            results = multi_label_results(logits, labels)
+            parts = {key: parts.get(key, []) for key in results}
+            for key, value in zip(results, accelerator.gather_for_metrics(tuple(results.values()))):
+                parts[key].append(value)
+            continue
         probs = logits.softmax(dim=-1)
         pred_prob, pred = probs.max(dim=-1)
         top_k_prob, top_k = probs.topk(min(TOP_K, probs.shape[-1]), dim=-1)
@@ -55,17 +63,20 @@ def predict_batches(model: torch.nn.Module, accelerator, batches: Iterable[tuple
 def evaluate(s: Session, accelerator, loader, class_names: list[str], prefix: str = "val") -> dict:
     """Loss, top-1, balanced and per-class accuracy over exactly the loader's dataset."""
     results = predict_all(s, accelerator, loader)
+    if "probs" in results:  # task multi_label: a sigmoid per label (multilabel.py)
+        return multi_label_metrics(results, class_names, prefix, s.threshold)
     return classification_metrics(results["loss"], results["pred"], results["label"], class_names, prefix)
 
 
 def validate(s: Session, accelerator, loader, class_names: list[str]) -> tuple[dict, str, float]:
     """The model's val metrics and, with a moving average, the average's (`ema_val_*`); which of the two is
-    the candidate for export ("model" or "ema") and its accuracy."""
+    the candidate for export ("model" or "ema") and its accuracy (multi-label: its mAP)."""
     val = evaluate(s, accelerator, loader, class_names)
     if s.ema is not None:  # the average, validated like the model
         val.update(evaluate(dataclasses.replace(s, model=s.ema.module), accelerator, loader, class_names, "ema_val"))
-    candidate = "ema" if s.ema is not None and val["ema_val_acc"] > val["val_acc"] else "model"
-    return val, candidate, val["ema_val_acc" if candidate == "ema" else "val_acc"]
+    key = "map" if "val_map" in val else "acc"  # multi-label runs select by val mAP
+    candidate = "ema" if s.ema is not None and val[f"ema_val_{key}"] > val[f"val_{key}"] else "model"
+    return val, candidate, val[f"ema_val_{key}" if candidate == "ema" else f"val_{key}"]
 
 
 def eval_loader(s: Session, accelerator, view):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +31,7 @@ from ..model.card import save_card
 from ..model.export import WEIGHTS_NAME, save_export
 from ..recipe.schema import RecipeConfig
 from ..reporting.metrics import format_epoch
+from ..reporting.multilabel import format_epoch_multi_label, score_multi_label_after_training
 from ..reporting.plots import save_curves
 from ..reporting.review import score_after_training
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -43,6 +45,7 @@ from .rundir import RunDir
 from .runtime import resolve_precision
 from .session import Session, build_session, describe
 from .step import train_epoch
+from .stopping import EarlyStop
 from .tracking import log_epoch, start_tracking, tracker_settings
 
 Log = Callable[[str], None]
@@ -87,7 +90,10 @@ def start_session(config: RecipeConfig, splits: Splits, accelerator: Accelerator
     set_seed(config.train.seed)
     s = build_session(config, splits, accelerator.num_processes, accelerator.process_index,
                       accelerator.device.type == "cuda", precision, skip_log_folder, log)
-    if config.data.feature_cache == "auto" and s.plan.body_fixed:
+    # Cached features serve a softmax head (its probe, lbfgs) on unmixed images; a multi-label linear probe
+    # and a mixed batch run the body.
+    if (config.data.feature_cache == "auto" and s.plan.body_fixed and config.task == "single_label"
+            and s.mixing is None):
         s = use_cached_features(s, splits, config.data, config.train.seed, accelerator.device,
                                 accelerator.is_main_process, accelerator.wait_for_everyone, log)
     else:
@@ -126,9 +132,11 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
     done_in_epoch, earlier_losses = 0, []  # a checkpoint inside an epoch: its updates so far and their losses
     records: list[dict] = []
     per_epoch = s.batching.updates_per_epoch
+    stopper = EarlyStop(tc.early_stop)
     checkpoint = find_checkpoint(run_dir) if run_dir.resuming else None
     if checkpoint is not None:
         state = load_checkpoint(accelerator, checkpoint, s.plan.phase_at)
+        stopper.resume(state, run_dir.path)  # a run that stopped early and finished is refused
         start_epoch, update, best_acc, best_epoch = (state["epoch"], state["step"], state["best_val_acc"],
                                                      state["best_epoch"])
         best_from = state.get("best_from", "model")
@@ -156,7 +164,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
     pauses = Pauses(tc.checkpoint_every, main)  # checkpoints inside an epoch, and stopping on SIGTERM/SIGINT
     lbfgs = config.optim.name == "lbfgs"  # a full-batch head fit: one update per epoch
     with pauses.catching_signals():
-        for epoch in range(start_epoch, tc.epochs):
+        for epoch in range(start_epoch, start_epoch if stopper.stopped else tc.epochs):  # stopped: only scoring
             if len(s.plan.phases) > 1 and (epoch == start_epoch or any(e == epoch for e, _ in s.plan.phases)):
                 log(f"phase {s.plan.phase_at(epoch)} from epoch {epoch + 1}: "
                     f"{s.plan.describe_phase(s.plan.phase_at(epoch))}")
@@ -180,7 +188,8 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
                     save_checkpoint(accelerator, run_dir, {
                         "epoch": epoch, "step": update, "epoch_updates": update - epoch * per_epoch,
                         "epoch_losses": [round(float(x), 6) for x in losses], "best_val_acc": best_acc,
-                        "best_epoch": best_epoch, "best_from": best_from, "phase": s.plan.phase_at(epoch)})
+                        "best_epoch": best_epoch, "best_from": best_from, "phase": s.plan.phase_at(epoch),
+                        **stopper.state()})
                     pauses.saved()
                     if pauses.stopping:
                         raise pauses.interrupted(run_dir.path, f"in epoch {epoch + 1}, after update "
@@ -191,6 +200,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
 
             val, candidate, acc = validate(s, accelerator, s.val_loader, splits.class_names)  # model or its average
             improved = acc > best_acc
+            stop = stopper.update(epoch + 1, tc.epochs, val)
             if improved:
                 best_acc, best_epoch, best_from = acc, epoch + 1, candidate
             records.append({"epoch": epoch + 1, "step": update, "phase": s.plan.phase_at(epoch),
@@ -199,22 +209,26 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
                             "lr": {g["name"]: g["lr"] for g in s.optimizer.param_groups},
                             "epoch_seconds": round(seconds, 2),
                             "train_images_per_second": round(len(lrs) * s.batching.global_batch / seconds, 1),
-                            **({"compile_seconds": round(first, 2)} if tc.compile and epoch == start_epoch else {})})
+                            **({"compile_seconds": round(first, 2)} if tc.compile and epoch == start_epoch else {}),
+                            **stopper.record()})
             log_epoch(accelerator, config, records[-1], losses[len(losses) - len(lrs):], lrs)
             if main:
                 run_dir.append_metrics(records[-1])
                 save_curves(records, run_dir.curves)
                 save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes())
-            log(format_epoch(records[-1], tc.epochs))
+            log((format_epoch_multi_label if s.threshold is not None else format_epoch)(records[-1], tc.epochs)
+                + (f"\n{stopper.describe(tc.epochs)}" if stop else ""))
             save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": update, "best_val_acc": best_acc,
                                                    "best_epoch": best_epoch, "best_from": best_from,
-                                                   "phase": s.plan.phase_at(epoch + 1)})
+                                                   "phase": s.plan.phase_at(epoch + 1), **stopper.state()})
             pauses.saved()
             if after_checkpoint is not None:
                 after_checkpoint(epoch + 1)
             if main and improved:  # after the checkpoint, which describes it: a resume writes it again if missed
                 save_export(s.ema.module if candidate == "ema" else s.network, run_dir.path, splits.class_names,
                             s.data_cfg)
+            if stop:
+                break
             if epoch + 1 < tc.epochs and pauses.stop_after_epoch(accelerator):  # the last epoch just finishes
                 accelerator.wait_for_everyone()  # the main process wrote the export
                 raise pauses.interrupted(run_dir.path, f"after epoch {epoch + 1}")
@@ -222,13 +236,18 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
     # --- after training: the best epoch's weights (the export) score test, then train and val for review
     accelerator.wait_for_everyone()  # the main process wrote the export
     s.network.load_state_dict(load_file(str(run_dir.path / WEIGHTS_NAME)))
-    test = score_after_training(lambda view: predict_all(s, accelerator, eval_loader(s, accelerator, view)), splits,
-                                s.eval_view, tc.hard_examples, run_dir.path if main else None, best_epoch)
+    score = (partial(score_multi_label_after_training, threshold=s.threshold) if s.threshold is not None
+             else score_after_training)
+    test = score(lambda view: predict_all(s, accelerator, eval_loader(s, accelerator, view)), splits,
+                 s.eval_view, tc.hard_examples, run_dir.path if main else None, best_epoch)
     skipped = save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes(), final=True) if main else 0
     if main:  # the model card again, now with every epoch and the test metrics
         save_card(run_dir.path)
-    log(f"done: best val acc {100 * best_acc:.2f}% at epoch {best_epoch}"
-        + (f"; test acc {100 * test['test_acc']:.2f}% (balanced {100 * test['test_balanced_acc']:.2f}%)" if test else "")
+    multi_label = s.threshold is not None
+    log(f"done: best val {'mAP' if multi_label else 'acc'} {100 * best_acc:.2f}% at epoch {best_epoch}"
+        + (f"; test mAP {100 * (test['test_map'] or 0):.2f}%" if test and multi_label
+           else f"; test acc {100 * test['test_acc']:.2f}% (balanced {100 * test['test_balanced_acc']:.2f}%)"
+           if test else "")
         + (f"; {skipped} unreadable image(s) skipped, listed in data_report.json" if skipped else "")
         + f"; model in {run_dir.path}")
     accelerator.end_training()

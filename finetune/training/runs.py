@@ -7,8 +7,9 @@ a recipe.yaml with metrics or a checkpoint (a run of a finetune from before the 
 (a run still setting up, before it wrote anything).
 
 Status. running: its `.finetune.lock` is held; the OS releases the lock of a killed process, so a lock
-file left behind says nothing. finished: every epoch of the recipe is done. interrupted: neither (it can
-be continued with `finetune train --resume DIR`).
+file left behind says nothing. finished: every epoch of the recipe is done, or early stopping ended the
+run (its last metrics record says so). interrupted: neither (it can be continued with `finetune train
+--resume DIR`).
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def summarise(path: Path, name: str | None = None) -> RunSummary:
     if done is None:  # no checkpoint (before the first epoch, or deleted to save space): the metrics tell
         done = max((r["epoch"] for r in records), default=0)
     holder = lock_holder(path / LOCK_NAME)
-    status = "running" if holder is not None else "finished" if planned and done >= planned else "interrupted"
+    ended = planned and done >= planned or bool(records) and records[-1].get("stopped_early") is True  # early stop
+    status = "running" if holder is not None else "finished" if ended else "interrupted"
     seconds = [r["epoch_seconds"] for r in records if _is_number(r.get("epoch_seconds"))]
     test = _read_json(path / TEST_METRICS_NAME).get("test_acc")
     return RunSummary(str(path), name or path.name, _text(model.get("backbone")), _text(data.get("train")), done,
@@ -131,7 +133,8 @@ def _checkpoint_epoch(path: Path) -> int | None:
 
 
 def _val_acc(record: dict) -> float | None:
-    accs = [record.get(k) for k in ("val_acc", "ema_val_acc") if _is_number(record.get(k))]
+    accs = [record.get(k) for k in ("val_acc", "ema_val_acc", "val_map", "ema_val_map")  # map: multi-label runs
+            if _is_number(record.get(k))]
     return max(accs) if accs else None
 
 

@@ -27,6 +27,8 @@ from ..model.optim import build_optimizer, lr_multiplier
 from ..model.plan import Plan
 from ..recipe.schema import RecipeConfig
 from .batching import Batching, derive_batching
+from .mixing import Mixing, build_mixing, soft_target_loss
+from .multilabel import build_multi_label_loss
 from .runtime import Runtime, adapt_model, resolve_runtime
 
 WARMUP_SHARE = 0.2  # the most of a run that warmup may take
@@ -38,7 +40,7 @@ class Session:
     network: torch.nn.Module  # the whole model, unwrapped: the plan's, the export's and the checkpoint's
     plan: Plan
     optimizer: torch.optim.Optimizer
-    criterion: torch.nn.Module  # (logits, labels) -> the mean loss of a micro-batch
+    criterion: torch.nn.Module  # (logits, labels) -> the mean loss of a micro-batch (labels [B, C]: multi-label)
     runtime: Runtime
     batching: Batching
     train_set: EpochSeeded  # the training view; each sample's augmentation seeded by (epoch, position)
@@ -66,6 +68,8 @@ class Session:
     eval_augment: Callable | None = None
     collate: Callable | None = None  # the loaders' collate function (None: PyTorch's default)
     input_pipeline: str = ""  # which pipeline feeds the model and why, for the printed set-up
+    mixing: Mixing | None = None  # mixup/cutmix of training micro-batches (mixing.py); None: off
+    threshold: float | None = None  # task multi_label: train.threshold (F1, predicted labels); None: single-label
 
 
 def build_session(config: RecipeConfig, splits: Splits, processes: int, process_index: int, cuda: bool,
@@ -102,9 +106,16 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
                          else EpochShuffle(len(train_set), draws, tc.seed))
     train_loader = build_loader(train_set, batching.per_device, True, runtime.workers, runtime.pin_memory, sampler)
     val_loader = build_loader(val_set, batching.per_device, False, runtime.workers, runtime.pin_memory)
-    weights = (inverse_frequency_weights(splits.train_targets, len(splits.class_names))
-               if tc.class_weights == "auto" else None)
-    criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing)
+    multi_label = config.task == "multi_label"
+    mixing = build_mixing(tc, len(splits.class_names), batching, process_index)
+    if multi_label:  # a sigmoid per label: binary cross-entropy (multilabel.py)
+        criterion = build_multi_label_loss(splits.train_targets, len(splits.class_names), tc)
+    elif mixing is not None:  # soft targets, label smoothing folded in by timm's Mixup
+        criterion = soft_target_loss()
+    else:
+        weights = (inverse_frequency_weights(splits.train_targets, len(splits.class_names))
+                   if tc.class_weights == "auto" else None)
+        criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing)
 
     total = tc.epochs * batching.updates_per_epoch
     # A warmup of whole epochs would eat most of a short run: it never takes more than a fifth of it.
@@ -114,8 +125,9 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
                    warmup, tc.seed, tc.grad_clip, data_cfg, eval_view, rewarm_updates=warmup,
                    ema_decay=_ema_decay(tc.ema, total),
                    head_init=tc.head_init if tc.head_init != "auto" else
-                   "probe" if config.model.pretrained is not False and not plan.body_fixed else "zero",
-                   train_side=train_side)
+                   "probe" if config.model.pretrained is not False and not plan.body_fixed and not multi_label
+                   else "zero",
+                   train_side=train_side, mixing=mixing, threshold=tc.threshold if multi_label else None)
 
 
 def _ema_decay(ema: float | str | None, total_updates: int) -> float | None:
@@ -141,4 +153,7 @@ def describe(session: Session, config: RecipeConfig, splits: Splits) -> str:
     if weights is not None or config.data.sampler == "balanced":
         lines.append(f"  class balance: sampler {config.data.sampler}, loss weights {config.train.class_weights}"
                      + (f" ({weights.min():.3g} to {weights.max():.3g})" if weights is not None else ""))
+    if session.mixing is not None:
+        frozen = " | the frozen body runs every step: cached features are not images" if session.plan.body_fixed else ""
+        lines.append(f"  {session.mixing.describe()}{frozen}")
     return "\n".join(lines + [session.plan.table()])

@@ -51,7 +51,7 @@ def train_epoch(s: Session, accelerator, epoch: int, update: int, fault_hint: st
         set_lr(s.optimizer, s.schedule(update), phase_epoch, update, s.batching.updates_per_epoch, s.rewarm_updates)
         update_loss, last_loss, failure = None, None, None
         try:
-            update_loss, last_loss = _forward_micro_batches(s, accelerator, micro_batches)
+            update_loss, last_loss = _forward_micro_batches(s, accelerator, micro_batches, epoch, i)
         except Exception as e:
             if accelerator.num_processes == 1:
                 raise  # nobody else to stop: the exception itself is the clearest report
@@ -91,7 +91,8 @@ def _enter_phase(s: Session, accelerator, epoch: int) -> list[torch.nn.Module]:
     return s.plan.frozen_norm_modules(s.network, epoch)
 
 
-def _forward_micro_batches(s: Session, accelerator, micro_batches) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_micro_batches(s: Session, accelerator, micro_batches, epoch: int = 0, update_in_epoch: int = 0
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward every micro-batch of one update, and backward all but the last inside `no_sync` (gradients
     add up locally, no communication). Returns the update's loss (the mean over its micro-batches) and
     the last micro-batch's loss, whose backward, the one that averages gradients over processes, comes
@@ -101,6 +102,8 @@ def _forward_micro_batches(s: Session, accelerator, micro_batches) -> tuple[torc
     accumulation = s.batching.accumulation
     for i in range(accumulation):
         images, labels = model_inputs(next(micro_batches), s.train_augment, s.runtime.channels_last)
+        if s.mixing is not None:  # mixup/cutmix on the device's inputs; the labels become soft targets
+            images, labels = s.mixing(images, labels, epoch, update_in_epoch, i)
         last = i == accumulation - 1
         # DDP decides at forward time whether the coming backward synchronises, so forward goes inside too.
         with contextlib.nullcontext() if last else accelerator.no_sync(s.model):
