@@ -192,3 +192,67 @@ def test_the_train_transform_crops_at_the_training_size_and_eval_at_the_full_siz
     train, evaluation = build_transforms(data_cfg, DataConfig(), 160)
     image = Image.new("RGB", (300, 240))
     assert train(image).shape == (3, 160, 160) and evaluation(image).shape == (3, 224, 224)
+
+
+class RandomPerSample(torch.utils.data.Dataset):
+    """Each sample: a draw from torch's generator, as an augmentation makes."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int):
+        return torch.rand(()), index
+
+
+def _draws(workers: int, start: int = 0, epoch: int = 0) -> dict[int, float]:
+    from finetune.data.loaders import EpochSeeded, build_loader, epoch_seed
+    from finetune.data.sampling import EpochShuffle, Positioned
+
+    data, sampler = EpochSeeded(RandomPerSample()), Positioned(EpochShuffle(12, 16, seed=3))
+    data.set_epoch_seed(epoch_seed(3, epoch))
+    sampler.set_epoch(epoch)
+    sampler.start = start
+    loader = build_loader(data, 4, True, workers, False, sampler, persistent=False)
+    out = {}
+    for position, (values, _) in zip(range(start, 16, 4), loader):
+        out.update({position + k: v.item() for k, v in enumerate(values)})
+    return out
+
+
+def test_a_samples_augmentation_depends_on_its_epoch_and_place_alone():
+    """Seeded per sample (EpochSeeded, Positioned): the same with or without loader workers, and when a
+    resumed run skips the first batches; another epoch draws anew."""
+    whole = _draws(0)
+    assert len(whole) == 16 and len(set(whole.values())) == 16
+    assert _draws(2) == whole
+    assert _draws(0, start=8) == {p: v for p, v in whole.items() if p >= 8}
+    assert set(_draws(0, epoch=1).values()).isdisjoint(whole.values())
+    from finetune.data.loaders import EpochSeeded
+
+    data, state = EpochSeeded(RandomPerSample()), torch.get_rng_state()
+    assert data[(3, 5)] == data[(3, 5)] != data[(3, 6)]
+    assert torch.equal(torch.get_rng_state(), state)  # drawn in the training process: its generator is untouched
+
+
+def test_loader_workers_outlive_a_group_stop_signal_but_not_their_process():
+    """A scheduler's SIGTERM to every process of a job leaves the workers to their training process, which
+    stops gracefully; the training process's own SIGTERM (a loader's shutdown) still ends them."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from finetune.data.loaders import build_loader
+
+    loader = build_loader(list(range(64)), 4, False, 1, False)
+    batches = iter(loader)
+    next(batches)
+    worker = batches._workers[0]  # PyTorch's iterator keeps its worker processes there
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by another process
+    time.sleep(0.5)
+    assert worker.is_alive() and len(list(batches)) == 15
+    batches = iter(loader)
+    worker = batches._workers[0]
+    os.kill(worker.pid, signal.SIGTERM)  # from the training process
+    worker.join(timeout=10)
+    assert not worker.is_alive()

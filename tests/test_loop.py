@@ -104,6 +104,8 @@ def planted_nan(monkeypatch, at_call: int) -> dict:
 def test_a_non_finite_loss_leaves_the_weights_as_they_were_before_it(tmp_path, image_folder, tiny_recipe, monkeypatch):
     """The health is read at the end of the epoch; the bad update 3 and the ones queued after it are
     skipped on the device, so the weights are those after update 2."""
+    from finetune.training import step
+    monkeypatch.setattr(step, "HOST_DEVICES", ())  # read as on a GPU: once an epoch
     seen = planted_nan(monkeypatch, at_call=3)
     recipe = tiny_recipe(image_folder(), **{"train.epochs": 2, "train.batch_size": 4, "train.hard_examples": 0,
                                             "train.ema": None})
@@ -117,7 +119,8 @@ def test_a_non_finite_loss_leaves_the_weights_as_they_were_before_it(tmp_path, i
 
 def test_the_host_waits_for_the_device_once_per_epoch_not_once_per_update(tmp_path, image_folder, tiny_recipe,
                                                                          monkeypatch):
-    from finetune.training import faults
+    from finetune.training import faults, step
+    monkeypatch.setattr(step, "HOST_DEVICES", ())  # as on a GPU (a CPU's host reads every update: it waits for nothing)
     reads, check = [], faults.FaultWatch.check
     monkeypatch.setattr(faults.FaultWatch, "check",
                         lambda self, **kw: reads.append(len(self.rows)) or check(self, **kw))

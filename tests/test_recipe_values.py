@@ -214,3 +214,17 @@ def test_yaml_merge_keys_are_not_duplicates(tmp_path, tiny_recipe):
 def test_problem_values_are_shown_shortened(tiny_recipe):
     line = problem_line(tiny_recipe(), {"train.epochs": "9" * 20 + "z" * 5000}, "train.epochs")
     assert len(line) < 400 and "5020 characters" in line
+
+
+@pytest.mark.parametrize("value, expected", [(500, (500, None)), ("15min", (None, 900.0)), ("90s", (None, 90.0)),
+                                             ("2h", (None, 7200.0)), ("1.5 h", (None, 5400.0)), (None, (None, None))])
+def test_checkpoint_every_is_updates_or_a_duration(value, expected):
+    from finetune.recipe.interval import checkpoint_interval
+
+    assert checkpoint_interval(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "15 minutes", "0.5s", "200h", "inf s", "-3", "1e3"])
+def test_checkpoint_every_names_what_it_accepts(tiny_recipe, value):
+    with pytest.raises(FinetuneError, match=r"train.checkpoint_every: .* must be a number of updates \(1 to "):
+        load_recipe(tiny_recipe(), [f"train.checkpoint_every={value}"])

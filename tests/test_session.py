@@ -51,6 +51,9 @@ def test_every_training_image_is_drawn_each_epoch_and_updates_are_whole(build):
     s, _, splits = build(**{"train.batch_size": 7})  # 24 images: 4 updates of 7, 4 images drawn again
     for epoch in (0, 1):
         s.sampler.set_epoch(epoch)
-        drawn = list(s.sampler)
-        assert len(drawn) == 28 == s.batching.images_per_epoch and set(drawn) == set(range(24))
+        drawn = list(s.sampler)  # (index, place in the epoch): augmentation is seeded by the place
+        assert [place for _, place in drawn] == list(range(28)) and 28 == s.batching.images_per_epoch
+        assert {index for index, _ in drawn} == set(range(24))
     assert list(s.sampler) == drawn  # a pure function of (seed, epoch): a resumed epoch draws the same
+    s.sampler.start = 8  # a run resumed after 2 updates of 4 images draws the rest, in the same places
+    assert list(s.sampler) == drawn[8:]

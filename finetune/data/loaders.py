@@ -134,7 +134,7 @@ class EpochSeeded(Dataset):
         worker = torch.utils.data.get_worker_info()
         if isinstance(key, tuple):
             index, position = key
-            seed = (self.epoch_seed.value * 2**32 + position) % 2**63
+            seed = mix_seed(self.epoch_seed.value, position)
             if worker is not None:
                 _seed_generators(seed)
                 return self.dataset[index]
@@ -155,6 +155,19 @@ class EpochSeeded(Dataset):
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of an epoch's augmentation: train.seed and the epoch, nothing of the process or worker."""
     return (seed * 100_003 + epoch + 1) % 2**31
+
+
+def mix_seed(*parts: int) -> int:
+    """A 32-bit seed from several numbers (splitmix64 of each in turn). torch and numpy seed their Mersenne
+    twisters from the lower 32 bits only, so seeds that differ above them (seed * 2**32 + position) would
+    all draw the same numbers."""
+    x = 0
+    for part in parts:
+        x = (x ^ (part & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0xFFFFFFFF
 
 
 def _seed_generators(seed: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 
+MAX_UPDATES = 10_000_000  # beyond any fine-tune's length: only a typo trips it
 UNITS = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600}
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|min|m|h)\s*$")
 
@@ -16,8 +17,8 @@ def checkpoint_interval(value: int | str | None) -> tuple[int | None, float | No
     if value is None:
         return None, None
     if type(value) is int:
-        if value < 1:
-            raise ValueError(f"{value} updates: give 1 or more")
+        if not 1 <= value <= MAX_UPDATES:
+            raise ValueError(f"{value} updates: give 1 to {MAX_UPDATES:,}")
         return value, None
     match = DURATION.match(str(value))
     if not match:

@@ -42,7 +42,8 @@ def value_rules(c: RecipeConfig) -> list[tuple[str, bool, str]]:
         ("train.grad_clip", c.train.grad_clip is None or 0 < c.train.grad_clip <= MAX_GRAD_CLIP,
          f"must be in (0, {MAX_GRAD_CLIP:g}] or null"),
         ("train.checkpoint_every", _is_interval(c.train.checkpoint_every),
-         "must be a number of updates (1 or more), a duration such as 15min, 90s or 2h, or null"),
+         "must be a number of updates (1 to 10,000,000), a duration from 1s to 168h such as 15min, 90s or 2h, "
+         "or null"),
         ("data.val_fraction", 0 < c.data.val_fraction < 1, "must be between 0 and 1"),
         ("data.image_size", c.data.image_size is None or 8 <= c.data.image_size <= MAX_IMAGE_SIZE,
          f"must be between 8 and {MAX_IMAGE_SIZE} pixels, or null"),

@@ -13,11 +13,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..data.loaders import epoch_seed
+from ..data.loaders import epoch_seed, mix_seed
 from ..model.optim import drop_waiting_grads, set_lr
 from .faults import FAULT_CHECK_UPDATES, FaultWatch
 from .inputs import model_inputs
 from .session import Session
+
+# Devices whose work the host does itself: reading the health after every update waits for nothing there,
+# and a stop signal then takes effect after the update it arrived in (on a GPU: within FAULT_CHECK_UPDATES).
+HOST_DEVICES = ("cpu",)
 
 
 def train_epoch(s: Session, accelerator, epoch: int, update: int, fault_hint: str = "",
@@ -42,12 +46,11 @@ def train_epoch(s: Session, accelerator, epoch: int, update: int, fault_hint: st
     s.model.train()
     for module in keep_eval:
         module.eval()
-    # On a CPU the health is computed by the host itself: reading it after every update waits for nothing.
-    check_every = 1 if accelerator.device.type == "cpu" else check_every
+    check_every = 1 if accelerator.device.type in HOST_DEVICES else check_every
     watch = FaultWatch(accelerator, s.optimizer, check_every, fault_hint)
     micro_batches = iter(s.train_loader)
     for i in range(start, s.batching.updates_per_epoch):
-        seed_everything(s.seed * 1_000_003 + update * 1_009 + accelerator.process_index)  # dropout, drop-path
+        seed_everything(mix_seed(s.seed, update, accelerator.process_index))  # dropout, drop-path
         set_lr(s.optimizer, s.schedule(update), phase_epoch, update, s.batching.updates_per_epoch, s.rewarm_updates)
         update_loss, last_loss, failure = None, None, None
         try:
