@@ -182,3 +182,10 @@ def test_metrics_see_every_labelled_image_and_give_floats():
     assert scores == {"val_n": 2.0, "val_top1": 0.5, "val_bad": None}
     with pytest.raises(FinetuneError, match="not a number"):
         score_metrics({"s": lambda lg, t: "high"}, logits, targets, "val")
+
+
+def test_the_model_card_of_a_custom_module_says_how_to_load_it(custom_run):
+    card = (Path(custom_run["result"].run_dir) / "README.md").read_text()
+    assert "library_name: pytorch" in card and "a module of your own" in card
+    assert "from the weights the module came with" in card and "timm's pretrained weights" not in card
+    assert "load_state_dict" in card and "timm.create_model" not in card

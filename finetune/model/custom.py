@@ -86,3 +86,16 @@ def refuse_custom_export(config: dict, run_dir: Path) -> None:
                             "which timm cannot rebuild from config.json, so `finetune predict`, `eval` and "
                             "`export` cannot load it. Load it in Python with your own class: "
                             f"{config.get('how_to_load', '')}; its preprocessing is config.json's pretrained_cfg.")
+
+
+def custom_usage(config: dict) -> str:
+    """The model card's "How to use it" for a module of one's own (card.py)."""
+    size = config.get("pretrained_cfg", {}).get("input_size", [3, 224, 224])
+    return f"""## How to use it
+
+Build your own class as you did for training, then load the weights (`config.json` holds the labels and
+the {size[0]}x{size[1]}x{size[2]} preprocessing, `pretrained_cfg`, as timm's data config):
+
+```python
+{config.get("how_to_load", "")}
+```"""
