@@ -189,3 +189,63 @@ def test_the_model_card_of_a_custom_module_says_how_to_load_it(custom_run):
     assert "library_name: pytorch" in card and "a module of your own" in card
     assert "from the weights the module came with" in card and "timm's pretrained weights" not in card
     assert "load_state_dict" in card and "timm.create_model" not in card
+
+
+SCRIPT = '''
+import json, os, sys
+import torch
+from torch import nn
+import finetune
+
+class TwoPartNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(8, 3)
+        self.head_names = ["classifier"]
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+calls = []
+def top1(logits, targets):
+    calls.append(len(targets))
+    return (logits.argmax(-1) == targets).float().mean()
+
+def mean_ce(logits, targets):
+    return nn.functional.cross_entropy(logits, targets)
+
+torch.manual_seed(0)
+finetune.train(sys.argv[1], model=TwoPartNet(), loss=mean_ce, metrics=[top1], output=sys.argv[2])
+with open(os.path.join(sys.argv[3], f"rank{os.environ.get('RANK', '0')}.json"), "w") as f:
+    json.dump(calls, f)
+'''
+
+
+@pytest.mark.slow
+def test_metrics_of_ones_own_see_the_whole_val_split_on_two_processes(tmp_path, make_image_folder, make_recipe):
+    """9 val images over 2 processes: each process's metric gets all 9 (gathered, the padding dropped), and
+    the run writes val_top1 equal to val_acc."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=15, size=32)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(data, **{"train.epochs": 1, "train.hard_examples": 0,
+                                                          "train.precision": "fp32"})))
+    (tmp_path / "script.py").write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("ACCELERATE_") and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "script.py"), str(recipe), str(tmp_path / "run"), str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = read_metrics(str(tmp_path / "run"))[0]
+    assert record["val_images"] == 9 and record["val_top1"] == pytest.approx(record["val_acc"], abs=1e-6)
+    for rank in (0, 1):  # the model's and the moving average's validation, each on all 9 images
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [9, 9]
