@@ -14,9 +14,6 @@ from torch import nn
 import finetune
 from finetune.data.badimages import IGNORE_LABEL
 from finetune.errors import FinetuneError
-from finetune.model.backbone import build_model
-from finetune.model.custom import backbone_label, check_custom_model
-from finetune.recipe.schema import ModelConfig
 from finetune.training.plugins import UserLoss, build_plugins, score_metrics
 
 
@@ -127,17 +124,6 @@ def test_a_wrong_class_count_fails_before_anything_is_written(tmp_path, tiny_rec
     with pytest.raises(FinetuneError, match=r"returns \(1, 5\).*3 classes"):
         finetune.train(tiny_recipe(), model=TinyNet(classes=5, head_names=["classifier"]), output=tmp_path / "run")
     assert not (tmp_path / "run" / "recipe.yaml").exists()
-    with pytest.raises(FinetuneError, match="failed on a batch of one 3x8x8 image"):
-        check_custom_model(nn.Sequential(nn.Conv2d(3, 3, 9), nn.Flatten()), 3, (3, 8, 8))
-
-
-def test_a_module_timm_built_keeps_its_name_and_a_label_is_never_built_by_timm():
-    import timm
-
-    assert backbone_label(timm.create_model("test_resnet", num_classes=3)) == "test_resnet"
-    assert backbone_label(TinyNet()) == "custom:TinyNet"
-    with pytest.raises(FinetuneError, match="pass it again"):
-        build_model(ModelConfig(backbone="custom:TinyNet", pretrained=False), 3)
 
 
 def test_the_model_section_as_a_dict_is_still_an_override_and_misspelt_arguments_are_type_errors(tiny_recipe):
@@ -249,3 +235,35 @@ def test_metrics_of_ones_own_see_the_whole_val_split_on_two_processes(tmp_path, 
     assert record["val_images"] == 9 and record["val_top1"] == pytest.approx(record["val_acc"], abs=1e-6)
     for rank in (0, 1):  # the model's and the moving average's validation, each on all 9 images
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [9, 9]
+
+
+def test_an_interrupted_run_of_a_custom_module_resumes_with_it(tmp_path, tiny_recipe):
+    from conftest import Interrupted
+
+    from finetune import api
+    from finetune.data.splits import build_splits
+    from finetune.training import loop
+    from finetune.training.plugins import build_plugins
+
+    def top1(logits, targets):
+        return (logits.argmax(-1) == targets).float().mean()
+
+    def stop_after_epoch_one(epoch: int) -> None:
+        if epoch == 1:
+            raise Interrupted
+
+    recipe = tiny_recipe(**{"train.hard_examples": 0})
+    plugins = build_plugins(TinyNet(head_names=["classifier"]), None, [top1])
+    config, run_dir = api.resolve_run(recipe, plugins.recipe_overrides({}), output=tmp_path / "run")
+    with pytest.raises(Interrupted):
+        loop.train(config, run_dir, build_splits(config.data, config.train.seed), after_checkpoint=stop_after_epoch_one,
+                   plugins=plugins)
+
+    class OtherNet(TinyNet):
+        pass
+
+    with pytest.raises(FinetuneError, match="model.backbone: saved 'custom:TinyNet', given 'custom:OtherNet'"):
+        finetune.train(resume=tmp_path / "run", model=OtherNet(head_names=["classifier"]))
+    result = finetune.train(resume=tmp_path / "run", model=TinyNet(head_names=["classifier"]), metrics=[top1])
+    assert [r["epoch"] for r in result.metrics] == [1, 2]
+    assert all("val_top1" in r for r in read_metrics(result.run_dir))
