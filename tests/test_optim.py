@@ -151,3 +151,16 @@ def test_lamb_trains_a_run_with_the_plans_groups_intact(tmp_path, tiny_recipe, m
     lrs = result.metrics[-1]["lr"]
     assert lrs["head"] / lrs["backbone"] == pytest.approx(10.0)
     assert "optim:\n  name: lamb" in (tmp_path / "run" / "recipe.yaml").read_text().replace("'", "")
+
+
+def test_a_run_with_a_timm_optimizer_resumes_its_state(tmp_path, tiny_recipe, train_until_epoch_one):
+    """Lion's momentum is checkpointed and restored: the resumed run ends where an uninterrupted one does."""
+    import finetune
+
+    recipe = tiny_recipe(**{"optim.name": "lion", "train.hard_examples": 0, "train.ema": None})
+    whole = finetune.train(recipe, output=tmp_path / "whole")
+    train_until_epoch_one(recipe, tmp_path / "cut")
+    resumed = finetune.train(resume=tmp_path / "cut")
+    assert [r["train_loss"] for r in resumed.metrics] == pytest.approx([r["train_loss"] for r in whole.metrics],
+                                                                       abs=1e-5)
+    assert resumed.metrics[-1]["val_loss"] == pytest.approx(whole.metrics[-1]["val_loss"], abs=1e-5)

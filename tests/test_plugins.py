@@ -267,3 +267,16 @@ def test_an_interrupted_run_of_a_custom_module_resumes_with_it(tmp_path, tiny_re
     result = finetune.train(resume=tmp_path / "run", model=TinyNet(head_names=["classifier"]), metrics=[top1])
     assert [r["epoch"] for r in result.metrics] == [1, 2]
     assert all("val_top1" in r for r in read_metrics(result.run_dir))
+
+
+def test_lr_find_sweeps_a_custom_module_with_its_loss(tmp_path, tiny_recipe):
+    calls = []
+
+    def counted(logits, targets):
+        calls.append(1)
+        return nn.functional.cross_entropy(logits, targets)
+
+    found = finetune.lr_find(tiny_recipe(), model=TinyNet(head_names=["classifier"]), loss=counted,
+                             output=tmp_path / "lrf", steps=10)
+    assert found is not None and (tmp_path / "lrf" / "lr_find.json").is_file()
+    assert len(calls) >= 10
