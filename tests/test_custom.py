@@ -61,7 +61,8 @@ def test_labels_and_timm_likeness():
 
 def test_the_export_round_trips_and_loading_it_through_timm_is_refused(tmp_path):
     model = Pooled()
-    save_custom_export(model, tmp_path, ["a", "b", "c"], {"input_size": (3, 16, 16), "mean": (0.5, 0.5, 0.5)})
+    save_custom_export(model, tmp_path, {"label_names": ["a", "b", "c"]},
+                       {"input_size": (3, 16, 16), "mean": (0.5, 0.5, 0.5)})
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architecture"] == "custom" and config["module_class"].endswith("Pooled")
     assert config["label_names"] == ["a", "b", "c"] and config["pretrained_cfg"]["input_size"] == [3, 16, 16]

@@ -280,3 +280,40 @@ def test_lr_find_sweeps_a_custom_module_with_its_loss(tmp_path, tiny_recipe):
                              output=tmp_path / "lrf", steps=10)
     assert found is not None and (tmp_path / "lrf" / "lr_find.json").is_file()
     assert len(calls) >= 10
+
+
+def test_a_multi_label_run_gives_a_custom_loss_and_metric_multi_hot_targets(tmp_path):
+    from test_multilabel import SHAPES, write_shapes
+
+    rows = write_shapes(tmp_path, 24, size=32)
+    pairs = [(str(tmp_path / r["image"]), r["labels"]) for r in rows]
+    shapes = []
+
+    def bce(logits, targets):
+        shapes.append(tuple(targets.shape))
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets.float())
+
+    def label_count(logits, targets):
+        shapes.append(tuple(targets.shape))
+        return targets.sum(dim=1).float().mean()
+
+    result = finetune.train({"model": {"head": ["classifier"]}, "train": {"epochs": 1, "batch_size": 8,
+                                                                        "hard_examples": 0},
+                             "data": {"image_size": 32, "num_workers": 0}}, train_data=pairs, task="multi_label",
+                            model=TinyNet(classes=len(SHAPES)), loss=bce, metrics=[label_count],
+                            output=tmp_path / "run")
+    record = result.metrics[0]
+    assert "val_map" in record and 1 <= record["val_label_count"] <= 3
+    assert all(len(s) == 2 and s[1] == len(SHAPES) for s in shapes)
+    config = json.loads((Path(result.run_dir) / "config.json").read_text())
+    assert config["architecture"] == "custom" and config["task"] == "multi_label" and config["threshold"] == 0.5
+    with pytest.raises(FinetuneError, match="taken"):
+        build_plugins(metrics={"map": label_count})
+
+
+def test_a_metric_may_not_overwrite_a_key_finetune_wrote():
+    with pytest.raises(FinetuneError, match="overwrite finetune's own val_extra"):
+        score_metrics({"extra": lambda lg, t: 1.0}, torch.zeros(2, 2), torch.tensor([0, 1]), "val",
+                      taken={"val_extra": 0.5})
+    rows = torch.tensor([[1, 0], [IGNORE_LABEL, IGNORE_LABEL]])  # multi-hot: an unreadable image is a whole row
+    assert score_metrics({"n": lambda lg, t: len(t)}, torch.zeros(2, 2), rows, "val") == {"val_n": 1.0}

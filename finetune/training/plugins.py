@@ -4,11 +4,13 @@ to the session as one frozen `Plugins`.
 
 - model: any nn.Module from images to logits (model/custom.py checks it; model/groups.py finds its head).
 - loss: `(logits, targets) -> scalar tensor`, the mean over the micro-batch, used for every training update
-  in place of the recipe's cross-entropy (train.label_smoothing and class_weights are then not applied).
-  Validation's val_loss stays cross-entropy, so runs with different losses compare on one scale; to track
-  your loss on validation too, pass it among the metrics.
+  in place of the built-in loss (train.label_smoothing and class_weights are then not applied), with the
+  targets that loss would get (class indices; multi-hot rows for task multi_label; soft rows under mixup).
+  Validation's val_loss stays the built-in one, so runs with different losses compare on one scale; to
+  track your loss on validation too, pass it among the metrics.
 - metrics: callables `(logits, targets) -> number`, called once per validation on every process with the
-  whole validation set's logits (float32, N x classes) and class indices (N), gathered over processes; each
+  whole validation set's logits (float32, N x classes) and targets (N, or N x classes multi-hot), gathered
+  over processes; each
   lands in metrics.jsonl as val_<name> (ema_val_<name> for the moving average), name = the function's
   __name__, or the key when a dict is passed.
 """
