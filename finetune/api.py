@@ -84,9 +84,8 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
     Overrides: `train(r, **{"optim.lr": 1e-3})`, `train(r, optim={"lr": 1e-3})` or `train(r, optim__lr=1e-3)`.
     resume: a run directory to continue; its saved recipe is used. "auto" with `output`: resume it when it
         holds an interrupted run, else train there from the start (a requeued job needs no edit).
-    Plug-ins (training/plugins.py): `model`, an nn.Module from images to logits, trained in place (a dict:
-        the recipe's model section); `loss`, (logits, targets) -> scalar; `metrics`, callables (logits,
-        targets) -> number on the val split, written as val_<name>. Resuming needs model and loss again.
+    Plug-ins (training/plugins.py): `model`, an nn.Module to logits, trained in place (a dict: the model section);
+        `loss`, (logits, targets) -> scalar; `metrics`, (logits, targets) -> number on val, as val_<name>.
     """
     plugins, kw_overrides = plugins_from_arguments(model, loss, metrics, kw_overrides)
     items = {**_flatten_overrides(overrides), **_keyword_overrides("train", kw_overrides)}
@@ -96,26 +95,13 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
     splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names, test_data,
                           multi_label=config.task == "multi_label")
     if config.data.on_bad_image == "error":
-        _require_readable(splits)
+        from .data.checkdata import require_readable  # decodes every image: only when asked
+
+        require_readable(splits)
     # The run owns its directory from here to the end, before the session is built: a second run into it
     # is refused, and a default name is taken now, before the other processes adopt it (rundir.py).
     with run_dir.owned(), flush_denormals():
         return TrainResult(**run_loop(config, run_dir, splits, plugins=plugins))
-
-
-def _require_readable(splits: Splits) -> None:
-    """data.on_bad_image=error: decode every image once before anything is written, and list every bad
-    file at once rather than stopping at the first one hours into a run."""
-    from .data.checkdata import find_unreadable
-
-    bad = find_unreadable(splits.train, splits.train_indices) + find_unreadable(splits.val, splits.val_indices)
-    if splits.test is not None:
-        bad += find_unreadable(splits.test)
-    if bad:
-        listed = "; ".join(f"{b['file']} ({b['reason']})" for b in bad[:20])
-        raise FinetuneError(f"{len(bad)} unreadable image file(s) and data.on_bad_image=error: {listed}"
-                            f"{' ...' if len(bad) > 20 else ''}. Fix or remove them, or set data.on_bad_image=skip "
-                            "to train without them (they are then listed in data_report.json).")
 
 
 def resolve_run(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[str] | None = None,
@@ -154,8 +140,7 @@ def _auto_resume(output: str | Path | None, overwrite: bool) -> tuple[Path | Non
 
 def plan(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = None, *,
          model: nn.Module | dict | None = None, **kw_overrides: Any) -> Plan:
-    """The parameter-group plan a recipe would train with (no weights are downloaded or loaded); `model`:
-    a module of one's own, as `train` takes it."""
+    """The parameter-group plan a recipe would train with (no weights loaded); `model`: as `train` takes it."""
     plugins, kw_overrides = plugins_from_arguments(model, None, None, kw_overrides)
     items = {**_flatten_overrides(overrides), **_keyword_overrides("plan", kw_overrides)}
     config = resolve(recipe, {**items, **plugins.recipe_overrides(items)})
@@ -183,8 +168,7 @@ def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None
             **kw_overrides: Any) -> LRFindResult | None:
     """The LR range test on a recipe: sweeps optim.lr (every group keeps its ratio) and suggests a value.
     Writes lr_find.png and lr_find.json into `output`, a new folder (default runs/<time>-<backbone>-lr-find).
-    `epoch` picks the unfreezing phase to sweep (the one that epoch trains in). `model`, `loss`: as `train`
-    takes them (the model is trained in place by the sweep: pass a copy)."""
+    `epoch` picks the unfreezing phase to sweep (the one that epoch trains in). `model`, `loss`: as in `train`."""
     plugins, kw_overrides = plugins_from_arguments(model, loss, None, kw_overrides)
     items = {**_flatten_overrides(overrides), **_keyword_overrides("lr_find", kw_overrides)}
     config = resolve(recipe, {**items, **plugins.recipe_overrides(items)})
