@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from torch import nn
 from torch.utils.data import Dataset
 
 from .data.splits import Splits, build_splits
@@ -25,6 +26,7 @@ from .recipe.load import load_recipe, recipe_to_dict
 from .recipe.schema import TOP_LEVEL_KEYS, RecipeConfig, RecipeLike
 from .training.loop import train as run_loop
 from .training.lrfind import LRFindResult, find_lr
+from .training.plugins import plugins_from_arguments
 from .training.rundir import CHECKPOINT_NAME, MARKER_NAME, RunDir
 from .training.runs import RunSummary, runs
 from .training.runtime import flush_denormals
@@ -68,7 +70,8 @@ def resolve(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[str]
 
 def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | None = None,
           val_data: Dataset | Sequence | None = None, test_data: Dataset | Sequence | None = None,
-          class_names: Sequence[str] | None = None,
+          class_names: Sequence[str] | None = None, model: nn.Module | dict | None = None,
+          loss: Callable | None = None, metrics: Callable | Sequence[Callable] | dict | None = None,
           output: str | Path | None = None, overwrite: bool = False, resume: str | Path | None = None,
           overrides: dict[str, Any] | Sequence[str] | None = None, **kw_overrides: Any) -> TrainResult:
     """Fine-tune as a recipe says; return the run directory and per-epoch metrics.
@@ -81,33 +84,24 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
     Overrides: `train(r, **{"optim.lr": 1e-3})`, `train(r, optim={"lr": 1e-3})` or `train(r, optim__lr=1e-3)`.
     resume: a run directory to continue; its saved recipe is used. "auto" with `output`: resume it when it
         holds an interrupted run, else train there from the start (a requeued job needs no edit).
+    Plug-ins (training/plugins.py): `model`, an nn.Module to logits, trained in place (a dict: the model section);
+        `loss`, (logits, targets) -> scalar; `metrics`, (logits, targets) -> number on val, as val_<name>.
     """
+    plugins, kw_overrides = plugins_from_arguments(model, loss, metrics, kw_overrides)
     items = {**_flatten_overrides(overrides), **_keyword_overrides("train", kw_overrides)}
+    items.update(plugins.recipe_overrides(items))
     config, run_dir = resolve_run(recipe, items, output, overwrite, resume, train_data is not None,
                                   val_data is not None, test_data is not None)
     splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names, test_data,
                           multi_label=config.task == "multi_label")
     if config.data.on_bad_image == "error":
-        _require_readable(splits)
+        from .data.checkdata import require_readable  # decodes every image: only when asked
+
+        require_readable(splits)
     # The run owns its directory from here to the end, before the session is built: a second run into it
     # is refused, and a default name is taken now, before the other processes adopt it (rundir.py).
     with run_dir.owned(), flush_denormals():
-        return TrainResult(**run_loop(config, run_dir, splits))
-
-
-def _require_readable(splits: Splits) -> None:
-    """data.on_bad_image=error: decode every image once before anything is written, and list every bad
-    file at once rather than stopping at the first one hours into a run."""
-    from .data.checkdata import find_unreadable
-
-    bad = find_unreadable(splits.train, splits.train_indices) + find_unreadable(splits.val, splits.val_indices)
-    if splits.test is not None:
-        bad += find_unreadable(splits.test)
-    if bad:
-        listed = "; ".join(f"{b['file']} ({b['reason']})" for b in bad[:20])
-        raise FinetuneError(f"{len(bad)} unreadable image file(s) and data.on_bad_image=error: {listed}"
-                            f"{' ...' if len(bad) > 20 else ''}. Fix or remove them, or set data.on_bad_image=skip "
-                            "to train without them (they are then listed in data_report.json).")
+        return TrainResult(**run_loop(config, run_dir, splits, plugins=plugins))
 
 
 def resolve_run(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[str] | None = None,
@@ -144,13 +138,17 @@ def _auto_resume(output: str | Path | None, overwrite: bool) -> tuple[Path | Non
     return None, overwrite or is_run
 
 
-def plan(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = None, **kw_overrides: Any) -> Plan:
-    """The parameter-group plan a recipe would train with (no weights are downloaded or loaded)."""
-    config = resolve(recipe, {**_flatten_overrides(overrides), **_keyword_overrides("plan", kw_overrides)})
+def plan(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = None, *,
+         model: nn.Module | dict | None = None, **kw_overrides: Any) -> Plan:
+    """The parameter-group plan a recipe would train with (no weights loaded); `model`: as `train` takes it."""
+    plugins, kw_overrides = plugins_from_arguments(model, None, None, kw_overrides)
+    items = {**_flatten_overrides(overrides), **_keyword_overrides("plan", kw_overrides)}
+    config = resolve(recipe, {**items, **plugins.recipe_overrides(items)})
     splits = open_data(config)
-    model = build_model(dataclasses.replace(config.model, pretrained=False), len(splits.class_names), lambda _: None,
-                        config.data.image_size)
-    return build_plan(model, config.optim, config.freeze)
+    network = plugins.model if plugins.model is not None else build_model(
+        dataclasses.replace(config.model, pretrained=False), len(splits.class_names), lambda _: None,
+        config.data.image_size)
+    return build_plan(network, config.optim, config.freeze, config.model.head)
 
 
 def check_data(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = None,
@@ -166,11 +164,14 @@ def check_data(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | N
 
 def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = None, *,
             output: str | Path | None = None, start: float = 1e-7, end: float = 10.0, steps: int = 100,
-            epoch: int = 0, **kw_overrides: Any) -> LRFindResult | None:
+            epoch: int = 0, model: nn.Module | dict | None = None, loss: Callable | None = None,
+            **kw_overrides: Any) -> LRFindResult | None:
     """The LR range test on a recipe: sweeps optim.lr (every group keeps its ratio) and suggests a value.
     Writes lr_find.png and lr_find.json into `output`, a new folder (default runs/<time>-<backbone>-lr-find).
-    `epoch` picks the unfreezing phase to sweep (the one that epoch trains in)."""
-    config = resolve(recipe, {**_flatten_overrides(overrides), **_keyword_overrides("lr_find", kw_overrides)})
+    `epoch` picks the unfreezing phase to sweep (the one that epoch trains in). `model`, `loss`: as in `train`."""
+    plugins, kw_overrides = plugins_from_arguments(model, loss, None, kw_overrides)
+    items = {**_flatten_overrides(overrides), **_keyword_overrides("lr_find", kw_overrides)}
+    config = resolve(recipe, {**items, **plugins.recipe_overrides(items)})
     if config.optim.name == "lbfgs":
         raise FinetuneError("lr-find sweeps a learning rate, but optim.name=lbfgs finds its own steps by line search; "
                             "there is nothing to sweep. Leave optim.lr at 1 for lbfgs, or sweep for adamw or sgd.")
@@ -184,7 +185,7 @@ def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None
             raise FinetuneError(f"lr-find --output {folder}: it already exists and is not an empty folder (it may "
                                 "be a training run, which lr-find never writes into); choose a new folder.")
     with flush_denormals():
-        return find_lr(config, open_data(config), folder, start, end, steps, epoch)
+        return find_lr(config, open_data(config), folder, start, end, steps, epoch, plugins=plugins)
 
 
 def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | Path | None = None,

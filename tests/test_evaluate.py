@@ -26,7 +26,8 @@ LOGITS = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0], [1.0, 
 @pytest.fixture
 def scored():
     model = torch.nn.Identity()  # "images" are the logits themselves
-    session = SimpleNamespace(model=model, runtime=SimpleNamespace(channels_last=False), eval_augment=None)
+    session = SimpleNamespace(model=model, runtime=SimpleNamespace(channels_last=False), eval_augment=None,
+                              metrics={})
     loader = [(LOGITS[:2], torch.tensor([0, 2])), (LOGITS[2:], torch.tensor([2, IGNORE_LABEL]))]
     return session, loader
 
@@ -49,3 +50,19 @@ def test_metrics_leave_out_unreadable_images(scored):
     metrics = evaluate(session, OneProcess(), loader, ["a", "b", "c"])
     assert metrics["val_images"] == 3 and metrics["val_acc"] == pytest.approx(2 / 3, abs=1e-6)
     assert metrics["val_per_class_acc"] == {"a": 1.0, "b": None, "c": 0.5}
+
+
+def test_metrics_of_ones_own_get_the_whole_splits_logits_and_only_then(scored):
+    session, loader = scored
+    assert "logits" not in predict_all(session, OneProcess(), loader)  # C numbers an image: kept only when asked
+    seen = []
+
+    def margin(logits, targets):
+        seen.append((logits.clone(), targets.clone()))
+        return (logits.max(-1).values - logits.min(-1).values).mean()
+
+    session.metrics = {"margin": margin}
+    metrics = evaluate(session, OneProcess(), loader, ["a", "b", "c"], prefix="ema_val")
+    logits, targets = seen[0]
+    assert torch.equal(logits, LOGITS[:3]) and targets.tolist() == [0, 2, 2]  # the unreadable image left out
+    assert metrics["ema_val_margin"] == pytest.approx(2.0) and metrics["ema_val_acc"] == pytest.approx(2 / 3, abs=1e-6)

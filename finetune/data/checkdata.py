@@ -21,6 +21,7 @@ from typing import Sequence
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import FinetuneError
 from ..recipe.schema import DataConfig
 from .badimages import BAD_IMAGE_ERRORS, describe_error
 from .images import to_rgb
@@ -28,7 +29,7 @@ from .loaders import default_num_workers
 from .multilabel import cooccurrence, is_multi_label, load_multi_label_source, stratify_keys
 from .samples import ImageSamples, natural_key
 from .sources import load_source as load_plain_source
-from .splits import stratified_split
+from .splits import Splits, stratified_split
 
 IMBALANCE_WARNING = 10.0  # largest class / smallest class above this: say so (class_weights, sampler)
 SIZE_FACTOR = 4.0  # a side more than 4x smaller or larger than the split's median side is an outlier
@@ -219,3 +220,16 @@ def format_report(report: dict) -> str:
     verdict = ("the data can train" + (" (see the warnings)" if report["warnings"] else "") if report["trainable"]
                else "the data cannot train: fix the errors above")
     return "\n".join(lines + [verdict])
+
+
+def require_readable(splits: Splits) -> None:
+    """data.on_bad_image=error (finetune.train): decode every image once before anything is written, and list
+    every bad file at once rather than stopping at the first one hours into a run."""
+    bad = find_unreadable(splits.train, splits.train_indices) + find_unreadable(splits.val, splits.val_indices)
+    if splits.test is not None:
+        bad += find_unreadable(splits.test)
+    if bad:
+        listed = "; ".join(f"{b['file']} ({b['reason']})" for b in bad[:20])
+        raise FinetuneError(f"{len(bad)} unreadable image file(s) and data.on_bad_image=error: {listed}"
+                            f"{' ...' if len(bad) > 20 else ''}. Fix or remove them, or set data.on_bad_image=skip "
+                            "to train without them (they are then listed in data_report.json).")

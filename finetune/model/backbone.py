@@ -23,6 +23,10 @@ def build_model(cfg: ModelConfig, num_classes: int, log: Callable[[str], None] =
 
     `image_size` (data.image_size) is passed on to backbones built for one input size (ViTs), whose
     position embeddings timm then resamples; convolutional nets take any size as they are."""
+    if cfg.backbone.startswith("custom:"):  # a label, written by finetune.train(recipe, model=...)
+        raise FinetuneError(f"model.backbone {cfg.backbone!r} names a module of your own, which lives in Python: "
+                            "pass it again, finetune.train(recipe, model=YourModule(...)) (resume and plan too), "
+                            "or set model.backbone to a timm model name.")
     kwargs = {"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {}
     if image_size is not None and fixed_input_size(cfg.backbone):
         kwargs["img_size"] = image_size
@@ -54,6 +58,8 @@ def fixed_input_size(backbone: str) -> bool:
     """True for backbones built for one input size (ViTs): they take data.image_size at construction."""
     if backbone.startswith(("hf-hub:", "local-dir:")):
         return False
+    if backbone.startswith("custom:"):  # a module of one's own: nothing says it takes another size
+        return True
     cfg = timm.get_pretrained_cfg(backbone, allow_unregistered=True)
     return bool(cfg and cfg.fixed_input_size)
 

@@ -22,6 +22,7 @@ import yaml
 
 from ..atomic import write_atomic
 from ..data.badimages import DATA_REPORT_NAME
+from .custom import CUSTOM_ARCHITECTURE, custom_usage
 from .environment import ENVIRONMENT_NAME
 
 CARD_NAME = "README.md"
@@ -61,8 +62,9 @@ def front_matter(name: str, recipe: dict, config: dict, exported: dict | None, t
     """The card's YAML metadata, as the Hugging Face hub reads it."""
     model, data = recipe.get("model", {}), recipe.get("data", {})
     backbone = str(model.get("backbone", config.get("architecture", "")))
-    front: dict = {"library_name": "timm", "pipeline_tag": "image-classification",
-                   "tags": ["image-classification", "timm", "finetune"]}
+    library = "pytorch" if config.get("architecture") == CUSTOM_ARCHITECTURE else "timm"  # timm cannot load custom
+    front: dict = {"library_name": library, "pipeline_tag": "image-classification",
+                   "tags": ["image-classification", library, "finetune"]}
     base = base_model(backbone, model.get("pretrained"), config)
     if base:
         front["base_model"] = base
@@ -130,9 +132,14 @@ def _intro(recipe: dict, config: dict, exported: dict | None, epochs_run: int) -
     start = {True: "timm's pretrained weights" + (f" (`{config.get('pretrained_cfg', {}).get('tag')}`)"
                                                    if config.get("pretrained_cfg", {}).get("tag") else ""),
              False: "random weights (no pretraining)"}.get(pretrained, f"the weights file `{pretrained}`")
+    if config.get("architecture") == CUSTOM_ARCHITECTURE:  # model.pretrained is not read for a module of one's own
+        start = "the weights the module came with"
+    kind = (f"A `{config.get('module_class')}` (a module of your own, passed to finetune.train)"
+            if config.get("architecture") == CUSTOM_ARCHITECTURE else
+            f"A [timm](https://github.com/huggingface/pytorch-image-models) `{config.get('architecture', backbone)}`")
     text = (f"# {backbone} fine-tuned with finetune\n\n"
-            f"A [timm](https://github.com/huggingface/pytorch-image-models) `{config.get('architecture', backbone)}` "
-            f"image classifier for {len(labels)} classes: {listed}{more}, fine-tuned with finetune from {start}.")
+            f"{kind} image classifier for {len(labels)} classes: {listed}{more}, fine-tuned with finetune from "
+            f"{start}.")
     if exported:
         which = "the moving average (EMA) of the weights" if exported.get("exported") == "ema" else "the weights"
         acc = exported.get(f"{_val_prefix(exported)}_acc", exported.get(f"{_val_prefix(exported)}_map"))
@@ -147,6 +154,8 @@ def _intro(recipe: dict, config: dict, exported: dict | None, epochs_run: int) -
 def _usage(run_dir: Path, config: dict) -> str:
     local = _shown_path(run_dir)
     size = config.get("pretrained_cfg", {}).get("input_size", [3, 224, 224])
+    if config.get("architecture") == CUSTOM_ARCHITECTURE:  # timm cannot rebuild it: the user's class can
+        return custom_usage(config)
     # A multi-label export (config.json: task, threshold): a sigmoid per label, every label from the threshold.
     scores, shown = ((".sigmoid()[0]", "[(name, float(p)) for name, p in zip(labels, probs) if p >= "
                       f"{config.get('threshold', 0.5)}]") if config.get("task") == "multi_label"

@@ -25,6 +25,7 @@ import yaml
 from timm.models import save_for_hf
 
 from .card import RECIPE_NAME, save_card
+from .custom import save_custom_export
 from .environment import save_environment
 
 WEIGHTS_NAME = "model.safetensors"
@@ -50,8 +51,13 @@ def save_export(model: torch.nn.Module, run_dir: Path, label_names: list[str], d
         model_config = {"label_names": list(label_names)}
         if recipe is not None and recipe.get("task") == "multi_label":  # predict's sigmoid and its threshold
             model_config.update(task="multi_label", threshold=recipe.get("train", {}).get("threshold", 0.5))
-        save_for_hf(model, str(scratch), model_config=model_config, safe_serialization=True,
-                    data_config={k: data_cfg[k] for k in DATA_CONFIG_KEYS if k in data_cfg})
+        data_config = {k: data_cfg[k] for k in DATA_CONFIG_KEYS if k in data_cfg}
+        if not hasattr(model, "pretrained_cfg"):  # a module of one's own, which timm did not build (custom.py)
+            scratch.mkdir()
+            save_custom_export(model, scratch, model_config, data_config)
+        else:
+            save_for_hf(model, str(scratch), model_config=model_config, safe_serialization=True,
+                        data_config=data_config)
         if recipe is not None and recipe.get("model", {}).get("pretrained") is not True:
             drop_hub_weights_claims(scratch / CONFIG_NAME)
         os.replace(scratch / WEIGHTS_NAME, run_dir / WEIGHTS_NAME)

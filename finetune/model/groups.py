@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 from timm.models import group_parameters
 from timm.models._manipulate import group_with_matcher  # what group_parameters calls; not re-exported
@@ -54,9 +55,10 @@ class ParamInfo:
     lr_mult: tuple[str, ...]  # the optim.lr_mult globs that match it; they also name its group
 
 
-def build_plan(model: nn.Module, optim: OptimConfig, freeze: FreezeConfig) -> Plan:
-    """Describe every parameter, then gather equal descriptions into named groups, in model order."""
-    params, phases, eval_norms = describe_parameters(model, optim, freeze)
+def build_plan(model: nn.Module, optim: OptimConfig, freeze: FreezeConfig, head: Sequence[str] = ()) -> Plan:
+    """Describe every parameter, then gather equal descriptions into named groups, in model order. `head`:
+    model.head, the head's module or parameter names (empty: the model's head_names, else get_classifier)."""
+    params, phases, eval_norms = describe_parameters(model, optim, freeze, head)
     groups = _gather(params, optim.weight_decay)
     if not any(g.trainable for g in groups):
         raise FinetuneError("the freeze settings leave no parameter to train (freeze.patterns froze the head too?); "
@@ -65,18 +67,21 @@ def build_plan(model: nn.Module, optim: OptimConfig, freeze: FreezeConfig) -> Pl
     for p in params:
         if p.stage is not None:
             first.setdefault(p.stage, p.name)
-    plan = Plan(groups, phases, freeze.batch_norm(), eval_norms, tuple(first[s] for s in sorted(first)))
+    notes = () if hasattr(model, "group_matcher") else (
+        "no group_matcher (timm's) on this model: the body is one stage and one layer, so freeze.stages, "
+        "freeze.phases and optim.layer_decay have nothing to split",)
+    plan = Plan(groups, phases, freeze.batch_norm(), eval_norms, tuple(first[s] for s in sorted(first)), notes)
     check_coverage(plan, model)
     return plan
 
 
-def describe_parameters(model: nn.Module, optim: OptimConfig,
-                        freeze: FreezeConfig) -> tuple[list[ParamInfo], Phases, EvalNorms]:
+def describe_parameters(model: nn.Module, optim: OptimConfig, freeze: FreezeConfig,
+                        head_names: Sequence[str] = ()) -> tuple[list[ParamInfo], Phases, EvalNorms]:
     """Every parameter's ParamInfo in model order, the unfreezing phases, and the BatchNorm layers the loop
     holds in eval mode. Raises FinetuneError for freeze settings or globs that do not fit this model."""
     named = list(model.named_parameters())
     names = [n for n, _ in named]
-    head = _head_names(model)
+    head = _head_names(model, head_names)
     body = [n for n in names if n not in head]
     stage_of = _dense_ids(model, body, coarse=True)
     layer_of = _dense_ids(model, body, coarse=False)
@@ -245,9 +250,26 @@ def _join(module: str, name: str) -> str:
     return f"{module}.{name}" if module else name
 
 
-def _head_names(model: nn.Module) -> set[str]:
-    """The classifier's parameters and buffers (timm's get_classifier), by name."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+def _head_names(model: nn.Module, declared: Sequence[str] = ()) -> set[str]:
+    """The head's parameters and buffers, by name: those under the names `declared` (model.head) or the
+    model's own `head_names`, else timm's get_classifier()."""
+    prefixes = list(declared) or list(getattr(model, "head_names", None) or [])
+    if prefixes:
+        names = [n for n, _ in (*model.named_parameters(), *model.named_buffers())]
+        found = {p: {n for n in names if n == p or n.startswith(p + ".")} for p in prefixes}
+        missing = [p for p, hit in found.items() if not hit]
+        if missing:
+            where = "model.head" if declared else "the model's head_names"
+            listed = ", ".join(repr(p) for p in missing)
+            raise FinetuneError(f"{where}: {listed} name{'s' if len(missing) == 1 else ''} no module or parameter "
+                                f"of {type(model).__name__} (parameters look like {names[0]!r}, {names[-1]!r}); "
+                                "give module names such as 'fc' or 'head.proj'.")
+        return set().union(*found.values())
+    if not hasattr(model, "get_classifier"):
+        raise FinetuneError(f"finetune cannot tell which part of {type(model).__name__} is the head (it learns "
+                            "optim.head_lr_mult times faster): name it in the recipe, model.head: [fc], or give the "
+                            "module a head_names attribute (a list of module names), or timm's get_classifier().")
+    head = model.get_classifier()
     if not isinstance(head, nn.Module):
         return set()
     ids = {id(t) for t in (*head.parameters(), *head.buffers())}

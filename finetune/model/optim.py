@@ -1,4 +1,5 @@
-"""The optimizer over the plan's groups, and the learning-rate schedule as a pure function of the update.
+"""The optimizer over the plan's groups (ours, or timm's by name), and the learning-rate schedule as a pure
+function of the update.
 
 The schedule is a multiplier in [0, 1] applied to each group's own peak LR, so every ratio the plan set
 (head 10x, layer decay) holds at every step whatever the schedule. It counts optimizer updates, not
@@ -11,13 +12,15 @@ import math
 
 import torch
 
+from ..errors import FinetuneError
 from ..recipe.schema import OptimConfig
 
 LBFGS_ITERATIONS = 25  # per epoch: 10 epochs of a linear probe run 250, enough to converge on a few thousand images
 
 
 def build_optimizer(cfg: OptimConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay) or SGD with Nesterov momentum over explicit-LR groups; or L-BFGS,
+    """AdamW (decoupled weight decay) or SGD with Nesterov momentum over explicit-LR groups; timm's optimizer
+    of that name (lamb, lion, ...) over the same groups; or L-BFGS,
     which takes one group and finds its steps by line search (its L2 penalty is added to the loss by the
     fit, features.fit_epoch_lbfgs, so each group's weight decay is kept on the group for it)."""
     if cfg.name == "lbfgs":
@@ -29,8 +32,33 @@ def build_optimizer(cfg: OptimConfig, param_groups: list[dict]) -> torch.optim.O
     # on 2 cores), and they can skip a bad update on the device (training/faults.py).
     if cfg.name == "adamw":
         return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                           weight_decay=cfg.weight_decay, fused=True)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay, fused=True)
+    return _timm_optimizer(cfg, param_groups)
+
+
+def _timm_optimizer(cfg: OptimConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
+    """timm's optimizer named optim.name over the plan's groups, each keeping its explicit lr and weight decay
+    (given groups, timm builds no groups of its own: the lr and weight_decay passed are defaults that every
+    group overrides). These cannot skip a bad update on the device, so the loop reads the processes' health
+    before every step instead (training/faults.py)."""
+    from timm.optim import create_optimizer_v2
+
+    try:
+        optimizer = create_optimizer_v2(param_groups, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                        momentum=cfg.momentum)
+    except (ImportError, AssertionError, RuntimeError, ValueError) as e:  # bitsandbytes/apex: CUDA or a package
+        raise FinetuneError(f"optim.name={cfg.name}: timm could not create it ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else 'no reason given'}). Names starting "
+                            "bnb need bitsandbytes and a GPU, names starting fused need apex and a GPU; otherwise "
+                            "choose another optimizer (adamw, sgd, lamb, lion, ...).") from None
+    built = [(g.get("name"), g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
+    if built != [(g["name"], g["lr"], g["weight_decay"]) for g in param_groups]:
+        raise FinetuneError(f"optim.name={cfg.name}: timm's optimizer changed the plan's parameter groups or their "
+                            "learning rates and weight decays, which finetune sets explicitly for every group; "
+                            "choose another optimizer.")
+    return optimizer
 
 
 def lr_multiplier(update: int, total_updates: int, warmup_updates: int) -> float:

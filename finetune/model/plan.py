@@ -49,6 +49,7 @@ class Plan:
     # (module name, epoch it thaws or None).
     eval_norms: tuple[tuple[str, int | None], ...] = ()
     stage_examples: tuple[str, ...] = ()  # first parameter name of each body stage, for the table
+    notes: tuple[str, ...] = ()  # what the table adds about this model (e.g. a body timm cannot split)
 
     def to_json(self) -> list[dict]:
         return [{**asdict(g), "params": list(g.params), "tensors": g.tensors} for g in self.groups]
@@ -101,6 +102,7 @@ class Plan:
                 not g.trainable or g.bn != "-" or "head" in g.name for g in self.groups):
             lines.append("the body is frozen but its BatchNorm affine trains (freeze.bn=eval), so the body still runs "
                          "forward and backward every step; freeze.bn=frozen makes a linear probe on cached features")
+        lines += [f"note: {note}" for note in self.notes]
         something_frozen = self.eval_norms or any(g.trains_from != 0 for g in self.groups)
         lines.append((f"BatchNorm in frozen parts: {self.bn}; " if something_frozen else "") + "stages: "
                      + ", ".join(f"{i}={name}" for i, name in enumerate(self.stage_examples)))

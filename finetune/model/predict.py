@@ -28,6 +28,7 @@ from ..data.images import IMAGE_EXTENSIONS, ImageTooLarge, open_image, to_rgb
 from ..data.samples import natural_key
 from ..data.sources import IMAGE_COLUMNS, read_manifest_rows
 from ..errors import FinetuneError
+from .custom import refuse_custom_export
 from .export import CONFIG_NAME, WEIGHTS_NAME
 
 ImageLike = Union[str, Path, Image.Image, torch.Tensor]
@@ -111,6 +112,7 @@ def load(run_dir: str | Path, device: str | torch.device | None = None) -> Predi
             raise FinetuneError(f"{run_dir} has no {name}; give a run directory written by `finetune train` "
                                 "(the export appears after the first epoch).")
     try:
+        refuse_custom_export(json.loads((run_dir / CONFIG_NAME).read_text()), run_dir)  # not timm's to rebuild
         model = timm.create_model(f"local-dir:{run_dir.resolve()}", pretrained=True)
         config = json.loads((run_dir / CONFIG_NAME).read_text())
         labels = config.get("label_names") or [str(i) for i in range(model.num_classes)]

@@ -18,9 +18,9 @@ import yaml
 
 from ..errors import FinetuneError
 from .locate import check_backbone, check_distinct_sources, check_path_text, check_source, check_weights, is_file
+from .optimizers import resolve_optimizer
 from .ranges import value_rules
 from .schema import (
-    OPTIMIZER_DEFAULTS,
     REQUIRED,
     TOP_LEVEL_KEYS,
     RecipeConfig,
@@ -133,8 +133,10 @@ def load_recipe(recipe: RecipeLike, overrides: list[str] | dict[str, Any] | None
     # A bad field falls back to its default so that the range and path checks still run on the rest:
     # every problem is reported at once. `bad` holds the keys already reported.
     bad: set[str] = set()
-    config = _resolve_defaults(build_dataclass(RecipeConfig, raw, "", errors, bad, REQUIRED))
-    errors += _check_values(config, bad)
+    config = build_dataclass(RecipeConfig, raw, "", errors, bad, REQUIRED)
+    optim, optim_errors = resolve_optimizer(config.optim, bad)  # its name, and its LR and weight decay defaults
+    config = _resolve_defaults(dataclasses.replace(config, optim=optim))
+    errors += optim_errors + _check_values(config, bad)
     if errors:
         raise FinetuneError("the recipe has {} problem{}:\n  - {}".format(
             len(errors), "s" if len(errors) > 1 else "", "\n  - ".join(errors)))
@@ -176,16 +178,10 @@ def _set_dotted(raw: dict, dotted: Any, value: Any, errors: list[str]) -> None:
 
 
 def _resolve_defaults(config: RecipeConfig) -> RecipeConfig:
-    """Fill the defaults that depend on other keys (the optimizer's LR and weight decay, freeze.bn auto), so
-    the saved recipe shows the settings actually used."""
-    per_opt = OPTIMIZER_DEFAULTS[config.optim.name]
-    optim = dataclasses.replace(
-        config.optim,
-        lr=per_opt["lr"] if config.optim.lr is None else config.optim.lr,
-        weight_decay=per_opt["weight_decay"] if config.optim.weight_decay is None else config.optim.weight_decay,
-    )
+    """Fill the defaults that depend on other keys (freeze.bn auto; the optimizer's LR and weight decay are
+    optimizers.py's), so the saved recipe shows the settings actually used."""
     freeze = dataclasses.replace(config.freeze, bn=config.freeze.batch_norm())
-    return dataclasses.replace(config, optim=optim, freeze=freeze)
+    return dataclasses.replace(config, freeze=freeze)
 
 
 def _check_values(c: RecipeConfig, bad: set[str]) -> list[str]:

@@ -174,7 +174,7 @@ def check_torchvision_source(spec: SourceSpec, root: str, download: bool) -> lis
 def check_backbone(name: str) -> list[str]:
     import timm  # imported here: loading a recipe for --help or an error message should not wait for torch
 
-    if name.startswith(("hf-hub:", "local-dir:")) or timm.is_model(name):
+    if name.startswith(("hf-hub:", "local-dir:", "custom:")) or timm.is_model(name):  # custom: a module of one's own
         return []
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
     hint = (f"; did you mean {', '.join(close)}?" if close

@@ -41,12 +41,18 @@ MAX_MIX_ALPHA = 100.0  # train.mixup and train.cutmix: Beta(alpha, alpha); from 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = ""  # required: a timm model name (`timm.list_models()`), e.g. resnet50, vit_small_patch16_224
+    # required: a timm model name (`timm.list_models()`), e.g. resnet50, vit_small_patch16_224; or
+    # custom:NAME, a label for a module of one's own passed in Python (finetune.train(recipe, model=...)).
+    backbone: str = ""
     # true: timm's default weights (hub or local HF cache); false: random init; or a weights file:
     # a path (.safetensors, .pth, .pt, .bin) or `package:DIST_MODULE/path/in/package.pth` for weights
     # shipped inside an installed Python package.
     pretrained: Union[bool, str] = True
     drop_path_rate: float = 0.0  # stochastic depth for ViTs/ConvNeXts; 0.1 helps long fine-tunes of big models
+    # The head (it learns at lr x head_lr_mult): module or parameter names, e.g. [fc] or [head.proj, head.norm].
+    # Empty: the model's own `head_names` attribute, else timm's get_classifier(). Mostly for a module of
+    # one's own without either.
+    head: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -110,17 +116,20 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    # lbfgs: a linear probe's head fitted as an L2-regularised logistic regression on the whole training
-    # set of cached features (full-batch L-BFGS with line search, as CLIP-style probes do); only for a body
-    # that never changes, and weight_decay is then the L2 coefficient on the mean loss.
-    name: Literal["adamw", "sgd", "lbfgs"] = "adamw"
+    # adamw, sgd: torch's fused kernels. lbfgs: a linear probe's head fitted as an L2-regularised logistic
+    # regression on the whole training set of cached features (full-batch L-BFGS with line search, as
+    # CLIP-style probes do); only for a body that never changes, and weight_decay is then the L2 coefficient
+    # on the mean loss. Any other name is one of timm's optimizers (lamb, lion, adafactor, ...;
+    # timm.optim.list_optimizers()), over the same groups with the same explicit lr and weight decay.
+    name: str = "adamw"
     # The backbone's peak learning rate (the head gets lr × head_lr_mult). None: the optimizer's usual
-    # fine-tuning scale, 3e-4 for adamw and 0.01 for sgd, at batch_size 64; lbfgs: its step scale, 1.
+    # fine-tuning scale (OPTIMIZER_DEFAULTS below), 3e-4 for adamw and 0.01 for sgd, at batch_size 64;
+    # lbfgs: its step scale, 1. Required for timm's optimizers without a default there.
     lr: float | None = None
     head_lr_mult: float = 10.0  # the new head learns this many times faster than the pretrained body
     # None: 0.05 for adamw (decoupled decay), 1e-4 for sgd (L2). Never applied to norms and biases.
     weight_decay: float | None = None
-    momentum: float = 0.9  # sgd only (Nesterov)
+    momentum: float = 0.9  # sgd's (Nesterov), and timm's optimizers that take a momentum
     # Layer-wise LR decay in (0, 1] (BEiT/MAE): the top body block learns at lr, each block below at
     # layer_decay times the one above; blocks come from timm's group_matcher(coarse=False). None: off.
     # 0.65-0.75 suits ViTs; convnets need less (0.8-0.9). The head sits head_lr_mult above the top block.
@@ -258,7 +267,10 @@ class RecipeConfig:
 REQUIRED = {"model.backbone": "a timm model name", "data.train": "a data source"}
 TOP_LEVEL_KEYS = ("task",)  # keys of the recipe itself, not of a section: an override names them without a dot
 # Per-optimizer defaults for `optim.lr` and `optim.weight_decay` when a recipe leaves them out.
+# lion (timm's): its sign update moves every weight by the full LR, so the Lion paper (Chen et al. 2023)
+# pairs it with an LR 3-10x below AdamW's and a weight decay 3-10x above (their product sets the decay's
+# strength): AdamW's defaults divided and multiplied by 10. Other timm optimizers need both given.
 OPTIMIZER_DEFAULTS = {"adamw": {"lr": 3e-4, "weight_decay": 0.05}, "sgd": {"lr": 0.01, "weight_decay": 1e-4},
-                      "lbfgs": {"lr": 1.0, "weight_decay": 1e-3}}
+                      "lbfgs": {"lr": 1.0, "weight_decay": 1e-3}, "lion": {"lr": 3e-5, "weight_decay": 0.5}}
 
 RecipeLike = Union[str, Path, dict, RecipeConfig]  # what load_recipe and the API accept

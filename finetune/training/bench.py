@@ -216,7 +216,7 @@ def _plain_loop(config: RecipeConfig, model: torch.nn.Module, datasets: list[Dat
     split, memory layout and precision, fused AdamW, the same moving average of the weights (timm's, when
     the recipe keeps one), pinned memory and non-blocking copies.
     Returns one `run()` per dataset: an epoch over it, timed to the last kernel, in seconds."""
-    build_plan(model, config.optim, config.freeze).apply_freezing(model)
+    build_plan(model, config.optim, config.freeze, config.model.head).apply_freezing(model)
     model.to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)

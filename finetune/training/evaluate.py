@@ -17,6 +17,7 @@ from ..reporting.metrics import classification_metrics
 from ..reporting.multilabel import multi_label_metrics
 from .inputs import model_inputs
 from .multilabel import multi_label_results
+from .plugins import score_metrics
 from .session import Session
 
 TOP_K = 5  # the classes kept per image (top-5 accuracy, calibration): a few numbers, not all C probabilities
@@ -33,18 +34,21 @@ def predict_all(s: Session, accelerator, loader) -> dict:
     batches = tqdm(loader, desc="scoring", unit="batch", leave=False, dynamic_ncols=True,
                    **({} if getattr(accelerator, "is_main_process", True) else {"disable": True}))
     return predict_batches(s.model, accelerator,
-                           (model_inputs(batch, s.eval_augment, s.runtime.channels_last) for batch in batches))
+                           (model_inputs(batch, s.eval_augment, s.runtime.channels_last) for batch in batches),
+                           keep_logits=bool(s.metrics))
 
 
 @torch.no_grad()
-def predict_batches(model: torch.nn.Module, accelerator, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+def predict_batches(model: torch.nn.Module, accelerator, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    keep_logits: bool = False) -> dict:
     """`predict_all` over (images, labels) batches of a prepared loader: RESULT_KEYS -> one tensor each,
-    gathered from every process (gather_for_metrics drops the padding duplicates)."""
-    parts: dict[str, list] = {key: [] for key in RESULT_KEYS}
+    gathered from every process (gather_for_metrics drops the padding duplicates). keep_logits: "logits"
+    too, N x classes, for metrics of one's own (plugins.py); only then, as they are C numbers per image."""
+    parts: dict[str, list] = {key: [] for key in RESULT_KEYS + (("logits",) if keep_logits else ())}
     for images, labels in batches:
         logits = model(images).float()
         if labels.ndim == 2:  # multi-hot targets (task multi_label): a sigmoid per label, multilabel.py's keys
-            results = multi_label_results(logits, labels)
+            results = multi_label_results(logits, labels) | ({"logits": logits} if keep_logits else {})
             parts = {key: parts.get(key, []) for key in results}
             for key, value in zip(results, accelerator.gather_for_metrics(tuple(results.values()))):
                 parts[key].append(value)
@@ -54,7 +58,7 @@ def predict_batches(model: torch.nn.Module, accelerator, batches: Iterable[tuple
         top_k_prob, top_k = probs.topk(min(TOP_K, probs.shape[-1]), dim=-1)
         given_prob = probs.gather(1, labels.clamp(min=0)[:, None])[:, 0]  # ignored labels (-100) read class 0
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")  # 0 for ignored labels
-        values = (loss, pred, pred_prob, given_prob, labels, top_k, top_k_prob)
+        values = (loss, pred, pred_prob, given_prob, labels, top_k, top_k_prob) + ((logits,) if keep_logits else ())
         for key, value in zip(parts, accelerator.gather_for_metrics(values)):
             parts[key].append(value)
     return {key: torch.cat(values).cpu() for key, values in parts.items()}
@@ -64,8 +68,12 @@ def evaluate(s: Session, accelerator, loader, class_names: list[str], prefix: st
     """Loss, top-1, balanced and per-class accuracy over exactly the loader's dataset."""
     results = predict_all(s, accelerator, loader)
     if "probs" in results:  # task multi_label: a sigmoid per label (multilabel.py)
-        return multi_label_metrics(results, class_names, prefix, s.threshold)
-    return classification_metrics(results["loss"], results["pred"], results["label"], class_names, prefix)
+        metrics = multi_label_metrics(results, class_names, prefix, s.threshold)
+    else:
+        metrics = classification_metrics(results["loss"], results["pred"], results["label"], class_names, prefix)
+    if s.metrics:  # of one's own, on every process with the whole split (plugins.py)
+        metrics.update(score_metrics(s.metrics, results["logits"], results["label"], prefix, taken=metrics))
+    return metrics
 
 
 def validate(s: Session, accelerator, loader, class_names: list[str]) -> tuple[dict, str, float]:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..data.badimages import SkipLog, save_data_report
 from ..data.splits import Splits
 from ..model.card import save_card
+from ..model.custom import is_timm_like
 from ..model.export import WEIGHTS_NAME, save_export
 from ..recipe.schema import RecipeConfig
 from ..reporting.metrics import format_epoch
@@ -41,6 +42,7 @@ from .features import fit_epoch_lbfgs, start_head, use_cached_features
 from .inputs import choose_pipeline, use_decoded_images
 from .interrupt import Pauses
 from .launch import check_process_count, check_processes_per_machine
+from .plugins import Plugins
 from .rundir import RunDir
 from .runtime import resolve_precision
 from .session import Session, build_session, describe
@@ -85,15 +87,15 @@ def forget_accelerator_state() -> None:
 
 
 def start_session(config: RecipeConfig, splits: Splits, accelerator: Accelerator, precision: str,
-                  skip_log_folder, log: Log) -> Session:
+                  skip_log_folder, log: Log, plugins: Plugins = Plugins()) -> Session:
     """The run's objects, built with identical initial weights on every process and prepared for it."""
     set_seed(config.train.seed)
     s = build_session(config, splits, accelerator.num_processes, accelerator.process_index,
-                      accelerator.device.type == "cuda", precision, skip_log_folder, log)
-    # Cached features serve a softmax head (its probe, lbfgs) on unmixed images; a multi-label linear probe
-    # and a mixed batch run the body.
+                      accelerator.device.type == "cuda", precision, skip_log_folder, log, plugins)
+    # Cached features serve a softmax head (its probe, lbfgs) on unmixed images, through timm's body/head
+    # split (which a module of one's own may lack); a multi-label linear probe and a mixed batch run the body.
     if (config.data.feature_cache == "auto" and s.plan.body_fixed and config.task == "single_label"
-            and s.mixing is None):
+            and s.mixing is None and is_timm_like(s.network)):
         s = use_cached_features(s, splits, config.data, config.train.seed, accelerator.device,
                                 accelerator.is_main_process, accelerator.wait_for_everyone, log)
     else:
@@ -115,15 +117,15 @@ def start_session(config: RecipeConfig, splits: Splits, accelerator: Accelerator
 
 
 def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None = None,
-          after_checkpoint: Callable[[int], None] | None = None) -> dict:
+          after_checkpoint: Callable[[int], None] | None = None, plugins: Plugins = Plugins()) -> dict:
     """Train as the recipe says; return the per-epoch records, the best epoch and the test metrics.
     `after_checkpoint(epoch)` runs on every process once epoch's checkpoint is complete (tests use it to
-    interrupt a run where a kill would leave it)."""
+    interrupt a run where a kill would leave it). `plugins`: a model, loss or metrics of one's own."""
     accelerator, precision = build_accelerator(config, run_dir.path)
     log = log or accelerator.print
     main, tc = accelerator.is_main_process, config.train
     run_dir = _main_process_run_dir(accelerator, run_dir)
-    s = start_session(config, splits, accelerator, precision, run_dir.path, log)
+    s = start_session(config, splits, accelerator, precision, run_dir.path, log, plugins)
     log(describe(s, config, splits))
     log(f"run directory: {run_dir.path}")
 

@@ -33,6 +33,7 @@ from ..reporting.plots import save_lr_find
 from .faults import NonFiniteLoss
 from .features import start_head
 from .loop import build_accelerator, start_session
+from .plugins import Plugins
 from .step import train_epoch
 
 RULE = "steepest descent of the smoothed loss against log(LR) (fastai's 'steep')"
@@ -81,7 +82,8 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float:
 
 
 def find_lr(config: RecipeConfig, splits: Splits, output: Path, start: float = 1e-7, end: float = 10.0,
-            steps: int = 100, epoch: int = 0, log: Callable[[str], None] | None = None) -> LRFindResult | None:
+            steps: int = 100, epoch: int = 0, log: Callable[[str], None] | None = None,
+            plugins: Plugins = Plugins()) -> LRFindResult | None:
     """Run the range test and write lr_find.png and lr_find.json into `output` (a new folder). Every
     process of a launch sweeps its share of the batches; the main process writes and returns the result,
     the others return None."""
@@ -92,7 +94,7 @@ def find_lr(config: RecipeConfig, splits: Splits, output: Path, start: float = 1
     accelerator, precision = build_accelerator(config)
     log = log or accelerator.print
     # The session and the head that `finetune train` would start from.
-    session = start_head(start_session(config, splits, accelerator, precision, None, log), config, splits,
+    session = start_head(start_session(config, splits, accelerator, precision, None, log, plugins), config, splits,
                          accelerator, log)
     lrs_planned = sweep_lrs(start, end, steps)
     # Only the schedule differs from training: every group's peak LR scaled alike, so the ratios stay.

@@ -8,10 +8,10 @@ the loop hands the model, optimizer and loaders to Accelerate afterwards (`accel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -21,7 +21,9 @@ from ..data.loaders import EpochSeeded, Transformed, build_loader
 from ..data.sampling import BalancedSampler, EpochShuffle, Positioned, inverse_frequency_weights
 from ..data.splits import Splits
 from ..data.transforms import build_transforms, resolve_data_config, train_size
+from ..errors import FinetuneError
 from ..model.backbone import build_model, fixed_input_size
+from ..model.custom import check_custom_model, is_timm_like
 from ..model.groups import build_plan
 from ..model.optim import build_optimizer, lr_multiplier
 from ..model.plan import Plan
@@ -29,6 +31,7 @@ from ..recipe.schema import RecipeConfig
 from .batching import Batching, derive_batching
 from .mixing import Mixing, build_mixing, soft_target_loss
 from .multilabel import build_multi_label_loss
+from .plugins import Plugins, UserLoss
 from .runtime import Runtime, adapt_model, resolve_runtime
 
 WARMUP_SHARE = 0.2  # the most of a run that warmup may take
@@ -70,23 +73,30 @@ class Session:
     input_pipeline: str = ""  # which pipeline feeds the model and why, for the printed set-up
     mixing: Mixing | None = None  # mixup/cutmix of training micro-batches (mixing.py); None: off
     threshold: float | None = None  # task multi_label: train.threshold (F1, predicted labels); None: single-label
+    metrics: Mapping[str, Callable] = field(default_factory=dict)  # extra val metrics of one's own (plugins.py)
 
 
 def build_session(config: RecipeConfig, splits: Splits, processes: int, process_index: int, cuda: bool,
-                  precision: str, skip_log_folder: Path | None, log: Callable[[str], None]) -> Session:
+                  precision: str, skip_log_folder: Path | None, log: Callable[[str], None],
+                  plugins: Plugins = Plugins()) -> Session:
     """Build the run's objects in dependency order. The caller seeds torch first (identical init on
-    every process). `skip_log_folder`: where loader workers record unreadable files (None: nowhere)."""
+    every process). `skip_log_folder`: where loader workers record unreadable files (None: nowhere).
+    `plugins`: a model, loss or metrics of one's own (finetune.train's model=, loss=, metrics=)."""
     tc, dc = config.train, config.data
     # The class list sizes the head; the model's pretrained config gives the transforms; the runtime
     # settings depend on the model (conv net or not); SyncBatchNorm conversion comes before the plan,
     # which keeps references to the norm modules.
-    model = build_model(config.model, len(splits.class_names), log, dc.image_size)
+    model = (plugins.model if plugins.model is not None
+             else build_model(config.model, len(splits.class_names), log, dc.image_size))
     data_cfg = resolve_data_config(model, dc)
+    if plugins.model is not None:
+        check_custom_model(model, len(splits.class_names), data_cfg["input_size"])
+        log(f"model: yours, {type(model).__name__} (model.backbone {config.model.backbone}), trained in place")
     train_side = train_size(data_cfg, dc, fixed_input_size(config.model.backbone))
     train_tf, eval_tf = build_transforms(data_cfg, dc, train_side)
     runtime = resolve_runtime(tc, dc, model, precision, processes, cuda)
     model = adapt_model(model, runtime)
-    plan = build_plan(model, config.optim, config.freeze)
+    plan = build_plan(model, config.optim, config.freeze, config.model.head)
     # Gradients go on now for every group that trains in any phase: DDP registers the parameters that
     # require gradients when it wraps the model and never looks again, so a group thawing later must be
     # on from the start (it waits at LR 0 with its gradients dropped). Never-trained groups stay off.
@@ -116,18 +126,34 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
         weights = (inverse_frequency_weights(splits.train_targets, len(splits.class_names))
                    if tc.class_weights == "auto" else None)
         criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing)
+    if plugins.loss is not None:  # it gets the targets above would (plugins.py); val_loss stays the built-in one
+        criterion = UserLoss(plugins.loss)
+        log(f"loss: yours, {criterion.name} (train.label_smoothing and class_weights not applied; val_loss is "
+            "finetune's own)")
 
     total = tc.epochs * batching.updates_per_epoch
     # A warmup of whole epochs would eat most of a short run: it never takes more than a fifth of it.
     warmup = min(round(tc.warmup_epochs * batching.updates_per_epoch), int(WARMUP_SHARE * total))
+    head_init = tc.head_init if tc.head_init != "auto" else (
+        "probe" if config.model.pretrained is not False and not plan.body_fixed and not multi_label else "zero")
+    if plugins.model is not None and not is_timm_like(model):  # the probe needs timm's body/head split
+        head_init = _custom_head_init(tc.head_init, model)
     return Session(model, model, plan, optimizer, criterion, runtime, batching, train_set, train_loader, val_loader,
                    sampler, train_tf, partial(lr_multiplier, total_updates=total, warmup_updates=warmup), total,
                    warmup, tc.seed, tc.grad_clip, data_cfg, eval_view, rewarm_updates=warmup,
                    ema_decay=_ema_decay(tc.ema, total),
-                   head_init=tc.head_init if tc.head_init != "auto" else
-                   "probe" if config.model.pretrained is not False and not plan.body_fixed and not multi_label
-                   else "zero",
-                   train_side=train_side, mixing=mixing, threshold=tc.threshold if multi_label else None)
+                   head_init=head_init, train_side=train_side, mixing=mixing,
+                   threshold=tc.threshold if multi_label else None, metrics=plugins.metrics)
+
+
+def _custom_head_init(asked: str, model: torch.nn.Module) -> str:
+    """train.head_init for a module of one's own without timm's interface: its head as it comes ("zero": the
+    loop fits nothing first; finetune zeroes only heads it made itself)."""
+    if asked == "probe":
+        raise FinetuneError(f"train.head_init=probe fits the head on the body's features, which needs timm's "
+                            f"forward_features, forward_head and get_classifier; {type(model).__name__} lacks them. "
+                            "Set train.head_init to zero (your head as you initialised it) or auto.")
+    return "zero"
 
 
 def _ema_decay(ema: float | str | None, total_updates: int) -> float | None:
