@@ -156,10 +156,10 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
         run_dir.write_plan(s.plan.to_json())
         for bad in s.skipped:  # found while the features were cached, before the directory existed
             SkipLog.for_process(run_dir.path, 0).record(bad["split"], bad["file"], bad["reason"])
-        if checkpoint is not None and best_epoch == start_epoch and not done_in_epoch:  # the export follows the
-            # epoch's checkpoint, and a kill
+        # The export of a best epoch follows its checkpoint: a kill between the two left it unwritten.
+        if checkpoint is not None and best_epoch == start_epoch and not done_in_epoch:
             save_export(s.ema.module if best_from == "ema" else s.network, run_dir.path, splits.class_names,
-                        s.data_cfg)  # between the two left it unwritten
+                        s.data_cfg)
     start_tracking(accelerator, config, run_dir.path.name)
     accelerator.wait_for_everyone()
 
