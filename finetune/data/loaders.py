@@ -115,8 +115,9 @@ class EpochSeeded(Dataset):
     in whichever loader worker or process draws it, however many batches came before it, and whether or
     not the run was resumed in the middle of the epoch. The loop calls `set_epoch_seed` before each epoch
     (a function of train.seed and the epoch). Without loader workers the samples are drawn in the training
-    process, whose own random state (dropout) is put back after each one. Plain integer indices (a loader
-    without Positioned, the benchmark's) reseed each worker once per epoch with the epoch seed plus its id.
+    process, whose torch and Python random states (dropout) are put back after each one. Plain integer
+    indices (a loader without Positioned, the benchmark's) reseed each worker once per epoch with the epoch
+    seed plus its id. Seeding costs about 7 us a sample in a worker, 20 us in the training process.
     """
 
     def __init__(self, dataset: Dataset):
@@ -138,14 +139,15 @@ class EpochSeeded(Dataset):
             if worker is not None:
                 _seed_generators(seed)
                 return self.dataset[index]
-            saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+            # Dropout draws from torch's generator: it is put back. NumPy's (saving it costs 60 us) is left
+            # seeded by the last sample, as deterministic as the rest.
+            saved = torch.get_rng_state(), random.getstate()
             try:
                 _seed_generators(seed)
                 return self.dataset[index]
             finally:
                 torch.set_rng_state(saved[0])
                 random.setstate(saved[1])
-                np.random.set_state(saved[2])
         if worker is not None and self.seeded_with != self.epoch_seed.value:
             self.seeded_with = self.epoch_seed.value
             _seed_generators(self.seeded_with + worker.id)
@@ -171,7 +173,7 @@ def mix_seed(*parts: int) -> int:
 
 
 def _seed_generators(seed: int) -> None:
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)  # the CPU's alone: torch.manual_seed also seeds every GPU (70 us)
     random.seed(seed)
     np.random.seed(seed % 2**32)
 
