@@ -13,7 +13,7 @@ from finetune.recipe.load import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 GALLERY = ["hotdog-resnet18", "linear-probe", "fastai-style", "vit-layer-decay", "partial-freeze", "mixup",
-           "early-stop", "multi-label"]
+           "early-stop", "multi-label", "lion"]
 
 
 def test_the_gallery_is_complete():
