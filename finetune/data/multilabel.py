@@ -23,16 +23,8 @@ from ..errors import FinetuneError
 from ..recipe.locate import parse_source
 from ..recipe.schema import DataConfig
 from .badimages import IGNORE_LABEL
-from .samples import FileSamples, HFSamples, ImageSamples, IndexedSamples, natural_key
-from .sources import (
-    IMAGE_COLUMNS,
-    LABEL_COLUMNS,
-    load_source,
-    pick_column,
-    read_hf,
-    read_manifest_rows,
-    wrap_hf_dataset,
-)
+from .samples import FileSamples, HFSamples, ImageSamples, IndexedSamples, align, natural_key
+from .sources import IMAGE_COLUMNS, LABEL_COLUMNS, load_source, manifest_columns, pick_column, read_hf, wrap_hf_dataset
 
 LABEL_SEPARATOR = "|"  # between the labels of one CSV cell: `cat|dog`
 LISTED = 10  # unknown labels named in an error
@@ -115,12 +107,7 @@ def load_multi_label_source(text: str, cfg: DataConfig, class_names: list[str] |
 
 
 def _manifest(path: Path, cfg: DataConfig) -> FileSamples:
-    rows = read_manifest_rows(path)
-    if not rows:
-        raise FinetuneError(f"{path} lists no images; give one row per image with an image path and its labels.")
-    columns = list(rows[0])
-    image_col = pick_column(cfg.image_column, IMAGE_COLUMNS, columns, "image_column", path)
-    label_col = pick_column(cfg.label_column, LABEL_COLUMNS, columns, "label_column", path)
+    rows, image_col, label_col = manifest_columns(path, cfg, "its labels")
     paths = [str(path.parent / str(row[image_col]).strip()) if row.get(image_col) is not None else "" for row in rows]
     return FileSamples(paths, *_named([split_labels(row.get(label_col)) for row in rows], None, str(path)), str(path))
 
@@ -205,17 +192,4 @@ def as_label_sets(samples: ImageSamples) -> ImageSamples:
 
 def align_multi_label(samples: ImageSamples, class_names: list[str]) -> ImageSamples:
     """`samples` with label tuples re-indexed onto the run's labels; a label train lacks is an error naming it."""
-    samples = as_label_sets(samples)
-    if samples.class_names == list(class_names):
-        return samples
-    index = {name: i for i, name in enumerate(class_names)}
-    present = sorted({samples.class_names[t] for target in samples.targets for t in target}, key=natural_key)
-    unknown = [name for name in present if name not in index]
-    if unknown:
-        raise FinetuneError(f"{samples.origin} has labels the training data lacks: {unknown[:LISTED]}"
-                            f"{' ...' if len(unknown) > LISTED else ''}; every label in validation and test must "
-                            f"also appear in training ({len(index)} training labels: {list(class_names)[:LISTED]}).")
-    aligned = copy.copy(samples)
-    aligned.targets = [tuple(sorted(index[samples.class_names[t]] for t in target)) for target in samples.targets]
-    aligned.class_names = list(class_names)
-    return aligned
+    return align(as_label_sets(samples), class_names)

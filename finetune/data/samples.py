@@ -169,17 +169,23 @@ def as_pil(image: Any) -> Image.Image:
 
 
 def align(samples: ImageSamples, class_names: list[str]) -> ImageSamples:
-    """`samples` with labels re-indexed onto the run's class list; classes the list lacks are an error."""
+    """`samples` with labels re-indexed onto the run's class list; classes the list lacks are an error naming
+    them. A target is a class index, or a tuple of label indices (task multi_label)."""
     if samples.class_names == list(class_names):
         return samples
+    sets = any(isinstance(t, tuple) for t in samples.targets)
+    what = "label" if sets else "class"
     index = {name: i for i, name in enumerate(class_names)}
-    present = sorted({samples.class_names[t] for t in samples.targets}, key=natural_key)
+    present = sorted({samples.class_names[t] for target in samples.targets
+                      for t in (target if isinstance(target, tuple) else (target,))}, key=natural_key)
     unknown = [name for name in present if name not in index]
     if unknown:
-        raise FinetuneError(f"{samples.origin} has classes the training data lacks: {unknown[:10]}"
-                            f"{' ...' if len(unknown) > 10 else ''}; every class in validation and test must also "
-                            f"appear in training ({len(index)} training classes: {list(class_names)[:10]}).")
+        plural = "labels" if sets else "classes"
+        raise FinetuneError(f"{samples.origin} has {plural} the training data lacks: {unknown[:10]}"
+                            f"{' ...' if len(unknown) > 10 else ''}; every {what} in validation and test must also "
+                            f"appear in training ({len(index)} training {plural}: {list(class_names)[:10]}).")
     aligned = copy.copy(samples)
-    aligned.targets = [index[samples.class_names[t]] for t in samples.targets]
+    aligned.targets = [tuple(sorted(index[samples.class_names[t]] for t in target)) if isinstance(target, tuple)
+                       else index[samples.class_names[target]] for target in samples.targets]
     aligned.class_names = list(class_names)
     return aligned

@@ -87,16 +87,22 @@ def read_manifest_rows(path: Path) -> list:
         raise FinetuneError(f"{path} is not a readable {path.suffix} manifest: {e}") from None
 
 
+def manifest_columns(path: Path, cfg: DataConfig, label: str) -> tuple[list[dict], str, str]:
+    """A manifest's rows, its image column and its label column (`label`: what a row's label is, for the
+    error when it lists nothing)."""
+    rows = read_manifest_rows(path)
+    if not rows:
+        raise FinetuneError(f"{path} lists no images; give one row per image with an image path and {label}.")
+    columns = list(rows[0])
+    return (rows, pick_column(cfg.image_column, IMAGE_COLUMNS, columns, "image_column", path),
+            pick_column(cfg.label_column, LABEL_COLUMNS, columns, "label_column", path))
+
+
 def _manifest(spec: SourceSpec, cfg: DataConfig) -> FileSamples:
     """A .csv (header row) or .jsonl (one object per line) manifest: an image path, relative to the
     manifest's folder or absolute, and a label (a class name, or an integer) per row."""
     path = Path(spec.name).expanduser()
-    rows = read_manifest_rows(path)
-    if not rows:
-        raise FinetuneError(f"{path} lists no images; give one row per image with an image path and a label.")
-    columns = list(rows[0])
-    image_col = pick_column(cfg.image_column, IMAGE_COLUMNS, columns, "image_column", path)
-    label_col = pick_column(cfg.label_column, LABEL_COLUMNS, columns, "label_column", path)
+    rows, image_col, label_col = manifest_columns(path, cfg, "a label")
     base = path.parent
     paths = [str(base / str(row[image_col]).strip()) if row.get(image_col) is not None else "" for row in rows]
     if any(isinstance(row.get(label_col), list) for row in rows):
