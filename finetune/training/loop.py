@@ -6,7 +6,9 @@ on CPU, one GPU or many processes: `train.batch_size` is global and batching.py 
 per-device micro-batches and accumulation steps, the schedule counts optimizer updates, and only the
 main process writes files. Every update the processes exchange their losses on the device before
 gradients are averaged, and the host reads them every few updates (faults.py): a fault on any process
-stops all of them, and nothing of the bad update is applied.
+stops all of them, and nothing of the bad update is applied. Requests travel with them (interrupt.py): a
+checkpoint inside the epoch (train.checkpoint_every) or a stop signal, acted on by all processes at the
+same update; early stopping (stopping.py) ends the epochs after a plateau.
 """
 
 from __future__ import annotations
