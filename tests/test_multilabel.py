@@ -145,6 +145,15 @@ def test_an_unknown_label_in_val_is_named(shapes):
         build_splits(DataConfig(train=str(train), val=str(val)), 0, multi_label=True)
 
 
+def test_a_val_set_without_any_label_is_refused_before_training(shapes):
+    """val mAP picks the best epoch; with no positive in val it is undefined: said before anything trains."""
+    root, rows = shapes
+    train = write_csv(root / "train.csv", rows)
+    val = write_csv(root / "val.csv", [{"image": "img/1.png", "labels": []}, {"image": "img/2.png", "labels": []}])
+    with pytest.raises(FinetuneError, match=r"val.csv has no image with a label, so val mAP"):
+        build_splits(DataConfig(train=str(train), val=str(val)), 0, multi_label=True)
+
+
 def test_a_hugging_face_sequence_of_class_labels(shapes):
     datasets = pytest.importorskip("datasets")
     root, rows = shapes

@@ -86,6 +86,10 @@ def build_splits(cfg: DataConfig, seed: int, train: Any = None, val: Any = None,
     val = open_other(val, cfg.val, "val_data")
     test = open_other(test, cfg.test, "test_data")
     if val is not None:
+        if multi_label and not any(len(target) for target in val.targets):
+            raise FinetuneError(f"the val data {val.origin} has no image with a label, so val mAP, which picks the "
+                                "best epoch, is undefined; give val images with their labels, or leave data.val "
+                                "out to split val off the training data.")
         return Splits(train, val, None, None, class_names, test)
     keys = stratify_keys(train.targets, len(class_names)) if multi_label else train.targets
     train_idx, val_idx = stratified_split(keys, cfg.val_fraction, seed)
