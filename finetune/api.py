@@ -73,7 +73,8 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
           class_names: Sequence[str] | None = None, model: nn.Module | dict | None = None,
           loss: Callable | None = None, metrics: Callable | Sequence[Callable] | dict | None = None,
           output: str | Path | None = None, overwrite: bool = False, resume: str | Path | None = None,
-          overrides: dict[str, Any] | Sequence[str] | None = None, **kw_overrides: Any) -> TrainResult:
+          trust_checkpoint: bool = False, overrides: dict[str, Any] | Sequence[str] | None = None,
+          **kw_overrides: Any) -> TrainResult:
     """Fine-tune as a recipe says; return the run directory and per-epoch metrics.
 
     recipe: a YAML path, a shipped recipe name, a dict, or a RecipeConfig.
@@ -84,6 +85,7 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
     Overrides: `train(r, **{"optim.lr": 1e-3})`, `train(r, optim={"lr": 1e-3})` or `train(r, optim__lr=1e-3)`.
     resume: a run directory to continue; its saved recipe is used. "auto" with `output`: resume it when it
         holds an interrupted run, else train there from the start (a requeued job needs no edit).
+    trust_checkpoint: resume from a checkpoint that has no checksum manifest (refused otherwise).
     Plug-ins (training/plugins.py): `model`, an nn.Module to logits, trained in place (a dict: the model section);
         `loss`, (logits, targets) -> scalar; `metrics`, (logits, targets) -> number on val, as val_<name>.
     """
@@ -92,6 +94,7 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
     items.update(plugins.recipe_overrides(items))
     config, run_dir = resolve_run(recipe, items, output, overwrite, resume, train_data is not None,
                                   val_data is not None, test_data is not None)
+    run_dir.trust_checkpoint = trust_checkpoint
     splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names, test_data,
                           multi_label=config.task == "multi_label")
     if config.data.on_bad_image == "error":

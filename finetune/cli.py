@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint; "
                    "`--resume auto --output DIR`: resume DIR if it holds an interrupted run, else start it")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="with --resume: accept a checkpoint without a checksum manifest (an older finetune's)")
     p.add_argument("--processes", type=int, metavar="N",
                    help="train with N processes on this machine (one per GPU, or N CPU processes), started with "
                         "torchrun; train.batch_size stays the global batch")
@@ -165,7 +167,8 @@ def _run(args: argparse.Namespace) -> None:
     recipe, overrides = _recipe_and_overrides(args)
     if args.command == "train":
         _require_recipe_or_resume(recipe, args.resume)
-        api.train(recipe, overrides=overrides, output=args.output, overwrite=args.overwrite, resume=args.resume)
+        api.train(recipe, overrides=overrides, output=args.output, overwrite=args.overwrite, resume=args.resume,
+                  trust_checkpoint=args.trust_checkpoint)
     elif args.command == "plan":
         plan = api.plan(recipe, overrides)
         print(plan.dumps() if args.json else plan.table())

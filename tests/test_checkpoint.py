@@ -1,14 +1,19 @@
-"""finetune/training/checkpoint.py: a kill at any moment leaves one complete checkpoint, and resume finds it.
+"""finetune/training/checkpoint.py: a kill at any moment leaves one complete checkpoint, resume finds it, and
+no file of a checkpoint can run code when it is loaded.
 
-The accelerator is a stand-in that writes a file for `save_state`; the real one is exercised end to end
-in test_end_to_end.py and test_strategies.py (resume gives the uninterrupted run's weights)."""
+The accelerator is a stand-in (one process, no wrapping) around a real tiny model and optimizer; the real
+one is exercised end to end in test_end_to_end.py and test_strategies.py (resume gives the uninterrupted
+run's weights)."""
 
 from __future__ import annotations
 
 import json
+import os
+import pickle
+from types import SimpleNamespace
 
 import pytest
-from safetensors import SafetensorError
+import torch
 
 from finetune import FinetuneError
 from finetune.training.checkpoint import MANIFEST_NAME, STATE_NAME, find_checkpoint, load_checkpoint, save_checkpoint
@@ -17,26 +22,29 @@ from finetune.training.rundir import RunDir
 
 class StandInAccelerator:
     is_main_process = True
-
-    def __init__(self, fail_in_save: bool = False, fail_in_load: Exception | None = None):
-        self.fail_in_save, self.fail_in_load, self.loaded = fail_in_save, fail_in_load, None
+    process_index = 0
+    scaler = None
 
     def wait_for_everyone(self) -> None:
         pass
 
-    def save_state(self, folder: str) -> None:
-        from pathlib import Path
+    def unwrap_model(self, model, keep_torch_compile=True):
+        return model
 
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / "model.safetensors").write_text("weights " * 100)
-        (Path(folder) / "optimizer.bin").write_bytes(bytes(range(256)))
-        if self.fail_in_save:
-            raise KeyboardInterrupt  # a kill while Accelerate writes
 
-    def load_state(self, folder: str) -> None:
-        if self.fail_in_load is not None:
-            raise self.fail_in_load
-        self.loaded = folder
+class KilledWhileSaving(torch.optim.SGD):
+    def state_dict(self):
+        raise KeyboardInterrupt  # a kill while the optimizer state is written
+
+
+def parts(seed: int = 0, optimizer=torch.optim.SGD, ema: bool = False) -> SimpleNamespace:
+    """What a checkpoint saves of a session: the module, its optimizer (with state), the moving average."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    opt = optimizer(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(5, 4)).sum().backward()
+    torch.optim.SGD.step(opt)
+    return SimpleNamespace(model=model, optimizer=opt, ema=torch.nn.Sequential(model) if ema else None)
 
 
 def state(epoch: int, phase: int = 1) -> dict:
@@ -46,7 +54,7 @@ def state(epoch: int, phase: int = 1) -> dict:
 def test_save_swaps_the_new_state_in_and_keeps_the_previous_one(tmp_path):
     run = RunDir(tmp_path)
     for epoch in (1, 2, 3):
-        save_checkpoint(StandInAccelerator(), run, state(epoch))
+        save_checkpoint(StandInAccelerator(), run, state(epoch), parts())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "checkpoint.old"]
     assert json.loads((tmp_path / "checkpoint" / STATE_NAME).read_text())["epoch"] == 3
     assert json.loads((tmp_path / "checkpoint.old" / STATE_NAME).read_text())["epoch"] == 2
@@ -55,29 +63,51 @@ def test_save_swaps_the_new_state_in_and_keeps_the_previous_one(tmp_path):
 
 def test_a_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     run = RunDir(tmp_path)
-    save_checkpoint(StandInAccelerator(), run, state(1))
+    save_checkpoint(StandInAccelerator(), run, state(1), parts())
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(StandInAccelerator(fail_in_save=True), run, state(2))
+        save_checkpoint(StandInAccelerator(), run, state(2), parts(optimizer=KilledWhileSaving))
     found = find_checkpoint(run)
     assert found == tmp_path / "checkpoint" and json.loads((found / STATE_NAME).read_text())["epoch"] == 1
 
 
 def test_a_kill_between_the_two_renames_resumes_from_the_old_checkpoint(tmp_path):
     run = RunDir(tmp_path)
-    save_checkpoint(StandInAccelerator(), run, state(1))
+    save_checkpoint(StandInAccelerator(), run, state(1), parts())
     (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")  # first rename done, second not
     assert find_checkpoint(run) == tmp_path / "checkpoint.old"
     assert find_checkpoint(RunDir(tmp_path / "fresh")) is None
 
 
-def test_load_restores_the_state_and_refuses_a_checkpoint_from_another_phase(tmp_path):
+def test_load_restores_weights_optimizer_and_moving_average_and_refuses_another_phase(tmp_path):
     run = RunDir(tmp_path)
-    save_checkpoint(StandInAccelerator(), run, state(2, phase=2))
-    accelerator = StandInAccelerator()
-    loaded = load_checkpoint(accelerator, run.checkpoint, phase_at=lambda epoch: 2)
-    assert loaded["step"] == 6 and accelerator.loaded == str(run.checkpoint)
+    saved = parts(seed=0, ema=True)
+    save_checkpoint(StandInAccelerator(), run, state(2, phase=2), saved)
+    fresh = parts(seed=1, ema=True)
+    loaded = load_checkpoint(StandInAccelerator(), run.checkpoint, lambda epoch: 2, fresh)
+    assert loaded["step"] == 6
+    for a, b in zip(saved.model.state_dict().values(), fresh.model.state_dict().values()):
+        assert torch.equal(a, b)
+    momentum = [fresh.optimizer.state[p]["momentum_buffer"] for p in fresh.model.parameters()]
+    assert all(torch.equal(m, saved.optimizer.state[p]["momentum_buffer"])
+               for m, p in zip(momentum, saved.model.parameters()))
+    assert {k for k in os.listdir(run.checkpoint)} == {"model.safetensors", "optimizer.safetensors", "ema.safetensors",
+                                                       "rng_0.safetensors", STATE_NAME, MANIFEST_NAME}
     with pytest.raises(FinetuneError, match="saved for unfreezing phase 2 but the recipe puts epoch 3 in phase 1"):
-        load_checkpoint(accelerator, run.checkpoint, phase_at=lambda epoch: 1)
+        load_checkpoint(StandInAccelerator(), run.checkpoint, lambda epoch: 1, parts())
+
+
+def test_rng_states_are_restored(tmp_path):
+    import random
+
+    run = RunDir(tmp_path)
+    torch.manual_seed(5)
+    random.seed(5)
+    save_checkpoint(StandInAccelerator(), run, state(1), parts())
+    expected = (torch.rand(3), random.random())
+    torch.manual_seed(7)
+    random.seed(7)
+    load_checkpoint(StandInAccelerator(), run.checkpoint, lambda epoch: 1, parts())
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,8 +122,8 @@ def flip_a_byte(path):
 
 DAMAGES = {
     "truncated weights": lambda c: (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:50]),
-    "truncated optimizer": lambda c: (c / "optimizer.bin").write_bytes(b""),
-    "one bit flipped": lambda c: flip_a_byte(c / "optimizer.bin"),
+    "truncated optimizer": lambda c: (c / "optimizer.safetensors").write_bytes(b""),
+    "one bit flipped": lambda c: flip_a_byte(c / "optimizer.safetensors"),
     "empty trainer state": lambda c: (c / STATE_NAME).write_text(""),
     "garbage trainer state": lambda c: (c / STATE_NAME).write_text("{not json"),
     "trainer state edited": lambda c: (c / STATE_NAME).write_text(json.dumps(state(99))),
@@ -106,7 +136,7 @@ DAMAGES = {
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_saying_why(tmp_path, capsys, damage):
     run = RunDir(tmp_path)
     for epoch in (1, 2):
-        save_checkpoint(StandInAccelerator(), run, state(epoch))
+        save_checkpoint(StandInAccelerator(), run, state(epoch), parts())
     DAMAGES[damage](run.checkpoint)
     assert find_checkpoint(run) == tmp_path / "checkpoint.old"
     out = capsys.readouterr().out
@@ -117,7 +147,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one_saying_why(t
 def test_both_checkpoints_damaged_is_an_error_that_says_what_to_do(tmp_path):
     run = RunDir(tmp_path)
     for epoch in (1, 2):
-        save_checkpoint(StandInAccelerator(), run, state(epoch))
+        save_checkpoint(StandInAccelerator(), run, state(epoch), parts())
     DAMAGES["truncated weights"](run.checkpoint)
     DAMAGES["empty trainer state"](tmp_path / "checkpoint.old")
     with pytest.raises(FinetuneError, match=r"no usable checkpoint.*model.safetensors.*trainer_state.json.*overwrite"):
@@ -131,15 +161,107 @@ def test_a_checkpoint_beyond_the_recipes_epochs_is_refused(tmp_path, tiny_recipe
     run = RunDir(tmp_path)
     run.write_recipe(load_recipe(tiny_recipe(**{"train.epochs": 4})))
     for epoch in (98, 99):
-        save_checkpoint(StandInAccelerator(), run, state(epoch))  # checksums intact: recipe.yaml was edited
+        save_checkpoint(StandInAccelerator(), run, state(epoch), parts())  # checksums intact: recipe.yaml was edited
     with pytest.raises(FinetuneError, match=r"epoch 99 .*train.epochs is 4"):
         find_checkpoint(run)
 
 
 def test_a_checkpoint_that_fails_to_load_is_a_finetune_error(tmp_path):
+    """Checksums that match but weights of another model (the recipe changed): one paragraph, no traceback."""
     run = RunDir(tmp_path)
-    save_checkpoint(StandInAccelerator(), run, state(1))
-    (run.checkpoint / MANIFEST_NAME).unlink()  # written by an older finetune: nothing to verify against
-    with pytest.raises(FinetuneError, match=r"cannot be loaded.*SafetensorError"):
-        load_checkpoint(StandInAccelerator(fail_in_load=SafetensorError("invalid header")), run.checkpoint,
-                        phase_at=lambda epoch: 1)
+    save_checkpoint(StandInAccelerator(), run, state(1), parts())
+    other = parts()
+    other.model = torch.nn.Linear(4, 3)
+    with pytest.raises(FinetuneError, match=r"cannot be loaded.*checksums match.*Nothing in it was run"):
+        load_checkpoint(StandInAccelerator(), run.checkpoint, lambda epoch: 1, other)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 27.1: a shared run folder never runs code. The planted pickle would create MARKER when unpickled.
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant(path, marker) -> None:
+    path.write_bytes(pickle.dumps(Payload(marker)))
+
+
+def rewrite_manifest(folder) -> None:
+    """What an attacker can do: the manifest is a checksum against damage, not a signature."""
+    from finetune.training.checkpoint import _manifest
+
+    (folder / MANIFEST_NAME).write_text(json.dumps({"files": _manifest(folder)}))
+
+
+@pytest.mark.parametrize("name", ["custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scaler.pt",
+                                  "model.bin", "sampler.bin"])
+@pytest.mark.parametrize("manifest", ["rewritten", "deleted"])
+def test_a_planted_pickle_in_a_checkpoint_never_runs(tmp_path, name, manifest):
+    run = RunDir(tmp_path / "run")
+    save_checkpoint(StandInAccelerator(), run, state(1), parts(ema=True))
+    marker = tmp_path / "ran"
+    plant(run.checkpoint / name, marker)
+    if manifest == "rewritten":
+        rewrite_manifest(run.checkpoint)
+    else:
+        (run.checkpoint / MANIFEST_NAME).unlink()
+        run.trust_checkpoint = True  # even the user's explicit trust loads nothing that unpickles
+    found = find_checkpoint(run)
+    load_checkpoint(StandInAccelerator(), found, lambda epoch: 1, parts(ema=True))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["optimizer.bin", "custom_checkpoint_0.pkl"])
+def test_a_checkpoint_in_the_old_pickled_format_is_read_with_the_restricted_unpickler(tmp_path, name):
+    """finetune 0.1 let Accelerate pickle the optimizer and the EMA: such a checkpoint still resumes, but a
+    pickle that names anything beyond tensors and plain containers is refused, not run."""
+    run = RunDir(tmp_path / "run")
+    saved = parts(ema=True)
+    save_checkpoint(StandInAccelerator(), run, state(1), saved)
+    folder = run.checkpoint
+    (folder / "optimizer.safetensors").unlink()
+    torch.save(saved.optimizer.state_dict(), folder / "optimizer.bin")
+    torch.save(saved.ema.state_dict(), folder / "custom_checkpoint_0.pkl")
+    rewrite_manifest(folder)
+    fresh = parts(seed=3, ema=True)
+    load_checkpoint(StandInAccelerator(), find_checkpoint(run), lambda epoch: 1, fresh)
+    assert torch.equal(fresh.ema[0][0].weight, saved.ema[0][0].weight)
+    marker = tmp_path / "ran"
+    plant(folder / name, marker)
+    rewrite_manifest(folder)
+    with pytest.raises(FinetuneError, match=r"cannot be loaded.*UnpicklingError.*Nothing in it was run"):
+        load_checkpoint(StandInAccelerator(), find_checkpoint(run), lambda epoch: 1, parts(ema=True))
+    assert not marker.exists()
+
+
+def test_a_checkpoint_without_a_manifest_is_refused_unless_trusted(tmp_path):
+    run = RunDir(tmp_path)
+    save_checkpoint(StandInAccelerator(), run, state(1), parts())
+    (run.checkpoint / MANIFEST_NAME).unlink()
+    with pytest.raises(FinetuneError, match=r"has no manifest.json.*Nothing was loaded.*--trust-checkpoint"):
+        find_checkpoint(run)
+    run.trust_checkpoint = True
+    assert find_checkpoint(run) == run.checkpoint
+
+
+def test_a_forged_tree_header_is_refused_without_running_anything(tmp_path):
+    from safetensors.torch import save_file
+
+    from finetune.training.tensortree import TreeError, load_tree, save_tree
+
+    path = tmp_path / "t.safetensors"
+    save_tree({"a": (1, 2.5, float("inf")), 3: [torch.ones(2), None, "x"]}, path)
+    back = load_tree(path)
+    assert back["a"] == (1, 2.5, float("inf")) and torch.equal(back[3][0], torch.ones(2))
+    for forged in ['{"object": "os.system"}', '{"tensor": "missing"}', '{"dict": [[{"k": 1}, 2]]}', "[not json"]:
+        save_file({"t0": torch.zeros(1)}, str(path), metadata={"finetune.tree": forged})
+        with pytest.raises(TreeError):
+            load_tree(path)
+    with pytest.raises(TypeError, match="Payload is neither a tensor nor plain data"):
+        save_tree({"x": Payload("never")}, path)

@@ -2,12 +2,20 @@
 (train.checkpoint_every, a stop signal), and the one before, saved so that a kill at any moment leaves a
 complete checkpoint, and checked on `--resume` before anything of them is loaded.
 
-Accelerate's `save_state` writes the model, optimizer and every process's RNG states; then
-`trainer_state.json` (epochs finished, update, best epoch and whether model or EMA, unfreezing phase; inside an
-epoch also its updates so far and their losses), and last `manifest.json`: the size and sha256 of every
-file, so that a file cut short or a flipped bit is found on resume instead of training on from garbage. Why not Accelerate's own rotation (`ProjectConfiguration(automatic_checkpoint_naming=True,
-total_limit=...)`): it deletes the oldest checkpoint before it writes the new one in place, and
-`load_state()` picks the newest folder whether or not it was finished. Here the new state is written
+A checkpoint holds safetensors files and JSON, nothing that unpickles: run folders are shared and
+downloaded, and unpickling runs whatever code a file names. `model.safetensors` (the trained module),
+`ema.safetensors` (the moving average, when on), `optimizer.safetensors`, `scaler.safetensors` (fp16) and
+one `rng_<process>.safetensors` per process (tensortree.py: tensors as tensors, the rest as JSON); then
+`trainer_state.json` (epochs finished, update, best epoch and whether model or EMA, unfreezing phase; inside
+an epoch also its updates so far and their losses), and last `manifest.json`: the size and sha256 of every
+file, so that a file cut short or a flipped bit is found on resume instead of training on from garbage. A
+checkpoint without a manifest is refused unless the user says `--trust-checkpoint`. Checkpoints of finetune
+0.1 were Accelerate's `save_state` (pickled optimizer, RNG and EMA files): those are read with
+`torch.load(weights_only=True)`, PyTorch's restricted unpickler, which builds tensors and plain containers
+and refuses every other object. Why not Accelerate's `save_state`/`load_state`: its custom objects (the
+EMA) are loaded with `weights_only=False`. Why not its rotation (`ProjectConfiguration(
+automatic_checkpoint_naming=True, total_limit=...)`): it deletes the oldest checkpoint before it writes the
+new one in place, and `load_state()` picks the newest folder whether or not it was finished. Here the new state is written
 beside the others and swapped in by renames: `checkpoint/` is the newest, `checkpoint.old/` the
 one before, so a kill mid-save or a damaged newest checkpoint still leaves one to resume from.
 The accelerator is passed in: only the loop imports Accelerate.
@@ -18,17 +26,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
+from safetensors.torch import load_model, save_model
 
 from ..atomic import write_atomic
 from ..errors import FinetuneError
 from .rundir import RunDir, is_launch_main_process
+from .session import Session
+from .tensortree import load_tree, save_tree
 
 STATE_NAME = "trainer_state.json"
 MANIFEST_NAME = "manifest.json"
+MODEL_NAME = "model.safetensors"
+OPTIMIZER_NAME = "optimizer.safetensors"
+EMA_NAME = "ema.safetensors"
+SCALER_NAME = "scaler.safetensors"
+RNG_NAME = "rng_{}.safetensors"  # one per process
 STATE_INTS = ("epoch", "step", "best_epoch", "phase")
 
 
@@ -41,6 +60,12 @@ def find_checkpoint(run_dir: RunDir) -> Path | None:
     for path in (run_dir.checkpoint, _sibling(run_dir, ".old")):
         if not path.is_dir():
             continue
+        if not (path / MANIFEST_NAME).is_file() and not run_dir.trust_checkpoint:
+            raise FinetuneError(f"--resume {run_dir.path}: {path} has no {MANIFEST_NAME}, so whether its files are the "
+                                "ones finetune wrote cannot be checked (finetune before 0.1 wrote none; a folder "
+                                "copied in part, or edited, has none either). Nothing was loaded. If the run is your "
+                                "own, resume with `--trust-checkpoint` as well (its files are still read without "
+                                "unpickling anything); otherwise start a new run.", raised_on_every_process=True)
         problem, state = inspect_checkpoint(path)
         if problem is not None:
             damaged.append((path, problem))
@@ -69,8 +94,8 @@ def find_checkpoint(run_dir: RunDir) -> Path | None:
 
 def inspect_checkpoint(path: Path) -> tuple[str | None, dict]:
     """(what is wrong with the checkpoint in `path`, or None; its trainer state). Every file listed in the
-    manifest must have the size and checksum it was written with. A checkpoint of an older finetune has
-    no manifest: only its trainer state can be checked."""
+    manifest must have the size and checksum it was written with. A checkpoint without a manifest (accepted
+    only with --trust-checkpoint): only its trainer state can be checked."""
     manifest = path / MANIFEST_NAME
     if manifest.is_file():
         try:
@@ -97,19 +122,25 @@ def inspect_checkpoint(path: Path) -> tuple[str | None, dict]:
     return _check_state(state), state
 
 
-def load_checkpoint(accelerator, path: Path, phase_at) -> dict:
-    """Restore model, optimizer and RNG states from `path`; return the trainer state. `phase_at(epoch)` is
-    the plan's phase rule: a checkpoint saved in another phase means the recipe was edited."""
+def load_checkpoint(accelerator, path: Path, phase_at, s: Session) -> dict:
+    """Restore the session's model, optimizer, EMA (and fp16 scaler) and this process's RNG states from
+    `path`; return the trainer state. `phase_at(epoch)` is the plan's phase rule: a checkpoint saved in
+    another phase means the recipe was edited. Nothing is unpickled (see the module docstring)."""
     try:
-        accelerator.load_state(str(path))
+        if (path / OPTIMIZER_NAME).is_file():
+            _read_parts(accelerator, path, s)
+        else:
+            _read_parts_of_finetune_0_1(accelerator, path, s)
         state = json.loads((path / STATE_NAME).read_text())
-    except Exception as e:  # noqa: BLE001 - whatever a damaged file makes torch or safetensors raise
+    except Exception as e:  # noqa: BLE001 - whatever a damaged or hostile file makes torch or safetensors raise
         why = ("its files are as they were written (checksums match), so the recipe or the installed packages "
-               "differ from those that saved it" if (path / MANIFEST_NAME).is_file() else
-               "it was written by an older finetune, without checksums, so which file is damaged cannot be told")
+               "differ from those that saved it, or the checkpoint was not written by finetune"
+               if (path / MANIFEST_NAME).is_file() else
+               "it has no checksums, so which file is damaged cannot be told")
         raise FinetuneError(f"--resume {path.parent}: the checkpoint {path} cannot be loaded ({type(e).__name__}: "
-                            f"{str(e)[:200]}); {why}. Rename that folder to resume from the checkpoint before it, "
-                            "if there is one, or start a new run.", raised_on_every_process=True) from e
+                            f"{' '.join(str(e).split())[:200]}); {why}. Nothing in it was run or changed. Rename "
+                            "that folder to resume from the checkpoint before it, if there is one, or start a new "
+                            "run.", raised_on_every_process=True) from e
     if state.get("phase", 1) != phase_at(state["epoch"]):
         raise FinetuneError(f"--resume {path.parent}: the checkpoint was saved for unfreezing phase {state['phase']} "
                             f"but the recipe puts epoch {state['epoch'] + 1} in phase {phase_at(state['epoch'])}; "
@@ -117,14 +148,15 @@ def load_checkpoint(accelerator, path: Path, phase_at) -> dict:
     return state
 
 
-def save_checkpoint(accelerator, run_dir: RunDir, state: dict) -> None:
+def save_checkpoint(accelerator, run_dir: RunDir, state: dict, s: Session) -> None:
     """Write the state beside the last checkpoint, then swap: a kill mid-save keeps the previous one.
     Every process calls this (each writes its own RNG state); the main process does the renames."""
     tmp, old = _sibling(run_dir, ".tmp"), _sibling(run_dir, ".old")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    _write_parts(accelerator, tmp, s)
     accelerator.wait_for_everyone()  # every process has written its own part into tmp
     if accelerator.is_main_process:
         write_atomic(tmp / STATE_NAME, json.dumps(state))
@@ -139,6 +171,59 @@ def save_checkpoint(accelerator, run_dir: RunDir, state: dict) -> None:
         run_dir.damaged_checkpoint = None
         os.replace(tmp, run_dir.checkpoint)
     accelerator.wait_for_everyone()
+
+
+def _write_parts(accelerator, folder: Path, s: Session) -> None:
+    """The tensors of a checkpoint: the processes hold the same weights and optimizer state (they average
+    gradients), so the main process writes those; each process writes its own RNG states."""
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(s.model, keep_torch_compile=False), str(folder / MODEL_NAME))
+        save_tree(s.optimizer.state_dict(), folder / OPTIMIZER_NAME)
+        if s.ema is not None:
+            save_model(s.ema, str(folder / EMA_NAME))
+        if accelerator.scaler is not None:
+            save_tree(accelerator.scaler.state_dict(), folder / SCALER_NAME)
+    save_tree(_rng_states(), folder / RNG_NAME.format(accelerator.process_index))
+
+
+def _read_parts(accelerator, path: Path, s: Session) -> None:
+    load_model(accelerator.unwrap_model(s.model, keep_torch_compile=False), str(path / MODEL_NAME))
+    s.optimizer.load_state_dict(load_tree(path / OPTIMIZER_NAME))
+    if s.ema is not None:
+        load_model(s.ema, str(path / EMA_NAME))
+    if accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(load_tree(path / SCALER_NAME))
+    rng = path / RNG_NAME.format(accelerator.process_index)
+    if rng.is_file():  # a resume on more processes than saved: the new ones keep their seeds
+        _set_rng_states(load_tree(rng))
+
+
+def _read_parts_of_finetune_0_1(accelerator, path: Path, s: Session) -> None:
+    """A checkpoint Accelerate's `save_state` wrote: its pickles are read with PyTorch's restricted
+    unpickler, which refuses anything but tensors and plain containers. Its RNG files are not read (they
+    hold NumPy objects): every update and every sample is seeded from the run's seed anyway (step.py,
+    loaders.py)."""
+    load_model(accelerator.unwrap_model(s.model, keep_torch_compile=False), str(path / MODEL_NAME))
+    s.optimizer.load_state_dict(torch.load(path / "optimizer.bin", map_location="cpu", weights_only=True))
+    if s.ema is not None:
+        s.ema.load_state_dict(torch.load(path / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True))
+    if accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))
+
+
+def _rng_states() -> dict:
+    kind, keys, *rest = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), *rest], "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _check_state(state) -> str | None:

@@ -109,11 +109,8 @@ def start_session(config: RecipeConfig, splits: Splits, accelerator: Accelerator
     s.criterion.to(accelerator.device)
     model, optimizer, train_loader, val_loader = accelerator.prepare(s.model, s.optimizer, s.train_loader,
                                                                      s.val_loader)
-    # The moving average copies the network where it now lives; registered, it is saved and resumed with
-    # the checkpoint.
+    # The moving average copies the network where it now lives (checkpoint.py saves and resumes it).
     ema = ModelEmaV3(s.network, decay=s.ema_decay) if s.ema_decay else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
     return dataclasses.replace(s, model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader,
                                ema=ema)
 
@@ -139,7 +136,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
     stopper = EarlyStop(tc.early_stop)
     checkpoint = find_checkpoint(run_dir) if run_dir.resuming else None
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint, s.plan.phase_at)
+        state = load_checkpoint(accelerator, checkpoint, s.plan.phase_at, s)
         stopper.resume(state, run_dir.path)  # a run that stopped early and finished is refused
         start_epoch, update, best_acc, best_epoch = (state["epoch"], state["step"], state["best_val_acc"],
                                                      state["best_epoch"])
@@ -193,7 +190,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
                         "epoch": epoch, "step": update, "epoch_updates": update - epoch * per_epoch,
                         "epoch_losses": [round(float(x), 6) for x in losses], "best_val_acc": best_acc,
                         "best_epoch": best_epoch, "best_from": best_from, "phase": s.plan.phase_at(epoch),
-                        **stopper.state()})
+                        **stopper.state()}, s)
                     pauses.saved()
                     if pauses.stopping:
                         raise pauses.interrupted(run_dir.path, f"in epoch {epoch + 1}, after update "
@@ -224,7 +221,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
                 + (f"\n{stopper.describe(tc.epochs)}" if stop else ""))
             save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": update, "best_val_acc": best_acc,
                                                    "best_epoch": best_epoch, "best_from": best_from,
-                                                   "phase": s.plan.phase_at(epoch + 1), **stopper.state()})
+                                                   "phase": s.plan.phase_at(epoch + 1), **stopper.state()}, s)
             pauses.saved()
             if after_checkpoint is not None:
                 after_checkpoint(epoch + 1)

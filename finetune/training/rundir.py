@@ -69,6 +69,7 @@ class RunDir:
         self.path, self.resuming, self.overwrite = Path(path), resuming, overwrite
         self.run_id: str | None = None
         self.damaged_checkpoint: Path | None = None  # found on resume; set aside at the next save (checkpoint.py)
+        self.trust_checkpoint = False  # --trust-checkpoint: resume from a checkpoint without a manifest
         self._default_name = default_name  # runs/<time>-<backbone>, still to be claimed
         self._made = False  # this process made the folder: removed again if the run ends before writing to it
         self._lock: int | None = None  # the open lock file, while this process owns the folder
