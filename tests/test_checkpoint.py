@@ -265,3 +265,22 @@ def test_a_forged_tree_header_is_refused_without_running_anything(tmp_path):
             load_tree(path)
     with pytest.raises(TypeError, match="Payload is neither a tensor nor plain data"):
         save_tree({"x": Payload("never")}, path)
+
+
+def test_optimizer_moments_of_channels_last_weights_keep_their_layout(tmp_path):
+    """safetensors stores tensors contiguous; a fused AdamW walks a channels_last weight and its moments in
+    step, so moments restored in another layout would pair the wrong elements (found: resume diverged)."""
+    def conv_parts(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model(torch.randn(2, 3, 5, 5)).sum().backward()
+        opt.step()
+        return SimpleNamespace(model=model, optimizer=opt, ema=None)
+
+    run = RunDir(tmp_path)
+    save_checkpoint(StandInAccelerator(), run, state(1), conv_parts(0))
+    fresh = conv_parts(1)
+    load_checkpoint(StandInAccelerator(), run.checkpoint, lambda epoch: 1, fresh)
+    weight = fresh.model.weight
+    assert fresh.optimizer.state[weight]["exp_avg"].stride() == weight.stride() != (27, 9, 3, 1)

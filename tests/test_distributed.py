@@ -148,7 +148,7 @@ def test_two_processes_write_one_run_once(two_processes, one_process):
     assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
     # Every process saved its own part of the checkpoint (its random states), the main process the rest.
     saved = {p.name for p in (run / "checkpoint").iterdir()}
-    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors", "trainer_state.json"} <= saved
+    assert {"rng_0.safetensors", "rng_1.safetensors", "model.safetensors", "trainer_state.json"} <= saved
 
 
 def test_two_processes_train_the_same_model_as_one(two_processes, one_process):

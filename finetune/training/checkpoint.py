@@ -62,7 +62,7 @@ def find_checkpoint(run_dir: RunDir) -> Path | None:
             continue
         if not (path / MANIFEST_NAME).is_file() and not run_dir.trust_checkpoint:
             raise FinetuneError(f"--resume {run_dir.path}: {path} has no {MANIFEST_NAME}, so whether its files are the "
-                                "ones finetune wrote cannot be checked (finetune before 0.1 wrote none; a folder "
+                                "ones finetune wrote cannot be checked (older finetune versions wrote none; a folder "
                                 "copied in part, or edited, has none either). Nothing was loaded. If the run is your "
                                 "own, resume with `--trust-checkpoint` as well (its files are still read without "
                                 "unpickling anything); otherwise start a new run.", raised_on_every_process=True)
@@ -189,6 +189,7 @@ def _write_parts(accelerator, folder: Path, s: Session) -> None:
 def _read_parts(accelerator, path: Path, s: Session) -> None:
     load_model(accelerator.unwrap_model(s.model, keep_torch_compile=False), str(path / MODEL_NAME))
     s.optimizer.load_state_dict(load_tree(path / OPTIMIZER_NAME))
+    _match_layouts(s.optimizer)
     if s.ema is not None:
         load_model(s.ema, str(path / EMA_NAME))
     if accelerator.scaler is not None:
@@ -196,6 +197,18 @@ def _read_parts(accelerator, path: Path, s: Session) -> None:
     rng = path / RNG_NAME.format(accelerator.process_index)
     if rng.is_file():  # a resume on more processes than saved: the new ones keep their seeds
         _set_rng_states(load_tree(rng))
+
+
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Safetensors stores tensors contiguous, but a channels_last parameter's moments must share its strides:
+    fused optimizers walk parameter and state memory in step, so other strides pair the wrong elements."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_strided(param.shape, param.stride(), dtype=value.dtype,
+                                                     device=value.device).copy_(value)
 
 
 def _read_parts_of_finetune_0_1(accelerator, path: Path, s: Session) -> None:
