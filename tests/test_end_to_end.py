@@ -544,7 +544,7 @@ def test_resume_from_a_bit_flipped_checkpoint_uses_the_previous_one_and_says_why
 def test_resume_with_both_checkpoints_damaged_is_refused_and_changes_nothing(cli_run, tmp_path):
     run = damaged_copy(cli_run, tmp_path)
     (run / "checkpoint" / "trainer_state.json").write_text("")
-    optimizer = run / "checkpoint.old" / "optimizer.bin"
+    optimizer = run / "checkpoint.old" / "optimizer.safetensors"
     optimizer.write_bytes(optimizer.read_bytes()[:100])
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     proc = run_cli("train", "--resume", run, cwd=tmp_path)

@@ -69,8 +69,7 @@ def test_the_better_of_the_model_and_its_moving_average_is_exported(tmp_path, im
     [record] = finetune.train(recipe, output=run).metrics
     exported = load_file(str(run / "model.safetensors"))
     model = load_file(str(run / "checkpoint" / "model.safetensors"))
-    ema = {k.removeprefix("module."): v for k, v in
-           torch.load(run / "checkpoint" / "custom_checkpoint_0.pkl", weights_only=True).items()}
+    ema = {k.removeprefix("module."): v for k, v in load_file(str(run / "checkpoint" / "ema.safetensors")).items()}
     assert record["exported"] == ("ema" if record["ema_val_acc"] > record["val_acc"] else "model")
     chosen, other = (ema, model) if record["exported"] == "ema" else (model, ema)
     assert all(torch.equal(exported[k], chosen[k]) for k in exported)
