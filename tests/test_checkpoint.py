@@ -284,3 +284,26 @@ def test_optimizer_moments_of_channels_last_weights_keep_their_layout(tmp_path):
     load_checkpoint(StandInAccelerator(), run.checkpoint, lambda epoch: 1, fresh)
     weight = fresh.model.weight
     assert fresh.optimizer.state[weight]["exp_avg"].stride() == weight.stride() != (27, 9, 3, 1)
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(28, "No space left on device"),
+    __import__("safetensors").SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+])
+def test_a_full_disk_during_a_save_names_the_last_good_checkpoint_and_keeps_it(tmp_path, monkeypatch, failure):
+    from finetune.training import checkpoint
+
+    run = RunDir(tmp_path)
+    save_checkpoint(StandInAccelerator(), run, state(1), parts())
+    before = {p.name: p.read_bytes() for p in run.checkpoint.iterdir()}
+
+    def full(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(checkpoint, "save_tree", full)
+    with pytest.raises(FinetuneError, match=rf"disk full at {tmp_path} while saving the checkpoint of epoch 2 "
+                                            rf"\(update 6\).*last good checkpoint, {run.checkpoint} \(after epoch 1\), "
+                                            r"is intact: free space.*--resume"):
+        save_checkpoint(StandInAccelerator(), run, state(2), parts())
+    assert {p.name: p.read_bytes() for p in run.checkpoint.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # the half-written one is gone

@@ -23,16 +23,20 @@ The accelerator is passed in: only the loop imports Accelerate.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import random
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from ..atomic import write_atomic
@@ -156,11 +160,13 @@ def save_checkpoint(accelerator, run_dir: RunDir, state: dict, s: Session) -> No
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that was killed
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    _write_parts(accelerator, tmp, s)
+    with _writing(run_dir, tmp, state):
+        _write_parts(accelerator, tmp, s)
     accelerator.wait_for_everyone()  # every process has written its own part into tmp
     if accelerator.is_main_process:
-        write_atomic(tmp / STATE_NAME, json.dumps(state))
-        write_atomic(tmp / MANIFEST_NAME, json.dumps({"files": _manifest(tmp)}, indent=1))  # last: tmp is complete
+        with _writing(run_dir, tmp, state):
+            write_atomic(tmp / STATE_NAME, json.dumps(state))
+            write_atomic(tmp / MANIFEST_NAME, json.dumps({"files": _manifest(tmp)}, indent=1))  # last: complete
         if run_dir.damaged_checkpoint is not None and run_dir.damaged_checkpoint.is_dir():
             # This run resumed from checkpoint.old because checkpoint/ is damaged: keep the good one.
             shutil.rmtree(_sibling(run_dir, ".damaged"), ignore_errors=True)
@@ -171,6 +177,36 @@ def save_checkpoint(accelerator, run_dir: RunDir, state: dict, s: Session) -> No
         run_dir.damaged_checkpoint = None
         os.replace(tmp, run_dir.checkpoint)
     accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def _writing(run_dir: RunDir, tmp: Path, state: dict) -> Iterator[None]:
+    """A failed write (a full disk, above all) is a user's problem with a way out: the half-written
+    checkpoint is removed to give its space back, and the message names the last good one."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(e) or \
+            "No space left" in str(e)
+        what = f"disk full at {tmp.parent}" if full else f"cannot write to {tmp} ({' '.join(str(e).split())[:200]})"
+        last = next((p for p in (run_dir.checkpoint, _sibling(run_dir, ".old")) if (p / STATE_NAME).is_file()), None)
+        if last is None:
+            kept = "No checkpoint was complete before this one, so the run would start over."
+        else:
+            kept = (f"The last good checkpoint, {last} (after epoch {_epoch_of(last)}), is intact: "
+                    f"{'free space on that disk' if full else 'fix that'}, then continue with `finetune train "
+                    f"--resume {run_dir.path}`.")
+        epoch = state["epoch"] + (1 if state.get("epoch_updates") else 0)  # inside an epoch: the one under way
+        raise FinetuneError(f"{what} while saving the checkpoint of epoch {epoch} (update {state['step']}); nothing "
+                            f"of it was kept. {kept}") from e
+
+
+def _epoch_of(checkpoint: Path) -> str:
+    try:
+        return str(json.loads((checkpoint / STATE_NAME).read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?"
 
 
 def _write_parts(accelerator, folder: Path, s: Session) -> None:
