@@ -106,8 +106,10 @@ def parse_problem(argv: list[str], keys: bool = True) -> str | None:
         return None if e.code == 0 else err.getvalue().strip().splitlines()[-1]  # --help, --version: fine
     # cli.main's rule: what parse_known_args leaves over must be key=value overrides of a recipe command.
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
-    if stray or not keys:
-        return f"unrecognized arguments: {' '.join(stray)}" if stray else None
+    if stray:
+        return f"unrecognized arguments: {' '.join(stray)}"
+    if not keys:
+        return None
     # An override must name a recipe key (the recipe check would refuse it later, once the recipe is read).
     overrides = [a for a in [getattr(args, "recipe", None) or "", *(getattr(args, "overrides", None) or []), *extra]
                  if "=" in a]
