@@ -21,7 +21,7 @@ _EXPORTS = {
     "load_recipe": "recipe.load", "RecipeConfig": "recipe.schema",
 }
 __all__ = [*_EXPORTS, "FinetuneError"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):
