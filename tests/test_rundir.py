@@ -250,3 +250,23 @@ def test_two_looks_at_a_free_lock_never_see_each_other_as_a_run(tmp_path):
     finally:
         looks, theirs = finish()
     assert looks > CLAIMS and (mine, theirs) == (0, 0)
+
+
+def test_a_resume_removes_what_a_kill_left_half_written_and_nothing_else(tmp_path, capsys):
+    """Issue 27.6: a kill during an export (or any write) leaves its scratch folder or temporary file; the
+    resume, which owns the folder now, removes them. A user's own dot-files stay."""
+    out = tmp_path / "out"
+    write_run(out)
+    (out / ".export.tmp4242").mkdir()
+    (out / ".export.tmp4242" / "model.safetensors").write_text("half")
+    (out / f".export.tmp{os.getpid()}").mkdir()  # a container's pids repeat: the same number, an ended process
+    (out / ".metrics.tmp4242.jsonl").write_text("half")
+    kept = [".notes.tmp1.txt", ".export.tmp", "export.tmp12"]  # not what a run writes
+    for name in kept:
+        (out / name).write_text("mine")
+    run = RunDir.for_resume(out)
+    run.claim()
+    run.release()
+    assert not {".export.tmp4242", f".export.tmp{os.getpid()}", ".metrics.tmp4242.jsonl"} & {p.name for p in out.iterdir()}
+    assert all((out / name).read_text() == "mine" for name in kept)
+    assert ".export.tmp4242" in capsys.readouterr().out

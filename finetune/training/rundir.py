@@ -5,7 +5,8 @@ Ownership. `finetune.train` claims the folder before the session is built (`owne
 `runs/<time>-<backbone>` is taken by `os.mkdir`, which fails for the second of two runs started in the
 same second (it takes `-2`, `-3`, ...), and an exclusive lock on `.finetune.lock` (atomic.py) is held
 until the run ends: a second run into the folder is refused, naming the first one's host and pid. A
-lock file left by a kill locks nothing (the OS released it); the next run reports it and takes over.
+lock file left by a kill locks nothing (the OS released it); the next run reports it and takes over,
+and a resume removes what the kill left half-written (an export's scratch folder, temporary files).
 Only the launch's main process claims; the others adopt its folder (loop.py). Nothing of the run is
 written until `create()`, which the loop calls only after the recipe, data and model were checked and
 built (a run that fails before leaves no folder); it writes the marker `.finetune-run.json` (run id,
@@ -131,6 +132,8 @@ class RunDir:
                 log(f"note: {self.path} was last owned by {_describe(previous)}, which ended without releasing it "
                     "(killed, or its machine stopped); the lock is free, so this run takes the folder over.")
             self._check_folder()
+            if self.resuming:
+                self._remove_leftovers(log)
             if self.resuming and not (self.path / MARKER_NAME).is_file():
                 self._write_marker()  # a run of an older finetune: marked now, so --overwrite may replace it later
         except BaseException:
@@ -155,8 +158,18 @@ class RunDir:
         if self.overwrite:
             for entry in self.path.iterdir():
                 if entry.name != LOCK_NAME and _written_by_a_run(entry.name):
-                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                    _remove(entry)
         self._write_marker()
+
+    def _remove_leftovers(self, log: Log) -> None:
+        """What a kill left half-written (an export's scratch folder, a file's temporary copy): whoever wrote
+        it ended, since this process now holds the lock (a pid in the name may even be this process's
+        again, in a fresh container), so nothing would ever finish or remove it."""
+        leftovers = sorted(e for e in self.path.iterdir() if _LEFTOVER.fullmatch(e.name) and _written_by_a_run(e.name))
+        for entry in leftovers:
+            _remove(entry)
+        if leftovers:
+            log(f"note: removed what an interrupted write left in {self.path}: {', '.join(e.name for e in leftovers)}.")
 
     def _make_folder(self) -> None:
         if self._default_name is not None:
@@ -238,6 +251,10 @@ def _written_by_a_run(name: str) -> bool:
         return True
     leftover = _LEFTOVER.fullmatch(name)
     return bool(leftover) and (leftover["stem"] is None or leftover["stem"] + (leftover["suffix"] or "") in RUN_OUTPUTS)
+
+
+def _remove(entry: Path) -> None:
+    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def _check_reusable(path: Path, overwrite: bool) -> None:
