@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 import uuid
 from importlib import metadata
@@ -31,7 +32,7 @@ from typing import Callable, Iterator
 
 from ..atomic import LockHeld, lock_holder, release_lock, take_lock, this_process, write_atomic
 from ..data.badimages import DATA_REPORT_NAME, LOG_GLOB
-from ..errors import FinetuneError
+from ..errors import FinetuneError, Stopped
 from ..model.card import CARD_NAME, read_metrics_file
 from ..model.environment import ENVIRONMENT_NAME
 from ..model.export import CONFIG_NAME, WEIGHTS_NAME
@@ -109,13 +110,25 @@ class RunDir:
     # ------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def owned(self, log: Log = print) -> Iterator["RunDir"]:
-        """Own the folder for a whole run, however it ends (the launch's main process claims it)."""
+        """Own the folder for a whole run, however it ends (the launch's main process claims it). A Ctrl-C
+        outside the training updates (which stop gracefully, interrupt.py) becomes a stop that says what
+        to run next: resuming needs a folder that holds the run."""
         if is_launch_main_process():
             self.claim(log)
         try:
             yield self
+        except KeyboardInterrupt:
+            raise Stopped(self._after_ctrl_c(), signal.SIGINT, raised_on_every_process=True) from None
         finally:
             self.release()
+
+    def _after_ctrl_c(self) -> str:
+        if (self.path / RECIPE_NAME).is_file():
+            return (f"stopped by SIGINT outside the training updates (while setting up or scoring), so no checkpoint "
+                    f"was written now; {self.path} holds the run as its last checkpoint left it. Continue with "
+                    f"`finetune train --resume {self.path}`.")
+        return ("stopped by SIGINT while setting up, before the run wrote anything: nothing was written. To start "
+                "the run, run the same command again.")
 
     def claim(self, log: Log = print) -> None:
         """Make the folder (a default name atomically), take its lock, and check it again now that no other
