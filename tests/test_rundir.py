@@ -267,6 +267,7 @@ def test_a_resume_removes_what_a_kill_left_half_written_and_nothing_else(tmp_pat
     run = RunDir.for_resume(out)
     run.claim()
     run.release()
-    assert not {".export.tmp4242", f".export.tmp{os.getpid()}", ".metrics.tmp4242.jsonl"} & {p.name for p in out.iterdir()}
+    left = {".export.tmp4242", f".export.tmp{os.getpid()}", ".metrics.tmp4242.jsonl"}
+    assert not left & {p.name for p in out.iterdir()}
     assert all((out / name).read_text() == "mine" for name in kept)
     assert ".export.tmp4242" in capsys.readouterr().out

@@ -51,6 +51,17 @@ class Interrupted(Stopped):
         super().__init__(message, signum, raised_on_every_process=True)
 
 
+def ctrl_c_outside_training(run_path: Path, resumable: bool) -> Stopped:
+    """A Ctrl-C while a run sets up or scores (no checkpoint is written then), saying what to run next:
+    `--resume` only where the folder holds the run (`resumable`), else the same command again."""
+    if resumable:
+        return Stopped(f"stopped by SIGINT outside the training updates (while setting up or scoring), so no "
+                       f"checkpoint was written now; {run_path} holds the run as its last checkpoint left it. Continue "
+                       f"with `finetune train --resume {run_path}`.", signal.SIGINT, raised_on_every_process=True)
+    return Stopped("stopped by SIGINT while setting up, before the run wrote anything: nothing was written. To start "
+                   "the run, run the same command again.", signal.SIGINT, raised_on_every_process=True)
+
+
 class Pauses:
     """When this run writes a checkpoint inside an epoch, and whether it stops after it."""
 

@@ -233,8 +233,9 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
                             s.data_cfg)
             if pauses.stop_after_epoch(accelerator):  # after the last epoch too: --resume does the scoring
                 accelerator.wait_for_everyone()  # the main process wrote the export
-                trained = stop or epoch + 1 == tc.epochs
-                raise pauses.interrupted(run_dir.path, f"after epoch {epoch + 1}{', the last' if trained else ''}", trained)
+                trained = stop or epoch + 1 == tc.epochs  # only the scoring is left
+                raise pauses.interrupted(run_dir.path, f"after epoch {epoch + 1}" + (", the last" if trained else ""),
+                                         trained)
             if stop:
                 break
 

@@ -5,13 +5,13 @@ Ownership. `finetune.train` claims the folder before the session is built (`owne
 `runs/<time>-<backbone>` is taken by `os.mkdir`, which fails for the second of two runs started in the
 same second (it takes `-2`, `-3`, ...), and an exclusive lock on `.finetune.lock` (atomic.py) is held
 until the run ends: a second run into the folder is refused, naming the first one's host and pid. A
-lock file left by a kill locks nothing (the OS released it); the next run reports it and takes over,
-and a resume removes what the kill left half-written (an export's scratch folder, temporary files).
-Only the launch's main process claims; the others adopt its folder (loop.py). Nothing of the run is
-written until `create()`, which the loop calls only after the recipe, data and model were checked and
-built (a run that fails before leaves no folder); it writes the marker `.finetune-run.json` (run id,
-time, host, pid, version). A non-empty folder is never reused without `overwrite`, which replaces only
-a folder with the marker and removes only what a run writes (`RUN_OUTPUTS`): a user's files stay.
+lock file left by a kill locks nothing (the OS released it); the next run reports it and takes over
+(a resume also removes what the kill left half-written). Only the launch's main process claims; the
+others adopt its folder (loop.py). Nothing of the run is written until `create()`, which the loop calls
+only after the recipe, data and model were checked and built (a run that fails before leaves no folder);
+it writes the marker `.finetune-run.json` (run id, time, host, pid, version). A non-empty folder is never
+reused without `overwrite`, which replaces only a folder with the marker and removes only what a run
+writes (`RUN_OUTPUTS`): a user's files stay.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import time
 import uuid
 from importlib import metadata
@@ -32,7 +31,7 @@ from typing import Callable, Iterator
 
 from ..atomic import LockHeld, lock_holder, release_lock, take_lock, this_process, write_atomic
 from ..data.badimages import DATA_REPORT_NAME, LOG_GLOB
-from ..errors import FinetuneError, Stopped
+from ..errors import FinetuneError
 from ..model.card import CARD_NAME, read_metrics_file
 from ..model.environment import ENVIRONMENT_NAME
 from ..model.export import CONFIG_NAME, WEIGHTS_NAME
@@ -40,6 +39,7 @@ from ..recipe.load import dump_recipe
 from ..recipe.schema import RecipeConfig
 from ..reporting.evaluation import CONFUSION_NAME, RELIABILITY_NAME, VAL_REPORT_NAME
 from ..reporting.review import HARD_EXAMPLES_JSON, HARD_EXAMPLES_PNG, TEST_METRICS_NAME
+from .interrupt import ctrl_c_outside_training
 
 RECIPE_NAME = "recipe.yaml"
 PLAN_NAME = "plan.json"
@@ -110,25 +110,15 @@ class RunDir:
     # ------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def owned(self, log: Log = print) -> Iterator["RunDir"]:
-        """Own the folder for a whole run, however it ends (the launch's main process claims it). A Ctrl-C
-        outside the training updates (which stop gracefully, interrupt.py) becomes a stop that says what
-        to run next: resuming needs a folder that holds the run."""
+        """Own the folder for a whole run, however it ends (the launch's main process claims it)."""
         if is_launch_main_process():
             self.claim(log)
         try:
             yield self
-        except KeyboardInterrupt:
-            raise Stopped(self._after_ctrl_c(), signal.SIGINT, raised_on_every_process=True) from None
+        except KeyboardInterrupt:  # outside the training updates (they stop gracefully): say what to run next
+            raise ctrl_c_outside_training(self.path, resumable=(self.path / RECIPE_NAME).is_file()) from None
         finally:
             self.release()
-
-    def _after_ctrl_c(self) -> str:
-        if (self.path / RECIPE_NAME).is_file():
-            return (f"stopped by SIGINT outside the training updates (while setting up or scoring), so no checkpoint "
-                    f"was written now; {self.path} holds the run as its last checkpoint left it. Continue with "
-                    f"`finetune train --resume {self.path}`.")
-        return ("stopped by SIGINT while setting up, before the run wrote anything: nothing was written. To start "
-                "the run, run the same command again.")
 
     def claim(self, log: Log = print) -> None:
         """Make the folder (a default name atomically), take its lock, and check it again now that no other
@@ -145,10 +135,14 @@ class RunDir:
                 log(f"note: {self.path} was last owned by {_describe(previous)}, which ended without releasing it "
                     "(killed, or its machine stopped); the lock is free, so this run takes the folder over.")
             self._check_folder()
-            if self.resuming:
-                self._remove_leftovers(log)
-            if self.resuming and not (self.path / MARKER_NAME).is_file():
-                self._write_marker()  # a run of an older finetune: marked now, so --overwrite may replace it later
+            if self.resuming:  # what a kill left half-written: its writer ended, since this process holds the lock
+                left = sorted(n for n in os.listdir(self.path) if _LEFTOVER.fullmatch(n) and _written_by_a_run(n))
+                for entry in (self.path / n for n in left):  # this pid's too: a new container's pids repeat
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                if left:
+                    log(f"note: removed {', '.join(left)} from {self.path}: left half-written by an interrupted run.")
+                if not (self.path / MARKER_NAME).is_file():
+                    self._write_marker()  # a run of an older finetune: marked now, so --overwrite may replace it
         except BaseException:
             self.release()
             raise
@@ -171,18 +165,8 @@ class RunDir:
         if self.overwrite:
             for entry in self.path.iterdir():
                 if entry.name != LOCK_NAME and _written_by_a_run(entry.name):
-                    _remove(entry)
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         self._write_marker()
-
-    def _remove_leftovers(self, log: Log) -> None:
-        """What a kill left half-written (an export's scratch folder, a file's temporary copy): whoever wrote
-        it ended, since this process now holds the lock (a pid in the name may even be this process's
-        again, in a fresh container), so nothing would ever finish or remove it."""
-        leftovers = sorted(e for e in self.path.iterdir() if _LEFTOVER.fullmatch(e.name) and _written_by_a_run(e.name))
-        for entry in leftovers:
-            _remove(entry)
-        if leftovers:
-            log(f"note: removed what an interrupted write left in {self.path}: {', '.join(e.name for e in leftovers)}.")
 
     def _make_folder(self) -> None:
         if self._default_name is not None:
@@ -264,10 +248,6 @@ def _written_by_a_run(name: str) -> bool:
         return True
     leftover = _LEFTOVER.fullmatch(name)
     return bool(leftover) and (leftover["stem"] is None or leftover["stem"] + (leftover["suffix"] or "") in RUN_OUTPUTS)
-
-
-def _remove(entry: Path) -> None:
-    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def _check_reusable(path: Path, overwrite: bool) -> None:
