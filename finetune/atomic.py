@@ -6,18 +6,26 @@ killed run left), and a rename within one folder is atomic on POSIX. Every file 
 run directory goes through here. The lock is an exclusive `flock` on an open lock file: the OS releases
 it when the process ends, however it ends, so a lock file a kill left behind locks nothing; the holder's
 host, pid and start time are written inside for the message of whoever finds it taken.
+
+Looking whether a run holds a lock (`finetune runs`, the checks before a claim) cannot be done with flock
+without locking: a look takes a *shared* lock for the microseconds of one non-blocking attempt. Looks
+therefore never see each other as a holder, and a claim that meets one waits it out (CLAIM_WAIT_SECONDS)
+instead of being refused: only a process that keeps the lock, a run, makes a claim fail.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Iterator
+
+# A look at a lock holds it for microseconds; a claim retries for this long before it believes a run holds it.
+CLAIM_WAIT_SECONDS = 1.0
 
 
 @contextlib.contextmanager
@@ -51,16 +59,24 @@ class LockHeld(Exception):
         self.holder = holder
 
 
-def take_lock(path: str | Path) -> tuple[int, dict]:
+def take_lock(path: str | Path, wait: float = CLAIM_WAIT_SECONDS) -> tuple[int, dict]:
     """Lock `path` (created if missing) for as long as the returned file descriptor stays open, and write
     this process into it. Returns the descriptor and what the file said before ({}: nothing, the last
-    holder released it); that record names a holder that died without releasing. Raises LockHeld."""
+    holder released it); that record names a holder that died without releasing. Raises LockHeld when the
+    lock stays taken for `wait` seconds (a look at it by `lock_holder` lets go long before)."""
+    import fcntl  # POSIX only; imported here so that importing finetune does not need it
+
     path = Path(path)
+    deadline = time.monotonic() + wait
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if time.monotonic() < deadline:
+                os.close(fd)
+                time.sleep(0.01)
+                continue
             holder = _read_record(fd)
             os.close(fd)
             raise LockHeld(holder) from None
@@ -85,18 +101,23 @@ def release_lock(path: str | Path, fd: int) -> None:
 
 
 def lock_holder(path: str | Path) -> dict | None:
-    """Who holds the lock on `path` now (their record, maybe {}), or None when nobody does."""
+    """Who holds the lock on `path` now (their record, maybe {}), or None when nobody does. The look takes
+    a shared lock for an instant (flock has no test that does not lock): other looks share it, and a claim
+    that meets it waits (take_lock), so looking changes nothing for anyone. A shared lock needs only a
+    read-only file, which also keeps flock working where it is emulated with POSIX locks (NFS)."""
+    import fcntl  # POSIX only, as in take_lock
+
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return None
     except BlockingIOError:
         return _read_record(fd)
     finally:
-        os.close(fd)  # also releases the lock this check took
+        os.close(fd)  # also releases the shared lock of this look
 
 
 def this_process() -> dict:

@@ -1,7 +1,8 @@
 """The `finetune` command. Subcommands map one-to-one onto the Python API.
 
-User mistakes (FinetuneError) are printed as one paragraph without a traceback and exit with code 2;
-anything else is a bug and keeps its traceback. `check-data` exits 1 when the data it reports on cannot train.
+User mistakes (FinetuneError) are printed as one paragraph without a traceback and exit with code 2; a
+run stopped by a signal (Stopped) is printed as a stop and exits with 128 + the signal's number; anything
+else is a bug and keeps its traceback. `check-data` exits 1 when the data it reports on cannot train.
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from . import __version__
-from .errors import FinetuneError
+from .errors import FinetuneError, Stopped
 
 EPILOG = "overrides: any recipe key as section.key=value, e.g. optim.lr=1e-3 train.epochs=3 freeze.backbone=true"
 
@@ -123,14 +125,16 @@ def main(argv: list[str] | None = None) -> None:
             _start_processes(args, sys.argv[1:] if argv is None else argv)
         _run(args)
     except FinetuneError as e:
+        stopped = isinstance(e, Stopped)  # on request, by a signal: no error ("finetune: stopped by SIGTERM ...")
         if not e.reported_elsewhere and (not e.raised_on_every_process or os.environ.get("RANK", "0") == "0"):
-            print(f"finetune: error: {e}", file=sys.stderr)
-        sys.exit(getattr(e, "exit_code", 2))  # a stop by a signal: the shell's code for that signal
+            print(f"finetune: {e}" if stopped else f"finetune: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code if stopped else 2)  # a stop: the shell's code for its signal
     except KeyboardInterrupt:
-        where = getattr(args, "resume", None) or getattr(args, "output", None) or "RUN_DIR (printed when training started)"
-        hint = f" Continue with: finetune train --resume {where}" if args.command == "train" else ""
-        print(f"\nfinetune: interrupted.{hint}", file=sys.stderr)
-        sys.exit(130)
+        # `train` gets here only before it claimed its run folder (after, rundir.py makes the Ctrl-C a Stopped).
+        hint = (" before the run began: nothing was written. To start the run, run the same command again"
+                if args.command == "train" else "")
+        print(f"\nfinetune: stopped by SIGINT{hint}.", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 def _start_processes(args: argparse.Namespace, argv: list[str]) -> None:

@@ -1,4 +1,5 @@
-"""The one exception type for mistakes a user can fix (bad recipe, missing data, bad weights file).
+"""The one exception type for mistakes a user can fix (bad recipe, missing data, bad weights file), and
+its kind for a run stopped on request (`Stopped`).
 
 The CLI catches it once and prints its message without a traceback; everything else is a bug and keeps
 its traceback.
@@ -15,3 +16,13 @@ class FinetuneError(Exception):
         # True when every process of a distributed run raises this same error (a fault they stopped on
         # together): the CLI then prints it once, from the main process, instead of once per process.
         self.raised_on_every_process = raised_on_every_process
+
+
+class Stopped(FinetuneError):
+    """A run stopped on request (a stop signal), not by a mistake. The message begins "stopped by" and says
+    what was kept and the command that continues; the CLI prints it as a stop, not an error, and exits
+    with the shell's code for the signal, 128 + its number."""
+
+    def __init__(self, message: str, signum: int, *, raised_on_every_process: bool = False):
+        super().__init__(message, raised_on_every_process=raised_on_every_process)
+        self.exit_code = 128 + signum

@@ -33,3 +33,22 @@ def test_show_of_a_bad_recipe_is_one_error_and_exit_2(tmp_path, tiny_recipe, cap
     assert exit_.value.code == 2
     captured = capsys.readouterr()
     assert "optim.lrr: unknown key; did you mean optim.lr?" in captured.err and captured.out == ""
+
+
+def test_a_graceful_stop_is_printed_as_a_stop_with_the_signals_exit_code(monkeypatch, capsys):
+    """Issue 27.6: a stop that wrote what continues the run is no error; its exit code stays 128 + the signal."""
+    import signal
+
+    from finetune import api
+    from finetune.training.interrupt import Interrupted
+
+    def stopped(*args, **kwargs):
+        raise Interrupted("stopped by SIGTERM after epoch 1; continue with `finetune train --resume out`.",
+                          signal.SIGTERM)
+
+    monkeypatch.setattr(api, "train", stopped)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "quickstart"])
+    assert exit_.value.code == 143
+    assert capsys.readouterr().err == ("finetune: stopped by SIGTERM after epoch 1; continue with "
+                                       "`finetune train --resume out`.\n")  # a stop, not "finetune: error:"

@@ -156,7 +156,7 @@ def test_sigterm_writes_a_checkpoint_of_the_update_and_exits_with_the_signal(tmp
     run = tmp_path / "stopped"
     proc = _launch(tmp_path, recipe, run, "--at", 8, "--term")
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
-    assert "stopped by SIGTERM in epoch 2, after update 3 of 6" in proc.stderr  # the update it was in finished
+    assert "finetune: stopped by SIGTERM in epoch 2, after update 3 of 6" in proc.stderr  # that update finished
     assert f"finetune train --resume {run}" in proc.stderr.replace("\n", " ")
     assert "Traceback" not in proc.stderr
     state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
@@ -194,3 +194,78 @@ def test_sigterm_under_torchrun_stops_both_processes_after_one_checkpoint(tmp_pa
         resumed = _torchrun(tmp_path, recipe, run)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert _max_diff(_final_weights(run), _final_weights(tmp_path / "whole")) <= 1e-6, name
+
+
+@pytest.mark.slow
+def test_sigterm_at_the_last_update_stops_after_the_last_checkpoint_and_the_resume_only_scores(tmp_path, image_folder):
+    """Issue 27.6: the signal said "stopping", so the run stops (it used to score and exit 0): after the last
+    epoch's checkpoint and export, with the signal's exit code; the resume trains nothing and scores."""
+    recipe = _recipe(image_folder, tmp_path, 0, checkpoint_every=None)
+    run = tmp_path / "stopped"
+    proc = _launch(tmp_path, recipe, run, "--at", EPOCHS * PER_EPOCH - 1, "--term")
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    said = proc.stderr.replace("\n", " ")
+    assert "finetune: stopped by SIGTERM after epoch 3, the last" in said and "finetune: error" not in said
+    assert f"finetune train --resume {run}" in said and "Traceback" not in said
+    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["epoch"] == EPOCHS
+    assert (run / "model.safetensors").is_file() and not (run / "val_report.json").exists()  # not scored
+    proc = _launch(tmp_path, recipe, run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "done: best val acc" in proc.stdout and (run / "val_report.json").is_file()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == EPOCHS  # no epoch trained again
+
+
+# Sends SIGINT (Ctrl-C) to itself when `finetune train ARGS...` reaches one of three points outside the
+# training updates: reading the data (before the run claims its folder), building the session (claimed,
+# nothing written yet), scoring after training.
+SETUP_DRIVER = r'''
+import os, signal, sys
+from finetune import api, cli
+from finetune.training import loop
+
+module, name = {"data": (api, "build_splits"), "session": (loop, "build_session"),
+                "scoring": (loop, "score_after_training")}[sys.argv[1]]
+original = getattr(module, name)
+
+
+def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    return original(*args, **kwargs)
+
+
+setattr(module, name, interrupted)
+cli.main(["train", *sys.argv[2:]])
+'''
+
+
+def _interrupt_at(tmp_path, where: str, *args) -> subprocess.CompletedProcess:
+    driver = tmp_path / "setup_driver.py"
+    driver.write_text(SETUP_DRIVER)
+    return subprocess.run([sys.executable, str(driver), where, *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "TQDM_DISABLE": "1"}, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_set_up_says_nothing_was_written_and_to_run_the_command_again(tmp_path, image_folder):
+    """Issue 27.6: it used to suggest `--resume` for a folder that was never created."""
+    recipe = _recipe(image_folder, tmp_path, 0)
+    for where in ("data", "session"):
+        run = tmp_path / f"run-{where}"
+        proc = _interrupt_at(tmp_path, where, recipe, "--output", run)
+        said = proc.stderr.replace("\n", " ")
+        assert proc.returncode == 128 + signal.SIGINT, (where, proc.stderr[-2000:])
+        assert "finetune: stopped by SIGINT" in said and "nothing was written" in said, (where, said[-1000:])
+        assert "run the same command again" in said and "--resume" not in said and "Traceback" not in said, where
+        assert not run.exists(), where
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_scoring_names_the_run_to_resume(tmp_path, image_folder):
+    recipe = _recipe(image_folder, tmp_path, 0, epochs=1, checkpoint_every=None)
+    run = tmp_path / "run"
+    proc = _interrupt_at(tmp_path, "scoring", recipe, "--output", run)
+    said = proc.stderr.replace("\n", " ")
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-2000:]
+    assert "finetune: stopped by SIGINT" in said and f"finetune train --resume {run}" in said
+    assert "Traceback" not in said
+    assert (run / "checkpoint").is_dir()

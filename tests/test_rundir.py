@@ -177,3 +177,97 @@ def test_a_cut_off_last_metrics_line_is_set_aside_on_resume(tmp_path, capsys):
     assert "metrics.jsonl line 3" in out and "metrics.jsonl.damaged" in out
     assert (tmp_path / "metrics.jsonl.damaged").read_text() == '{"epoch": 3, "val_a\n'
     assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+# Looks at a lock in a tight loop the way `finetune runs` and --resume's pre-check do, until `stop` exists;
+# prints how many looks found it held.
+PROBER = r'''
+import sys
+from pathlib import Path
+from finetune.atomic import lock_holder
+path, stop = Path(sys.argv[1]), Path(sys.argv[2])
+print("probing", flush=True)
+looks = held = 0
+while not stop.exists():
+    for _ in range(20):
+        held += lock_holder(path) is not None
+        looks += 1
+print(looks, held, flush=True)
+'''
+CLAIMS = 300
+
+
+def _probing(lock, tmp_path) -> tuple[subprocess.Popen, object]:
+    stop = tmp_path / "stop-probing"
+    proc = subprocess.Popen([sys.executable, "-c", PROBER, str(lock), str(stop)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "probing"
+
+    def finish() -> tuple[int, int]:
+        stop.touch()
+        looks, held = map(int, proc.communicate(timeout=60)[0].split())
+        return looks, held
+    return proc, finish
+
+
+def _left_by_a_kill(lock) -> None:
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": 999_999_999, "started": "earlier"}))
+
+
+@pytest.mark.slow
+def test_looking_at_the_lock_never_makes_a_claim_fail(tmp_path):
+    """Issue 27.6: a resume claims a killed run's folder while `finetune runs` looks at its lock in a tight
+    loop; looking must not take the lock from the claim (it refused 1,139 of 2,000 such claims)."""
+    out = tmp_path / "out"
+    write_run(out)
+    _, finish = _probing(out / LOCK_NAME, tmp_path)
+    refused = []
+    try:
+        for _ in range(CLAIMS):
+            _left_by_a_kill(out / LOCK_NAME)
+            try:
+                run = RunDir.for_resume(out)
+                run.claim(log=lambda _: None)
+            except FinetuneError as e:
+                refused.append(str(e))
+            else:
+                run.release()
+    finally:
+        looks, _ = finish()
+    assert looks > CLAIMS and refused == [], f"{len(refused)} of {CLAIMS} claims refused: {refused[:1]}"
+
+
+@pytest.mark.slow
+def test_two_looks_at_a_free_lock_never_see_each_other_as_a_run(tmp_path):
+    """Issue 27.6: two `finetune runs` (or one and a --resume pre-check) at once: a lock file left by a kill is
+    free, whoever else is looking at it."""
+    lock = tmp_path / LOCK_NAME
+    _left_by_a_kill(lock)
+    from finetune.atomic import lock_holder
+
+    _, finish = _probing(lock, tmp_path)
+    try:
+        mine = sum(lock_holder(lock) is not None for _ in range(20 * CLAIMS))
+    finally:
+        looks, theirs = finish()
+    assert looks > CLAIMS and (mine, theirs) == (0, 0)
+
+
+def test_a_resume_removes_what_a_kill_left_half_written_and_nothing_else(tmp_path, capsys):
+    """Issue 27.6: a kill during an export (or any write) leaves its scratch folder or temporary file; the
+    resume, which owns the folder now, removes them. A user's own dot-files stay."""
+    out = tmp_path / "out"
+    write_run(out)
+    (out / ".export.tmp4242").mkdir()
+    (out / ".export.tmp4242" / "model.safetensors").write_text("half")
+    (out / f".export.tmp{os.getpid()}").mkdir()  # a container's pids repeat: the same number, an ended process
+    (out / ".metrics.tmp4242.jsonl").write_text("half")
+    kept = [".notes.tmp1.txt", ".export.tmp", "export.tmp12"]  # not what a run writes
+    for name in kept:
+        (out / name).write_text("mine")
+    run = RunDir.for_resume(out)
+    run.claim()
+    run.release()
+    left = {".export.tmp4242", f".export.tmp{os.getpid()}", ".metrics.tmp4242.jsonl"}
+    assert not left & {p.name for p in out.iterdir()}
+    assert all((out / name).read_text() == "mine" for name in kept)
+    assert ".export.tmp4242" in capsys.readouterr().out

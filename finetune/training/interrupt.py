@@ -11,6 +11,13 @@ On a CPU the health is read after every update (it costs nothing there), on a GP
 updates, so a stop takes effect within that many updates. A signal that arrives while the epoch's end is
 validated or checkpointed stops the run right after that checkpoint (one small exchange per epoch).
 
+A stop after the last epoch (or the epoch early stopping ended training with) is a stop too, exit code
+and all: the checkpoint and the export hold the finished training, and the scoring that follows (test
+metrics, val report, hard examples, model card) is left to `finetune train --resume RUN`, which trains
+nothing and only scores. A scheduler's SIGTERM leaves seconds before its kill, and scoring a large test set
+takes longer; a Ctrl-C means stop. Outside training (set-up, scoring) signals keep their default actions:
+Ctrl-C becomes a stop saying what to run next (rundir.py), SIGTERM ends the process.
+
 The first signal asks for this stop; a second one, a second or more later, ends the process at once (the
 default action of the signal). Copies of one signal that arrive together count once: a terminal's Ctrl-C
 reaches torchrun and its workers, and torchrun then sends it on to the workers again.
@@ -28,7 +35,7 @@ from typing import Iterator
 
 import torch
 
-from ..errors import FinetuneError
+from ..errors import Stopped
 from ..recipe.interval import checkpoint_interval
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -36,12 +43,23 @@ RELAY_SECONDS = 1.0  # copies of one signal within this time (a launcher passing
 NOTHING, CHECKPOINT, STOP = 0, 1, 2  # a process's request, exchanged with its health
 
 
-class Interrupted(FinetuneError):
-    """A stop signal ended training after a checkpoint; the exit code is the shell's for that signal."""
+class Interrupted(Stopped):
+    """A stop signal ended training after a checkpoint, on every process; the exit code is the shell's for
+    that signal."""
 
     def __init__(self, message: str, signum: int):
-        super().__init__(message, raised_on_every_process=True)
-        self.exit_code = 128 + signum
+        super().__init__(message, signum, raised_on_every_process=True)
+
+
+def ctrl_c_outside_training(run_path: Path, resumable: bool) -> Stopped:
+    """A Ctrl-C while a run sets up or scores (no checkpoint is written then), saying what to run next:
+    `--resume` only where the folder holds the run (`resumable`), else the same command again."""
+    if resumable:
+        return Stopped(f"stopped by SIGINT outside the training updates (while setting up or scoring), so no "
+                       f"checkpoint was written now; {run_path} holds the run as its last checkpoint left it. Continue "
+                       f"with `finetune train --resume {run_path}`.", signal.SIGINT, raised_on_every_process=True)
+    return Stopped("stopped by SIGINT while setting up, before the run wrote anything: nothing was written. To start "
+                   "the run, run the same command again.", signal.SIGINT, raised_on_every_process=True)
 
 
 class Pauses:
@@ -91,9 +109,15 @@ class Pauses:
             self.agreed = STOP
         return stop
 
-    def interrupted(self, run_path: Path, where: str) -> Interrupted:
-        """The error every process raises once the stop's checkpoint is written (`where`: its place)."""
+    def interrupted(self, run_path: Path, where: str, trained: bool = False) -> Interrupted:
+        """The error every process raises once the stop's checkpoint is written (`where`: its place;
+        `trained`: it was the last epoch's, and only the scoring is left)."""
         name = signal.Signals(self.signum).name if self.signum is not None else "a signal to another process"
+        if trained:
+            return Interrupted(f"stopped by {name} {where}: training is complete (its state is in "
+                               f"{run_path / 'checkpoint'}, the best epoch's model in {run_path}) but not yet scored "
+                               f"(test metrics, val report, model card). `finetune train --resume {run_path}` scores "
+                               "it without training again.", self.signum or signal.SIGTERM)
         return Interrupted(f"stopped by {name} {where}; every process saved its state in {run_path / 'checkpoint'}. "
                            f"Continue with `finetune train --resume {run_path}` (a requeued job script can always run "
                            f"`finetune train RECIPE --output {run_path} --resume auto`, which starts afresh when "

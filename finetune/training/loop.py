@@ -228,11 +228,13 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
             if main and improved:  # after the checkpoint, which describes it: a resume writes it again if missed
                 save_export(s.ema.module if candidate == "ema" else s.network, run_dir.path, splits.class_names,
                             s.data_cfg)
+            if pauses.stop_after_epoch(accelerator):  # after the last epoch too: --resume does the scoring
+                accelerator.wait_for_everyone()  # the main process wrote the export
+                trained = stop or epoch + 1 == tc.epochs  # only the scoring is left
+                raise pauses.interrupted(run_dir.path, f"after epoch {epoch + 1}" + (", the last" if trained else ""),
+                                         trained)
             if stop:
                 break
-            if epoch + 1 < tc.epochs and pauses.stop_after_epoch(accelerator):  # the last epoch just finishes
-                accelerator.wait_for_everyone()  # the main process wrote the export
-                raise pauses.interrupted(run_dir.path, f"after epoch {epoch + 1}")
 
     # --- after training: the best epoch's weights (the export) score test, then train and val for review
     accelerator.wait_for_everyone()  # the main process wrote the export

@@ -5,12 +5,13 @@ Ownership. `finetune.train` claims the folder before the session is built (`owne
 `runs/<time>-<backbone>` is taken by `os.mkdir`, which fails for the second of two runs started in the
 same second (it takes `-2`, `-3`, ...), and an exclusive lock on `.finetune.lock` (atomic.py) is held
 until the run ends: a second run into the folder is refused, naming the first one's host and pid. A
-lock file left by a kill locks nothing (the OS released it); the next run reports it and takes over.
-Only the launch's main process claims; the others adopt its folder (loop.py). Nothing of the run is
-written until `create()`, which the loop calls only after the recipe, data and model were checked and
-built (a run that fails before leaves no folder); it writes the marker `.finetune-run.json` (run id,
-time, host, pid, version). A non-empty folder is never reused without `overwrite`, which replaces only
-a folder with the marker and removes only what a run writes (`RUN_OUTPUTS`): a user's files stay.
+lock file left by a kill locks nothing (the OS released it); the next run reports it and takes over
+(a resume also removes what the kill left half-written). Only the launch's main process claims; the
+others adopt its folder (loop.py). Nothing of the run is written until `create()`, which the loop calls
+only after the recipe, data and model were checked and built (a run that fails before leaves no folder);
+it writes the marker `.finetune-run.json` (run id, time, host, pid, version). A non-empty folder is never
+reused without `overwrite`, which replaces only a folder with the marker and removes only what a run
+writes (`RUN_OUTPUTS`): a user's files stay.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ..recipe.load import dump_recipe
 from ..recipe.schema import RecipeConfig
 from ..reporting.evaluation import CONFUSION_NAME, RELIABILITY_NAME, VAL_REPORT_NAME
 from ..reporting.review import HARD_EXAMPLES_JSON, HARD_EXAMPLES_PNG, TEST_METRICS_NAME
+from .interrupt import ctrl_c_outside_training
 
 RECIPE_NAME = "recipe.yaml"
 PLAN_NAME = "plan.json"
@@ -114,6 +116,8 @@ class RunDir:
             self.claim(log)
         try:
             yield self
+        except KeyboardInterrupt:  # outside the training updates (they stop gracefully): say what to run next
+            raise ctrl_c_outside_training(self.path, resumable=(self.path / RECIPE_NAME).is_file()) from None
         finally:
             self.release()
 
@@ -132,8 +136,14 @@ class RunDir:
                 log(f"note: {self.path} was last owned by {_describe(previous)}, which ended without releasing it "
                     "(killed, or its machine stopped); the lock is free, so this run takes the folder over.")
             self._check_folder()
-            if self.resuming and not (self.path / MARKER_NAME).is_file():
-                self._write_marker()  # a run of an older finetune: marked now, so --overwrite may replace it later
+            if self.resuming:  # what a kill left half-written: its writer ended, since this process holds the lock
+                left = sorted(n for n in os.listdir(self.path) if _LEFTOVER.fullmatch(n) and _written_by_a_run(n))
+                for entry in (self.path / n for n in left):  # this pid's too: a new container's pids repeat
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                if left:
+                    log(f"note: removed {', '.join(left)} from {self.path}: left half-written by an interrupted run.")
+                if not (self.path / MARKER_NAME).is_file():
+                    self._write_marker()  # a run of an older finetune: marked now, so --overwrite may replace it
         except BaseException:
             self.release()
             raise
