@@ -5,7 +5,7 @@ complete checkpoint, and checked on `--resume` before anything of them is loaded
 A checkpoint holds safetensors files and JSON, nothing that unpickles: run folders are shared and
 downloaded, and unpickling runs whatever code a file names. `model.safetensors` (the trained module),
 `ema.safetensors` (the moving average, when on), `optimizer.safetensors`, `scaler.safetensors` (fp16) and
-one `rng_<process>.safetensors` per process (tensortree.py: tensors as tensors, the rest as JSON); then
+one `rng_<process>.safetensors` per process (parts.py); then
 `trainer_state.json` (epochs finished, update, best epoch and whether model or EMA, unfreezing phase; inside
 an epoch also its updates so far and their losses), and last `manifest.json`: the size and sha256 of every
 file, so that a file cut short or a flipped bit is found on resume instead of training on from garbage. A
@@ -28,30 +28,21 @@ import errno
 import hashlib
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
 
 from ..atomic import write_atomic
 from ..errors import FinetuneError
 from .rundir import RunDir, is_launch_main_process
+from .parts import read_parts, write_parts
 from .session import Session
-from .tensortree import load_tree, save_tree
 
 STATE_NAME = "trainer_state.json"
 MANIFEST_NAME = "manifest.json"
-MODEL_NAME = "model.safetensors"
-OPTIMIZER_NAME = "optimizer.safetensors"
-EMA_NAME = "ema.safetensors"
-SCALER_NAME = "scaler.safetensors"
-RNG_NAME = "rng_{}.safetensors"  # one per process
 STATE_INTS = ("epoch", "step", "best_epoch", "phase")
 
 
@@ -131,10 +122,7 @@ def load_checkpoint(accelerator, path: Path, phase_at, s: Session) -> dict:
     `path`; return the trainer state. `phase_at(epoch)` is the plan's phase rule: a checkpoint saved in
     another phase means the recipe was edited. Nothing is unpickled (see the module docstring)."""
     try:
-        if (path / OPTIMIZER_NAME).is_file():
-            _read_parts(accelerator, path, s)
-        else:
-            _read_parts_of_finetune_0_1(accelerator, path, s)
+        read_parts(accelerator, path, s)
         state = json.loads((path / STATE_NAME).read_text())
     except Exception as e:  # noqa: BLE001 - whatever a damaged or hostile file makes torch or safetensors raise
         why = ("its files are as they were written (checksums match), so the recipe or the installed packages "
@@ -161,7 +149,7 @@ def save_checkpoint(accelerator, run_dir: RunDir, state: dict, s: Session) -> No
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     with _writing(run_dir, tmp, state):
-        _write_parts(accelerator, tmp, s)
+        write_parts(accelerator, tmp, s)
     accelerator.wait_for_everyone()  # every process has written its own part into tmp
     if accelerator.is_main_process:
         with _writing(run_dir, tmp, state):
@@ -207,72 +195,6 @@ def _epoch_of(checkpoint: Path) -> str:
         return str(json.loads((checkpoint / STATE_NAME).read_text())["epoch"])
     except (OSError, ValueError, KeyError, TypeError):
         return "?"
-
-
-def _write_parts(accelerator, folder: Path, s: Session) -> None:
-    """The tensors of a checkpoint: the processes hold the same weights and optimizer state (they average
-    gradients), so the main process writes those; each process writes its own RNG states."""
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(s.model, keep_torch_compile=False), str(folder / MODEL_NAME))
-        save_tree(s.optimizer.state_dict(), folder / OPTIMIZER_NAME)
-        if s.ema is not None:
-            save_model(s.ema, str(folder / EMA_NAME))
-        if accelerator.scaler is not None:
-            save_tree(accelerator.scaler.state_dict(), folder / SCALER_NAME)
-    save_tree(_rng_states(), folder / RNG_NAME.format(accelerator.process_index))
-
-
-def _read_parts(accelerator, path: Path, s: Session) -> None:
-    load_model(accelerator.unwrap_model(s.model, keep_torch_compile=False), str(path / MODEL_NAME))
-    s.optimizer.load_state_dict(load_tree(path / OPTIMIZER_NAME))
-    _match_layouts(s.optimizer)
-    if s.ema is not None:
-        load_model(s.ema, str(path / EMA_NAME))
-    if accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(load_tree(path / SCALER_NAME))
-    rng = path / RNG_NAME.format(accelerator.process_index)
-    if rng.is_file():  # a resume on more processes than saved: the new ones keep their seeds
-        _set_rng_states(load_tree(rng))
-
-
-def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
-    """Safetensors stores tensors contiguous, but a channels_last parameter's moments must share its strides:
-    fused optimizers walk parameter and state memory in step, so other strides pair the wrong elements."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            state = optimizer.state.get(param, {})
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
-                    state[key] = torch.empty_strided(param.shape, param.stride(), dtype=value.dtype,
-                                                     device=value.device).copy_(value)
-
-
-def _read_parts_of_finetune_0_1(accelerator, path: Path, s: Session) -> None:
-    """A checkpoint Accelerate's `save_state` wrote: its pickles are read with PyTorch's restricted
-    unpickler, which refuses anything but tensors and plain containers. Its RNG files are not read (they
-    hold NumPy objects): every update and every sample is seeded from the run's seed anyway (step.py,
-    loaders.py)."""
-    load_model(accelerator.unwrap_model(s.model, keep_torch_compile=False), str(path / MODEL_NAME))
-    s.optimizer.load_state_dict(torch.load(path / "optimizer.bin", map_location="cpu", weights_only=True))
-    if s.ema is not None:
-        s.ema.load_state_dict(torch.load(path / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=True))
-    if accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))
-
-
-def _rng_states() -> dict:
-    kind, keys, *rest = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), *rest], "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    kind, keys, *rest = states["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(states["torch"])
-    if torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _check_state(state) -> str | None:

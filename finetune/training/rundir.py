@@ -1,5 +1,5 @@
 """The run directory: where a run's recipe, plan, metrics, plots, export and checkpoints live (the
-README's table lists them; main process only), and which run owns it.
+docs/after-training.md lists them; main process only), and which run owns it.
 
 Ownership. `finetune.train` claims the folder before the session is built (`owned()`): a default name
 `runs/<time>-<backbone>` is taken by `os.mkdir`, which fails for the second of two runs started in the
@@ -212,16 +212,13 @@ class RunDir:
         write_atomic(path, before + json.dumps(record) + "\n")
 
     def read_metrics(self) -> list[dict]:  # a line that is no record (cut off by a full disk or a copy) is skipped
-        return self._read_metrics()[0]
-
-    def _read_metrics(self) -> tuple[list[dict], list[tuple[int, str]]]:
-        return read_metrics_file(self.path / METRICS_NAME)
+        return read_metrics_file(self.path / METRICS_NAME)[0]
 
     def keep_metrics_through(self, epoch: int, log: Log = print) -> list[dict]:
         """On resume: drop records of epochs after the checkpoint (an epoch that finished logging but was
         killed before its checkpoint is trained again, so it must not appear twice). Lines that are no
         record are moved to metrics.jsonl.damaged, and said so."""
-        records, bad = self._read_metrics()
+        records, bad = read_metrics_file(self.path / METRICS_NAME)
         if bad:
             damaged = self.path / DAMAGED_METRICS_NAME
             before = damaged.read_text() if damaged.is_file() else ""
