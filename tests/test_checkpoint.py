@@ -18,6 +18,7 @@ import torch
 from finetune import FinetuneError
 from finetune.training.checkpoint import MANIFEST_NAME, STATE_NAME, find_checkpoint, load_checkpoint, save_checkpoint
 from finetune.training.rundir import RunDir
+from finetune.training.state import TrainState
 
 
 class StandInAccelerator:
@@ -47,8 +48,8 @@ def parts(seed: int = 0, optimizer=torch.optim.SGD, ema: bool = False) -> Simple
     return SimpleNamespace(model=model, optimizer=opt, ema=torch.nn.Sequential(model) if ema else None)
 
 
-def state(epoch: int, phase: int = 1) -> dict:
-    return {"epoch": epoch, "step": 3 * epoch, "best_val_acc": 0.5, "best_epoch": 1, "phase": phase}
+def state(epoch: int, phase: int = 1) -> TrainState:
+    return TrainState(epoch=epoch, update=3 * epoch, best_metric=0.5, best_epoch=1, phase=phase)
 
 
 def test_save_swaps_the_new_state_in_and_keeps_the_previous_one(tmp_path):
@@ -84,7 +85,7 @@ def test_load_restores_weights_optimizer_and_moving_average_and_refuses_another_
     save_checkpoint(StandInAccelerator(), run, state(2, phase=2), saved)
     fresh = parts(seed=1, ema=True)
     loaded = load_checkpoint(StandInAccelerator(), run.checkpoint, lambda epoch: 2, fresh)
-    assert loaded["step"] == 6
+    assert loaded.update == 6
     for a, b in zip(saved.model.state_dict().values(), fresh.model.state_dict().values()):
         assert torch.equal(a, b)
     momentum = [fresh.optimizer.state[p]["momentum_buffer"] for p in fresh.model.parameters()]
@@ -112,7 +113,7 @@ DAMAGES = {
     "one bit flipped": lambda c: flip_a_byte(c / "optimizer.safetensors"),
     "empty trainer state": lambda c: (c / STATE_NAME).write_text(""),
     "garbage trainer state": lambda c: (c / STATE_NAME).write_text("{not json"),
-    "trainer state edited": lambda c: (c / STATE_NAME).write_text(json.dumps(state(99))),
+    "trainer state edited": lambda c: (c / STATE_NAME).write_text(json.dumps(state(99).to_json())),
     "file missing": lambda c: (c / "model.safetensors").unlink(),
     "garbage manifest": lambda c: (c / MANIFEST_NAME).write_text("[1, 2"),
 }

@@ -198,6 +198,7 @@ import torch
 
 import finetune.data.loaders
 import finetune.training.loop as loop
+import finetune.training.start as start
 import finetune.training.step
 
 finetune.training.step.HOST_DEVICES = ()  # the health read as on GPUs: every 50 updates and at an epoch's end
@@ -224,12 +225,12 @@ class PlantedLoss(torch.nn.Module):
         return value * float("nan") if rank == 1 and seen["updates"] == at_update and fault == "nan" else value
 
 
-build_session = loop.build_session
+build_session = start.build_session
 def planted_build_session(*args, **kwargs):
     session = build_session(*args, **kwargs)
     seen["init_checksum"] = sum(float(p.detach().double().abs().sum()) for p in session.model.parameters())
     return dataclasses.replace(session, criterion=PlantedLoss(session.criterion))
-loop.build_session = planted_build_session
+start.build_session = planted_build_session
 
 validate = loop.validate
 def planted_validate(*args, **kwargs):

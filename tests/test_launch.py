@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-import finetune.training.loop as loop
+import finetune.training.start as start
 from finetune import FinetuneError
 from finetune.recipe.load import load_recipe
 from finetune.training.launch import (
@@ -28,9 +28,9 @@ def test_launcher_world_size_that_accelerate_does_not_run_is_refused(no_launcher
     config = load_recipe({"model": {"backbone": "test_vit", "pretrained": False},
                           "data": {"train": str(image_folder())}, "train": {"precision": "fp32"}})
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(loop, "Accelerator", _OneProcessAccelerator)
+    monkeypatch.setattr(start, "Accelerator", _OneProcessAccelerator)
     with pytest.raises(FinetuneError, match=r"started 2 processes \(WORLD_SIZE\) but Accelerate runs 1.*torchrun"):
-        loop.build_accelerator(config)
+        start.build_accelerator(config)
 
 
 @pytest.fixture

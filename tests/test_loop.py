@@ -80,9 +80,9 @@ def test_the_better_of_the_model_and_its_moving_average_is_exported(tmp_path, im
 
 def planted_nan(monkeypatch, at_call: int) -> dict:
     """Make the loss of the `at_call`-th micro-batch NaN; record the network and its weights just before."""
-    import finetune.training.loop as loop
+    import finetune.training.start as start
     seen = {"calls": 0}
-    build = loop.build_session
+    build = start.build_session
 
     def planted(*args, **kwargs):
         s = build(*args, **kwargs)
@@ -96,7 +96,7 @@ def planted_nan(monkeypatch, at_call: int) -> dict:
                     return criterion(logits, labels) * float("nan")
                 return criterion(logits, labels)
         return dataclasses.replace(s, criterion=Planted())
-    monkeypatch.setattr(loop, "build_session", planted)
+    monkeypatch.setattr(start, "build_session", planted)
     return seen
 
 

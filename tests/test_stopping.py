@@ -20,6 +20,7 @@ from finetune import FinetuneError
 from finetune.recipe.load import dump_recipe, load_recipe
 from finetune.recipe.schema import EarlyStopConfig
 from finetune.training.runs import summarise
+from finetune.training.state import TrainState
 from finetune.training.stopping import EarlyStop
 
 
@@ -60,8 +61,8 @@ def test_the_last_epoch_is_no_early_stop():
 
 def test_off_it_adds_nothing(tmp_path):
     stop = EarlyStop(None)
-    assert not stop.update(1, 2, {"val_acc": 0.1}) and stop.record() == {} and stop.state() == {}
-    stop.resume({"epoch": 1, "best_epoch": 1}, tmp_path)
+    assert not stop.update(1, 2, {"val_acc": 0.1}) and stop.record() == {} and stop.counters() is None
+    stop.resume(TrainState(epoch=1, best_epoch=1), tmp_path)
     assert not stop.stopped
 
 
@@ -69,7 +70,8 @@ def test_a_resumed_run_counts_on_from_the_checkpoint(tmp_path):
     before = EarlyStop(EarlyStopConfig(patience=2))
     before.update(1, 10, {"val_acc": 0.5})
     before.update(2, 10, {"val_acc": 0.4})
-    state = json.loads(json.dumps({"epoch": 2, "best_epoch": 1, **before.state()}))  # as trainer_state.json
+    saved = TrainState(epoch=2, best_epoch=1, best_metric=0.5, early_stop=before.counters())
+    state = TrainState.from_json(json.loads(json.dumps(saved.to_json())))  # through trainer_state.json
     after = EarlyStop(EarlyStopConfig(patience=2))
     after.resume(state, tmp_path)
     assert after.update(3, 10, {"val_acc": 0.45})
@@ -77,7 +79,7 @@ def test_a_resumed_run_counts_on_from_the_checkpoint(tmp_path):
 
 
 def test_resume_of_a_run_that_stopped_early_and_finished_is_refused(tmp_path):
-    state = {"epoch": 3, "best_epoch": 1, "stopped_early": True}
+    state = TrainState(epoch=3, best_epoch=1, stopped_early=True)
     unscored = EarlyStop(EarlyStopConfig())
     unscored.resume(state, tmp_path)  # killed before its scoring after training: that is left to do
     assert unscored.stopped

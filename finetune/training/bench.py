@@ -36,7 +36,7 @@ from ..model.groups import build_plan
 from ..recipe.schema import DataConfig, RecipeConfig, TrainConfig
 from .batching import AUTO_LARGEST, derive_batching
 from .inputs import model_inputs
-from .loop import build_accelerator, start_session
+from .start import build_accelerator, start_session
 from .session import Session
 from .step import train_epoch
 

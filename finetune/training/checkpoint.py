@@ -40,10 +40,10 @@ from ..errors import FinetuneError
 from .rundir import RunDir, is_launch_main_process
 from .parts import read_parts, write_parts
 from .session import Session
+from .state import TrainState
 
 STATE_NAME = "trainer_state.json"
 MANIFEST_NAME = "manifest.json"
-STATE_INTS = ("epoch", "step", "best_epoch", "phase")
 
 
 def find_checkpoint(run_dir: RunDir) -> Path | None:
@@ -66,16 +66,16 @@ def find_checkpoint(run_dir: RunDir) -> Path | None:
             damaged.append((path, problem))
             continue
         epochs = _recipe_epochs(run_dir)
-        if epochs is not None and state["epoch"] > epochs:
-            raise FinetuneError(f"--resume {run_dir.path}: {path} holds the state after epoch {state['epoch']} "
+        if epochs is not None and state.epoch > epochs:
+            raise FinetuneError(f"--resume {run_dir.path}: {path} holds the state after epoch {state.epoch} "
                                 f"but the run's {run_dir.saved_recipe().name} says train.epochs is {epochs}; it was "
-                                f"edited. Restore train.epochs: {state['epoch']} or more, or start a new run.",
+                                f"edited. Restore train.epochs: {state.epoch} or more, or start a new run.",
                                 raised_on_every_process=True)
         if damaged:
             (newest, why), = damaged
             run_dir.damaged_checkpoint = newest
             _note(f"note: {newest} is damaged ({why}); resuming from the previous checkpoint, {path} (after epoch "
-                  f"{state['epoch']}). The damaged one is kept as {_sibling(run_dir, '.damaged').name} when the "
+                  f"{state.epoch}). The damaged one is kept as {_sibling(run_dir, '.damaged').name} when the "
                   "next checkpoint is saved; delete it once you no longer need it.")
         return path
     if not damaged:
@@ -87,7 +87,7 @@ def find_checkpoint(run_dir: RunDir) -> Path | None:
                         raised_on_every_process=True)
 
 
-def inspect_checkpoint(path: Path) -> tuple[str | None, dict]:
+def inspect_checkpoint(path: Path) -> tuple[str | None, TrainState | None]:
     """(what is wrong with the checkpoint in `path`, or None; its trainer state). Every file listed in the
     manifest must have the size and checksum it was written with. A checkpoint without a manifest (accepted
     only with --trust-checkpoint): only its trainer state can be checked."""
@@ -97,33 +97,36 @@ def inspect_checkpoint(path: Path) -> tuple[str | None, dict]:
             files = json.loads(manifest.read_text())["files"]
             expected = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
         except (ValueError, KeyError, TypeError, AttributeError):
-            return f"{MANIFEST_NAME} is unreadable", {}
+            return f"{MANIFEST_NAME} is unreadable", None
         for name, (size, digest) in sorted(expected.items()):
             file = path / name
             if not file.is_file():
-                return f"{name} is missing", {}
+                return f"{name} is missing", None
             if file.stat().st_size != size:
-                return f"{name}: {file.stat().st_size} bytes, but {size} were written; it was cut off", {}
+                return f"{name}: {file.stat().st_size} bytes, but {size} were written; it was cut off", None
             if _sha256(file) != digest:
-                return f"{name}: its checksum does not match the one saved with it (a bit changed)", {}
+                return f"{name}: its checksum does not match the one saved with it (a bit changed)", None
         if STATE_NAME not in expected:
-            return f"{MANIFEST_NAME} does not list {STATE_NAME}", {}
+            return f"{MANIFEST_NAME} does not list {STATE_NAME}", None
     elif not (path / STATE_NAME).is_file():
-        return f"no {STATE_NAME}: the save never finished", {}
+        return f"no {STATE_NAME}: the save never finished", None
     try:
         state = json.loads((path / STATE_NAME).read_text())
     except (OSError, ValueError):
-        return f"{STATE_NAME} is not valid JSON", {}
-    return _check_state(state), state
+        return f"{STATE_NAME} is not valid JSON", None
+    try:
+        return None, TrainState.from_json(state)
+    except ValueError as e:
+        return f"{STATE_NAME}: {e}", None
 
 
-def load_checkpoint(accelerator, path: Path, phase_at, s: Session) -> dict:
+def load_checkpoint(accelerator, path: Path, phase_at, s: Session) -> TrainState:
     """Restore the session's model, optimizer, EMA (and fp16 scaler) and this process's RNG states from
     `path`; return the trainer state. `phase_at(epoch)` is the plan's phase rule: a checkpoint saved in
     another phase means the recipe was edited. Nothing is unpickled (see the module docstring)."""
     try:
         read_parts(accelerator, path, s)
-        state = json.loads((path / STATE_NAME).read_text())
+        state = TrainState.from_json(json.loads((path / STATE_NAME).read_text()))
     except Exception as e:  # noqa: BLE001 - whatever a damaged or hostile file makes torch or safetensors raise
         why = ("its files are as they were written (checksums match), so the recipe or the installed packages "
                "differ from those that saved it, or the checkpoint was not written by finetune"
@@ -133,14 +136,14 @@ def load_checkpoint(accelerator, path: Path, phase_at, s: Session) -> dict:
                             f"{' '.join(str(e).split())[:200]}); {why}. Nothing in it was run or changed. Rename "
                             "that folder to resume from the checkpoint before it, if there is one, or start a new "
                             "run.", raised_on_every_process=True) from e
-    if state.get("phase", 1) != phase_at(state["epoch"]):
-        raise FinetuneError(f"--resume {path.parent}: the checkpoint was saved for unfreezing phase {state['phase']} "
-                            f"but the recipe puts epoch {state['epoch'] + 1} in phase {phase_at(state['epoch'])}; "
+    if state.phase != phase_at(state.epoch):
+        raise FinetuneError(f"--resume {path.parent}: the checkpoint was saved for unfreezing phase {state.phase} "
+                            f"but the recipe puts epoch {state.epoch + 1} in phase {phase_at(state.epoch)}; "
                             "the run's recipe.yaml was edited. Restore it or start a new run.")
     return state
 
 
-def save_checkpoint(accelerator, run_dir: RunDir, state: dict, s: Session) -> None:
+def save_checkpoint(accelerator, run_dir: RunDir, state: TrainState, s: Session) -> None:
     """Write the state beside the last checkpoint, then swap: a kill mid-save keeps the previous one.
     Every process calls this (each writes its own RNG state); the main process does the renames."""
     tmp, old = _sibling(run_dir, ".tmp"), _sibling(run_dir, ".old")
@@ -153,7 +156,7 @@ def save_checkpoint(accelerator, run_dir: RunDir, state: dict, s: Session) -> No
     accelerator.wait_for_everyone()  # every process has written its own part into tmp
     if accelerator.is_main_process:
         with _writing(run_dir, tmp, state):
-            write_atomic(tmp / STATE_NAME, json.dumps(state))
+            write_atomic(tmp / STATE_NAME, json.dumps(state.to_json()))
             write_atomic(tmp / MANIFEST_NAME, json.dumps({"files": _manifest(tmp)}, indent=1))  # last: complete
         if run_dir.damaged_checkpoint is not None and run_dir.damaged_checkpoint.is_dir():
             # This run resumed from checkpoint.old because checkpoint/ is damaged: keep the good one.
@@ -168,7 +171,7 @@ def save_checkpoint(accelerator, run_dir: RunDir, state: dict, s: Session) -> No
 
 
 @contextlib.contextmanager
-def _writing(run_dir: RunDir, tmp: Path, state: dict) -> Iterator[None]:
+def _writing(run_dir: RunDir, tmp: Path, state: TrainState) -> Iterator[None]:
     """A failed write (a full disk, above all) is a user's problem with a way out: the half-written
     checkpoint is removed to give its space back, and the message names the last good one."""
     try:
@@ -185,8 +188,8 @@ def _writing(run_dir: RunDir, tmp: Path, state: dict) -> Iterator[None]:
             kept = (f"The last good checkpoint, {last} (after epoch {_epoch_of(last)}), is intact: "
                     f"{'free space on that disk' if full else 'fix that'}, then continue with `finetune train "
                     f"--resume {run_dir.path}`.")
-        epoch = state["epoch"] + (1 if state.get("epoch_updates") else 0)  # inside an epoch: the one under way
-        raise FinetuneError(f"{what} while saving the checkpoint of epoch {epoch} (update {state['step']}); nothing "
+        epoch = state.epoch + (1 if state.mid_epoch else 0)  # inside an epoch: the one under way
+        raise FinetuneError(f"{what} while saving the checkpoint of epoch {epoch} (update {state.update}); nothing "
                             f"of it was kept. {kept}") from e
 
 
@@ -195,25 +198,6 @@ def _epoch_of(checkpoint: Path) -> str:
         return str(json.loads((checkpoint / STATE_NAME).read_text())["epoch"])
     except (OSError, ValueError, KeyError, TypeError):
         return "?"
-
-
-def _check_state(state) -> str | None:
-    if not isinstance(state, dict):
-        return f"{STATE_NAME} is not a JSON object"
-    state = {"phase": 1, **state}  # written before unfreezing phases existed
-    wrong = [k for k in STATE_INTS if type(state.get(k)) is not int]
-    if wrong or type(state.get("best_val_acc")) not in (int, float):
-        return f"{STATE_NAME} lacks whole numbers for {', '.join(wrong) or 'best_val_acc'}"
-    within = state.get("epoch_updates", 0)  # a checkpoint inside an epoch: its updates so far
-    losses = state.get("epoch_losses", [])
-    if type(within) is not int or within < 0 or not isinstance(losses, list) or not all(
-            type(x) in (int, float) for x in losses):
-        return f"{STATE_NAME} has no valid epoch_updates and epoch_losses"
-    if (state["epoch"] < (0 if within else 1) or state["step"] < 0 or not 0 <= state["best_epoch"] <= state["epoch"]
-            or state["phase"] < 1):
-        return (f"{STATE_NAME} holds impossible values (epoch {state['epoch']}, step {state['step']}, best epoch "
-                f"{state['best_epoch']}, phase {state['phase']})")
-    return None
 
 
 def _recipe_epochs(run_dir: RunDir) -> int | None:

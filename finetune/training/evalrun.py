@@ -1,7 +1,7 @@
 """`finetune eval`'s model run: a finished run's export scored over a labelled dataset on every process of
 a launch (or on one), each image counted exactly once.
 
-The accelerator comes from the loop's `build_accelerator`, with the run's own precision (bf16 autocast on
+The accelerator comes from start.py's `build_accelerator`, with the run's own precision (bf16 autocast on
 GPUs that have it) and memory layout (channels_last for conv nets), as its validation ran, so the numbers
 match the run's validation. Each process scores
 its shard of the data; evaluate.py's `predict_batches` gathers the per-sample results, dropping the
@@ -26,7 +26,7 @@ from ..recipe.locate import check_source
 from ..recipe.schema import DataConfig, RecipeConfig, TrainConfig
 from .evaluate import predict_batches
 from .inputs import model_inputs
-from .loop import build_accelerator
+from .start import build_accelerator
 from .rundir import RECIPE_NAME
 from .runtime import adapt_model, resolve_runtime
 

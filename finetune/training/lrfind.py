@@ -32,7 +32,7 @@ from ..recipe.schema import RecipeConfig
 from ..reporting.plots import save_lr_find
 from .faults import NonFiniteLoss
 from .features import start_head
-from .loop import build_accelerator, start_session
+from .start import build_accelerator, start_session
 from .plugins import Plugins
 from .step import train_epoch
 

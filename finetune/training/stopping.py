@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import FinetuneError
 from ..recipe.schema import EarlyStopConfig
 from ..reporting.evaluation import VAL_REPORT_NAME
+from .state import EarlyStopCounters, TrainState
 
 LOWER_IS_BETTER = ("val_loss",)
 
@@ -52,28 +53,25 @@ class EarlyStop:
             return {}
         return {"epochs_without_improvement": self.bad_epochs, **({"stopped_early": True} if self.stopped else {})}
 
-    def state(self) -> dict:
-        """The counters for the checkpoint's trainer state (nothing when off)."""
-        if self.config is None:
-            return {}
-        return {"stopped_early": self.stopped,
-                "early_stop": {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}}
+    def counters(self) -> EarlyStopCounters | None:
+        """The counters for the checkpoint's trainer state (None when off)."""
+        return None if self.config is None else EarlyStopCounters(self.best, self.best_epoch, self.bad_epochs)
 
-    def resume(self, state: dict, run: Path) -> None:
+    def resume(self, state: TrainState, run: Path) -> None:
         """Continue from a checkpoint's trainer state. Raises FinetuneError when the run already stopped early
         and finished: training on would go past the stop its recipe asked for. One killed between its stop
         and the end of its scoring after training (val_report.json is written then) is `stopped`: the loop
         trains no further epoch and only finishes that."""
-        if state.get("stopped_early") and (run / VAL_REPORT_NAME).is_file():
+        if state.stopped_early and (run / VAL_REPORT_NAME).is_file():
             raise FinetuneError(
-                f"--resume {run}: this run stopped early after epoch {state['epoch']} (train.early_stop) and is "
-                f"finished: its export (the best epoch's, epoch {state['best_epoch']}), scores and model card are in "
+                f"--resume {run}: this run stopped early after epoch {state.epoch} (train.early_stop) and is "
+                f"finished: its export (the best epoch's, epoch {state.best_epoch}), scores and model card are in "
                 "its directory. To train longer, start a new run (another --output, or --overwrite) with a larger "
                 "train.early_stop.patience or train.early_stop: null.", raised_on_every_process=True)
-        self.stopped = bool(state.get("stopped_early"))
-        saved = state.get("early_stop")
-        if self.config is not None and isinstance(saved, dict):
-            self.best, self.best_epoch, self.bad_epochs = saved["best"], saved["best_epoch"], saved["bad_epochs"]
+        self.stopped = state.stopped_early
+        if self.config is not None and state.early_stop is not None:
+            self.best, self.best_epoch, self.bad_epochs = (state.early_stop.best, state.early_stop.best_epoch,
+                                                           state.early_stop.bad_epochs)
 
     def describe(self, epochs: int) -> str:
         """The log line of the stop."""
