@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from finetune import FinetuneError
-from finetune.training.faults import FaultWatch, NonFiniteLoss, stop_on_fault
+from finetune.training.faults import Health, NonFiniteLoss, stop_on_fault
 
 
 def one_process():
-    """The parts of an Accelerator FaultWatch uses, for one CPU process (reduce: nothing to add)."""
+    """The parts of an Accelerator Health uses, for one CPU process (reduce: nothing to add)."""
     return SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0, scaler=None,
                            reduce=lambda tensor, reduction: tensor)
 
@@ -47,7 +47,7 @@ def adamw(p):
 
 def test_health_is_read_every_n_updates_and_at_the_end_of_the_epoch():
     p = torch.nn.Parameter(torch.ones(3))
-    watch = FaultWatch(one_process(), adamw(p), every=4)
+    watch = Health(one_process(), adamw(p), every=4)
     assert watch.every == 4
     due, read = [], []
     for update in range(10):
@@ -60,7 +60,7 @@ def test_health_is_read_every_n_updates_and_at_the_end_of_the_epoch():
 
 
 def test_check_returns_each_updates_loss_in_order():
-    watch = FaultWatch(one_process(), adamw(torch.nn.Parameter(torch.ones(1))), every=50)
+    watch = Health(one_process(), adamw(torch.nn.Parameter(torch.ones(1))), every=50)
     for update, loss in enumerate([0.5, 0.25, 2.0]):
         watch.record(update, torch.tensor(loss))
     assert watch.check() == [0.5, 0.25, 2.0]
@@ -70,7 +70,7 @@ def test_check_returns_each_updates_loss_in_order():
 def test_a_bad_update_and_every_later_one_are_skipped_on_the_device():
     p = torch.nn.Parameter(torch.ones(3))
     opt = adamw(p)
-    watch = FaultWatch(one_process(), opt, every=50)
+    watch = Health(one_process(), opt, every=50)
     for update, loss in enumerate([1.0, math.nan, 1.0, 1.0]):
         if update == 1:
             before = p.detach().clone()
@@ -85,13 +85,13 @@ def test_a_bad_update_and_every_later_one_are_skipped_on_the_device():
 
 def test_optimizers_that_cannot_skip_on_the_device_are_checked_every_update():
     lbfgs = torch.optim.LBFGS([torch.nn.Parameter(torch.ones(1))])
-    assert FaultWatch(one_process(), lbfgs, every=50).every == 1
+    assert Health(one_process(), lbfgs, every=50).every == 1
     fp16 = SimpleNamespace(**{**vars(one_process()), "scaler": object()})  # GradScaler owns found_inf
-    assert FaultWatch(fp16, adamw(torch.nn.Parameter(torch.ones(1))), every=50).every == 1
+    assert Health(fp16, adamw(torch.nn.Parameter(torch.ones(1))), every=50).every == 1
 
 
 def test_a_failed_collective_reports_the_peer_that_raised():
-    watch = FaultWatch(SimpleNamespace(**{**vars(one_process()), "num_processes": 2,
+    watch = Health(SimpleNamespace(**{**vars(one_process()), "num_processes": 2,
                                           "reduce": lambda t, reduction: t + torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])}),
                        adamw(torch.nn.Parameter(torch.ones(1))), every=50)
     watch.record(0, torch.tensor(0.5))  # process 1 raised in this update
@@ -105,10 +105,40 @@ def test_a_request_of_any_process_is_read_by_every_process_with_the_health():
     """interrupt.py's requests (1: checkpoint, 2: stop) travel with the health; every process reads the
     largest one at the same update, so they act together."""
     other_asks = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 2.0]])  # process 1 received a stop signal
-    watch = FaultWatch(SimpleNamespace(**{**vars(one_process()), "num_processes": 2,
-                                          "reduce": lambda t, reduction: t + other_asks}),
-                       adamw(torch.nn.Parameter(torch.ones(1))), every=50)
-    watch.record(0, torch.tensor(0.5), request=1)
-    assert watch.requested == 0  # not read yet
-    assert watch.check() == [0.25]
-    assert watch.requested == 2
+    asks = Asks(request=1)
+    watch = Health(SimpleNamespace(**{**vars(one_process()), "num_processes": 2,
+                                      "reduce": lambda t, reduction: t + other_asks}),
+                   adamw(torch.nn.Parameter(torch.ones(1))), every=50, requests=asks)
+    watch.record(0, torch.tensor(0.5))
+    watch.after_update(1, epoch_ended=False)
+    assert watch.requested == 0 and asks.agreed == [0]  # not read yet: the fault cadence is 50
+    watch.after_update(1, epoch_ended=True)
+    assert watch.requested == 2 and asks.agreed == [0, 2]
+
+
+class Asks:
+    """interrupt.Pauses' side of the health: a request, and reads due every `read_every` updates."""
+
+    def __init__(self, request: int = 0, read_every: int | None = None):
+        self.asked, self.read_every, self.agreed = request, read_every, []
+
+    def request(self) -> int:
+        return self.asked
+
+    def read_due(self, updates_done: int) -> bool:
+        return self.read_every is not None and updates_done % self.read_every == 0
+
+    def agree(self, requested: int) -> None:
+        self.agreed.append(requested)
+
+
+def test_faults_and_requests_share_one_read_cadence():
+    """A checkpoint due by count (every 3 updates) reads the health too; reads stay as few as both need."""
+    watch = Health(one_process(), adamw(torch.nn.Parameter(torch.ones(1))), every=5, requests=Asks(read_every=3))
+    reads = []
+    for update in range(10):
+        watch.record(update, torch.tensor(float(update)))
+        if watch.due(update + 1, epoch_ended=update == 9):
+            reads.append(update + 1)
+        watch.after_update(update + 1, epoch_ended=update == 9)
+    assert reads == [3, 5, 6, 9, 10]

@@ -120,8 +120,8 @@ def test_the_host_waits_for_the_device_once_per_epoch_not_once_per_update(tmp_pa
                                                                          monkeypatch):
     from finetune.training import faults, step
     monkeypatch.setattr(step, "HOST_DEVICES", ())  # as on a GPU (a CPU's host reads every update: it waits for nothing)
-    reads, check = [], faults.FaultWatch.check
-    monkeypatch.setattr(faults.FaultWatch, "check",
+    reads, check = [], faults.Health.check
+    monkeypatch.setattr(faults.Health, "check",
                         lambda self, **kw: reads.append(len(self.rows)) or check(self, **kw))
     recipe = tiny_recipe(image_folder(), **{"train.epochs": 2, "train.batch_size": 4, "train.hard_examples": 0})
     result = finetune.train(recipe, output=tmp_path / "run")

@@ -96,18 +96,18 @@ def test_a_timm_optimizer_keeps_every_groups_explicit_lr_and_weight_decay(name):
 
 
 def test_a_timm_optimizer_is_checked_before_every_step():
-    """timm's optimizers cannot skip a bad update on the device (no found_inf): FaultWatch reads the health
+    """timm's optimizers cannot skip a bad update on the device (no found_inf): Health reads the health
     before each step instead of every FAULT_CHECK_UPDATES updates."""
     from types import SimpleNamespace
 
-    from finetune.training.faults import FAULT_CHECK_UPDATES, FaultWatch
+    from finetune.training.faults import FAULT_CHECK_UPDATES, Health
 
     accelerator = SimpleNamespace(device=torch.device("cpu"), scaler=None)
     model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
     for name, every in (("adamw", FAULT_CHECK_UPDATES), ("lamb", 1)):
         optim = OptimConfig(name=name, lr=1e-3, weight_decay=0.01)
         optimizer = build_optimizer(optim, build_plan(model, optim, FreezeConfig()).optimizer_groups(model))
-        assert FaultWatch(accelerator, optimizer).every == every, name
+        assert Health(accelerator, optimizer).every == every, name
 
 
 def test_a_timm_optimizer_timm_cannot_build_here_is_a_finetune_error():

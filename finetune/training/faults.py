@@ -24,6 +24,7 @@ import contextlib
 import math
 import sys
 import traceback
+from typing import Protocol
 
 import torch
 
@@ -36,11 +37,25 @@ class NonFiniteLoss(FinetuneError):
     """The loss of an update was NaN or infinite on some process (the LR finder ends its sweep on it)."""
 
 
-class FaultWatch:
-    """The health of one epoch's updates, kept on the device and read every `every` updates."""
+class Requests(Protocol):
+    """What travels with the health besides faults (interrupt.Pauses): this process's request after an
+    update, which updates must be read whatever the fault cadence, and what every process read."""
 
-    def __init__(self, accelerator, optimizer, every: int = FAULT_CHECK_UPDATES, hint: str = ""):
-        self.accelerator, self.hint = accelerator, hint
+    def request(self) -> int: ...
+
+    def read_due(self, updates_done: int) -> bool: ...
+
+    def agree(self, requested: int) -> None: ...
+
+
+class Health:
+    """The health of one epoch's updates: each process's loss, whether it raised, and its request (none,
+    checkpoint, stop), kept on the device in one record and read on one cadence: every `every` updates,
+    at the end of the epoch, and whenever `requests` needs an answer (a checkpoint due by count)."""
+
+    def __init__(self, accelerator, optimizer, every: int = FAULT_CHECK_UPDATES, hint: str = "",
+                 requests: Requests | None = None):
+        self.accelerator, self.hint, self.requests = accelerator, hint, requests
         inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps the torch optimizer
         can_skip = (getattr(inner, "_step_supports_amp_scaling", False)
                     and getattr(accelerator, "scaler", None) is None)
@@ -53,12 +68,12 @@ class FaultWatch:
         if can_skip:
             inner.found_inf, inner.grad_scale = self.skip, None
 
-    def record(self, update: int, loss: torch.Tensor | None, failure: BaseException | None = None,
-               request: int = 0) -> torch.Tensor:
+    def record(self, update: int, loss: torch.Tensor | None, failure: BaseException | None = None) -> torch.Tensor:
         """Exchange this update's health (`loss` None: this process raised `failure`) and this process's
-        `request`; return the mean loss over processes as a device tensor. The process that raised stops
+        request; return the mean loss over processes as a device tensor. The process that raised stops
         here, reporting it."""
         processes = self.accelerator.num_processes
+        request = self.requests.request() if self.requests is not None else 0
         if not self.rows:
             self.first_update = update
         health = torch.zeros(3, processes, device=self.accelerator.device)
@@ -78,7 +93,15 @@ class FaultWatch:
         return health[0].sum() / processes
 
     def due(self, updates_done: int, epoch_ended: bool) -> bool:
-        return bool(self.rows) and (epoch_ended or updates_done % self.every == 0)
+        asked = self.requests is not None and self.requests.read_due(updates_done)
+        return bool(self.rows) and (epoch_ended or asked or updates_done % self.every == 0)
+
+    def after_update(self, updates_done: int, epoch_ended: bool) -> None:
+        """Read the health when due; then every process knows the same requests (interrupt.py)."""
+        if self.due(updates_done, epoch_ended):
+            self.check()
+        if self.requests is not None:
+            self.requests.agree(self.requested)
 
     def check(self, raised_here: bool = False) -> list[float]:
         """Read the collected health (one wait for the device); raise on the first bad update; return

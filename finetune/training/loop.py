@@ -160,7 +160,7 @@ def _train_epoch(run: Run, state: TrainState, epoch: int, pauses: Pauses) -> tup
     lrs: list[dict] = []
     hint = resume_hint(run.run_dir, epoch)
     updates = (fit_epoch_lbfgs(s, accelerator, epoch, update, hint) if run.config.optim.name == "lbfgs"  # full batch
-               else train_epoch(s, accelerator, epoch, update, hint, pauses=pauses, start=start))
+               else train_epoch(s, accelerator, epoch, update, hint, requests=pauses, start=start))
     for update, loss in updates:
         losses.append(loss)
         lrs.append({g["name"]: g["lr"] for g in s.optimizer.param_groups})  # host values: no wait

@@ -140,11 +140,25 @@ def find_lr(config: RecipeConfig, splits: Splits, output: Path, start: float = 1
     return result
 
 
+class _EveryUpdate:
+    """The sweep asks for no checkpoint or stop, but for the health after every update: a non-finite loss
+    ends the sweep at the update it happened in (faults.Requests)."""
+
+    def request(self) -> int:
+        return 0
+
+    def read_due(self, updates_done: int) -> bool:
+        return True
+
+    def agree(self, requested: int) -> None:
+        pass
+
+
 def train_epochs_from(session, accelerator, epoch: int) -> Iterator[tuple[int, float]]:
     """Updates for as long as the sweep wants them: passes over the data follow the order and
     augmentation of epochs `epoch`, `epoch + 1`, ..., all in the unfreezing phase of `epoch`."""
     update = 0
     for data_epoch in itertools.count(epoch):
-        # Health read every update: a non-finite loss ends the sweep before anything of it is applied.
-        for update, loss in train_epoch(session, accelerator, data_epoch, update, phase_epoch=epoch, check_every=1):
+        for update, loss in train_epoch(session, accelerator, data_epoch, update, phase_epoch=epoch,
+                                        requests=_EveryUpdate()):
             yield update, float(loss)

@@ -15,7 +15,7 @@ import torch
 
 from ..data.loaders import epoch_seed, mix_seed
 from ..model.optim import drop_waiting_grads, set_lr
-from .faults import FAULT_CHECK_UPDATES, FaultWatch
+from .faults import FAULT_CHECK_UPDATES, Health, Requests
 from .inputs import model_inputs
 from .session import Session
 
@@ -25,16 +25,17 @@ HOST_DEVICES = ("cpu",)
 
 
 def train_epoch(s: Session, accelerator, epoch: int, update: int, fault_hint: str = "",
-                phase_epoch: int | None = None, check_every: int = FAULT_CHECK_UPDATES, pauses=None,
+                phase_epoch: int | None = None, requests: Requests | None = None,
                 start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
     """One epoch of `updates_per_epoch` optimizer updates, each over `accumulation` micro-batches per
     process, from its update `start` on (a run resumed mid-epoch: the sampler skips what was drawn).
     Yields, after each update, the update count and that update's loss averaged over processes,
     as a device tensor: reading it makes the host wait for the device, so the loop reads it only where
-    faults.py reads the health anyway (every `check_every` updates, and at the end of the epoch).
+    faults.py reads the health anyway (every FAULT_CHECK_UPDATES updates on a GPU, every update on a CPU,
+    at the end of the epoch, and whenever `requests` asks).
     The training loop takes every update; the LR finder stops when it has seen enough, and trains every
-    pass in the unfreezing phase of one epoch (`phase_epoch`, default `epoch`). `pauses`
-    (interrupt.Pauses): the requests to checkpoint or stop, exchanged with the health and read into it."""
+    pass in the unfreezing phase of one epoch (`phase_epoch`, default `epoch`). `requests` (interrupt.Pauses,
+    or the LR finder's read of every update): exchanged with the health and read on its cadence."""
     phase_epoch = epoch if phase_epoch is None else phase_epoch
     # The phase, the data order and the augmentation are functions of the epoch (and a sample's place in
     # it), dropout of the update, so a run resumed at any update repeats them: nothing depends on how many
@@ -46,8 +47,8 @@ def train_epoch(s: Session, accelerator, epoch: int, update: int, fault_hint: st
     s.model.train()
     for module in keep_eval:
         module.eval()
-    check_every = 1 if accelerator.device.type in HOST_DEVICES else check_every
-    watch = FaultWatch(accelerator, s.optimizer, check_every, fault_hint)
+    every = 1 if accelerator.device.type in HOST_DEVICES else FAULT_CHECK_UPDATES
+    watch = Health(accelerator, s.optimizer, every, fault_hint, requests)
     micro_batches = iter(s.train_loader)
     for i in range(start, s.batching.updates_per_epoch):
         seed_everything(mix_seed(s.seed, update, accelerator.process_index))  # dropout, drop-path
@@ -59,7 +60,7 @@ def train_epoch(s: Session, accelerator, epoch: int, update: int, fault_hint: st
             if accelerator.num_processes == 1:
                 raise  # nobody else to stop: the exception itself is the clearest report
             failure = e
-        loss = watch.record(update, update_loss, failure, pauses.request() if pauses is not None else 0)
+        loss = watch.record(update, update_loss, failure)
         if watch.every == 1:
             watch.check()  # this optimizer cannot skip on the device: read before anything is applied
         with watch.peers():
@@ -72,10 +73,7 @@ def train_epoch(s: Session, accelerator, epoch: int, update: int, fault_hint: st
         if s.ema is not None:
             s.ema.update(s.network, step=update)
         update += 1
-        if watch.due(update, i == s.batching.updates_per_epoch - 1) or (pauses is not None and pauses.read_due(update)):
-            watch.check()
-        if pauses is not None:
-            pauses.agree(watch.requested)  # what every process read with the health, at the same update
+        watch.after_update(update, epoch_ended=i == s.batching.updates_per_epoch - 1)
         yield update, loss
     # The micro-batches that fill no global batch (fewer than `accumulation`): drained, so the loader
     # ends its epoch as Accelerate expects; they come first in another epoch's order.
