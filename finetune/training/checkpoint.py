@@ -21,10 +21,9 @@ import os
 import shutil
 from pathlib import Path
 
-import yaml
-
 from ..atomic import write_atomic
 from ..errors import FinetuneError
+from ..recipe.userfiles import read_yaml_file
 from .rundir import RunDir, is_launch_main_process
 
 STATE_NAME = "trainer_state.json"
@@ -163,8 +162,8 @@ def _check_state(state) -> str | None:
 def _recipe_epochs(run_dir: RunDir) -> int | None:
     """train.epochs of the run's saved recipe (read as plain YAML: resume has loaded and checked it already)."""
     try:
-        epochs = (yaml.safe_load(run_dir.saved_recipe().read_text()) or {}).get("train", {}).get("epochs")
-    except (OSError, yaml.YAMLError, AttributeError):
+        epochs = (read_yaml_file(run_dir.saved_recipe(), "run recipe") or {}).get("train", {}).get("epochs")
+    except (FinetuneError, AttributeError):
         return None
     return epochs if type(epochs) is int else None
 
