@@ -100,8 +100,8 @@ def parse_yaml(text: str, where: str) -> Any:
     MAX_YAML_BYTES, an alias and a repeated key are FinetuneErrors; text the parser refuses raises one of
     YAML_SYNTAX_ERRORS, for the caller to report (a file) or to take as text (an override)."""
     if len(text) > MAX_YAML_BYTES:
-        raise FinetuneError(f"{where} holds {len(text):,} characters, over the {MAX_YAML_BYTES:,} finetune reads; a "
-                            "recipe is a few KB, so give the file that was meant.")
+        raise FinetuneError(f"{where} holds {len(text):,} characters, more than the {MAX_YAML_BYTES:,} finetune reads "
+                            "(a whole recipe is a few KB); give the value that was meant.")
     try:
         return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: plain data only, never code
     except DuplicateKeyError as e:
