@@ -24,6 +24,7 @@ from .model.plan import Plan
 from .model.predict import Predictor, load
 from .recipe.load import load_recipe, recipe_to_dict
 from .recipe.schema import TOP_LEVEL_KEYS, RecipeConfig, RecipeLike
+from .training.batching import batch_size_problem, require_batch_fits
 from .training.loop import train as run_loop
 from .training.lrfind import LRFindResult, find_lr
 from .training.plugins import plugins_from_arguments
@@ -97,6 +98,7 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
     run_dir.trust_checkpoint = trust_checkpoint
     splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names, test_data,
                           multi_label=config.task == "multi_label")
+    require_batch_fits(config.train.batch_size, splits.sizes()["train"])  # known once the data is read
     if config.data.on_bad_image == "error":
         from .data.checkdata import require_readable  # decodes every image: only when asked
 
@@ -162,7 +164,11 @@ def check_data(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | N
     from .data.checkdata import check_data as run_check
 
     config = resolve(recipe, {**_flatten_overrides(overrides), **_keyword_overrides("check_data", kw_overrides)})
-    return run_check(config.data, config.train.seed, multi_label=config.task == "multi_label")
+    report = run_check(config.data, config.train.seed, multi_label=config.task == "multi_label")
+    if problem := batch_size_problem(config.train.batch_size, report["splits"]["train"]["images"]):
+        report["errors"].append(problem)
+        report["trainable"] = False
+    return report
 
 
 def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = None, *,
@@ -187,8 +193,10 @@ def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise FinetuneError(f"lr-find --output {folder}: it already exists and is not an empty folder (it may "
                                 "be a training run, which lr-find never writes into); choose a new folder.")
+    splits = open_data(config)
+    require_batch_fits(config.train.batch_size, splits.sizes()["train"])
     with flush_denormals():
-        return find_lr(config, open_data(config), folder, start, end, steps, epoch, plugins=plugins)
+        return find_lr(config, splits, folder, start, end, steps, epoch, plugins=plugins)
 
 
 def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | Path | None = None,
