@@ -23,7 +23,9 @@ from .model.groups import build_plan
 from .model.plan import Plan
 from .model.predict import Predictor, load
 from .recipe.load import load_recipe, recipe_to_dict
-from .recipe.schema import TOP_LEVEL_KEYS, RecipeConfig, RecipeLike
+from .recipe.overrides import flatten_overrides, keyword_overrides
+from .recipe.schema import RecipeConfig, RecipeLike
+from .training.batching import batch_size_problem, require_batch_fits
 from .training.loop import train as run_loop
 from .training.lrfind import LRFindResult, find_lr
 from .training.plugins import plugins_from_arguments
@@ -59,7 +61,7 @@ __all__ = ["train", "plan", "check_data", "lr_find", "load", "evaluate", "export
 def resolve(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[str] | None = None,
             in_memory_train: bool = False, in_memory_val: bool = False, in_memory_test: bool = False) -> RecipeConfig:
     """Recipe + overrides -> a checked config. In-memory datasets stand in for data.train / val / test."""
-    items = _flatten_overrides(overrides)
+    items = flatten_overrides(overrides)
     for key, given in (("train", in_memory_train), ("val", in_memory_val), ("test", in_memory_test)):
         if given:
             items[f"data.{key}"] = f"python:{key}_data"
@@ -90,13 +92,14 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
         `loss`, (logits, targets) -> scalar; `metrics`, (logits, targets) -> number on val, as val_<name>.
     """
     plugins, kw_overrides = plugins_from_arguments(model, loss, metrics, kw_overrides)
-    items = {**_flatten_overrides(overrides), **_keyword_overrides("train", kw_overrides)}
+    items = {**flatten_overrides(overrides), **keyword_overrides("train", kw_overrides)}
     items.update(plugins.recipe_overrides(items))
     config, run_dir = resolve_run(recipe, items, output, overwrite, resume, train_data is not None,
                                   val_data is not None, test_data is not None)
     run_dir.trust_checkpoint = trust_checkpoint
     splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names, test_data,
                           multi_label=config.task == "multi_label")
+    require_batch_fits(config.train.batch_size, splits.sizes()["train"])  # known once the data is read
     if config.data.on_bad_image == "error":
         from .data.checkdata import require_readable  # decodes every image: only when asked
 
@@ -113,7 +116,7 @@ def resolve_run(recipe: RecipeLike | None, overrides: dict[str, Any] | Sequence[
                 in_memory_test: bool = False) -> tuple[RecipeConfig, RunDir]:
     """The checked config and the run directory a `train` call would use; reads, never writes. (With
     several processes, each one resolves its own and the loop adopts the main process's choice.)"""
-    items = _flatten_overrides(overrides)
+    items = flatten_overrides(overrides)
     if resume == "auto":
         resume, overwrite = _auto_resume(output, overwrite)
     if resume is not None:
@@ -145,7 +148,7 @@ def plan(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = 
          model: nn.Module | dict | None = None, **kw_overrides: Any) -> Plan:
     """The parameter-group plan a recipe would train with (no weights loaded); `model`: as `train` takes it."""
     plugins, kw_overrides = plugins_from_arguments(model, None, None, kw_overrides)
-    items = {**_flatten_overrides(overrides), **_keyword_overrides("plan", kw_overrides)}
+    items = {**flatten_overrides(overrides), **keyword_overrides("plan", kw_overrides)}
     config = resolve(recipe, {**items, **plugins.recipe_overrides(items)})
     splits = open_data(config)
     network = plugins.model if plugins.model is not None else build_model(
@@ -161,8 +164,12 @@ def check_data(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | N
     train. Decodes every image once; trains nothing and writes nothing."""
     from .data.checkdata import check_data as run_check
 
-    config = resolve(recipe, {**_flatten_overrides(overrides), **_keyword_overrides("check_data", kw_overrides)})
-    return run_check(config.data, config.train.seed, multi_label=config.task == "multi_label")
+    config = resolve(recipe, {**flatten_overrides(overrides), **keyword_overrides("check_data", kw_overrides)})
+    report = run_check(config.data, config.train.seed, multi_label=config.task == "multi_label")
+    if problem := batch_size_problem(config.train.batch_size, report["splits"]["train"]["images"]):
+        report["errors"].append(problem)
+        report["trainable"] = False
+    return report
 
 
 def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None = None, *,
@@ -173,7 +180,7 @@ def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None
     Writes lr_find.png and lr_find.json into `output`, a new folder (default runs/<time>-<backbone>-lr-find).
     `epoch` picks the unfreezing phase to sweep (the one that epoch trains in). `model`, `loss`: as in `train`."""
     plugins, kw_overrides = plugins_from_arguments(model, loss, None, kw_overrides)
-    items = {**_flatten_overrides(overrides), **_keyword_overrides("lr_find", kw_overrides)}
+    items = {**flatten_overrides(overrides), **keyword_overrides("lr_find", kw_overrides)}
     config = resolve(recipe, {**items, **plugins.recipe_overrides(items)})
     if config.optim.name == "lbfgs":
         raise FinetuneError("lr-find sweeps a learning rate, but optim.name=lbfgs finds its own steps by line search; "
@@ -187,8 +194,10 @@ def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise FinetuneError(f"lr-find --output {folder}: it already exists and is not an empty folder (it may "
                                 "be a training run, which lr-find never writes into); choose a new folder.")
+    splits = open_data(config)
+    require_batch_fits(config.train.batch_size, splits.sizes()["train"])
     with flush_denormals():
-        return find_lr(config, open_data(config), folder, start, end, steps, epoch, plugins=plugins)
+        return find_lr(config, splits, folder, start, end, steps, epoch, plugins=plugins)
 
 
 def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | Path | None = None,
@@ -251,36 +260,6 @@ def export(run_dir: str | Path, format: str = "onnx", output: str | Path | None 
 
 def open_data(config: RecipeConfig) -> Splits:
     return build_splits(config.data, config.train.seed, multi_label=config.task == "multi_label")
-
-
-def _keyword_overrides(function: str, kw: dict[str, Any]) -> dict[str, Any]:
-    """Recipe overrides given as keywords: section__key=value, a section's dict, or **{"section.key": value}.
-    Anything else is a misspelt Python argument (criterion=...) and gets Python's own kind of error."""
-    sections = [f.name for f in dataclasses.fields(RecipeConfig)]
-    for key, value in kw.items():
-        if not ("." in key or "__" in key or key in TOP_LEVEL_KEYS  # task="multi_label"
-                or (key in sections and isinstance(value, dict))):
-            raise TypeError(f"{function}() got an unexpected keyword argument {key!r}; recipe overrides are "
-                            "section__key=value (optim__lr=1e-3), a section's dict (optim={'lr': 1e-3}) or "
-                            "overrides={'optim.lr': 1e-3}")
-    return _flatten_overrides(kw)
-
-
-def _flatten_overrides(overrides: dict[str, Any] | Sequence[str] | None) -> dict[str, Any]:
-    if not overrides:
-        return {}
-    if not isinstance(overrides, dict):
-        from .recipe.load import parse_overrides
-
-        return parse_overrides(list(overrides))
-    flat = {}
-    for key, value in overrides.items():
-        key = key.replace("__", ".")
-        if "." not in key and isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
 
 
 def _check_same(asked: RecipeConfig, saved: RecipeConfig, run_dir: RunDir) -> None:

@@ -160,3 +160,27 @@ def train_until_epoch_one() -> Callable[..., None]:
                        after_checkpoint=stop_after_epoch_one)
 
     return run
+
+
+@pytest.fixture
+def within() -> Callable[..., Any]:
+    """within(seconds, fn, *fifos) -> fn()'s result, failing the test when fn has not returned after `seconds`
+    (blocked opening one of the FIFOs: a writer's open and close then lets it go, so no thread is left)."""
+    import threading
+
+    def run(seconds: float, fn: Callable[[], Any], *fifos: Path) -> Any:
+        result: list = []
+        thread = threading.Thread(target=lambda: result.append(fn()), daemon=True)
+        thread.start()
+        thread.join(seconds)
+        if thread.is_alive():
+            for fifo in fifos:
+                try:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:  # nobody is waiting on this one
+                    pass
+            thread.join(seconds)
+            pytest.fail(f"still running after {seconds} s (waiting on a FIFO?)")
+        assert result, "it raised (see the thread's traceback above)"
+        return result[0]
+    return run

@@ -4,6 +4,7 @@ non-images are ignored, and unreadable files are skipped (and reported) or refus
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from finetune import cli
 from finetune.data.badimages import IGNORE_LABEL, SkipLog, describe_error, read_skip_logs
 from finetune.data.images import open_image
 from finetune.data.loaders import Transformed
+from finetune.data.samples import FileSamples
 from finetune.data.sources import load_source
 from finetune.recipe.schema import DataConfig
 
@@ -174,3 +176,18 @@ def test_pils_own_decompression_bomb_error_gets_the_same_reason():
     error = Image.DecompressionBombError("Image size (400000000 pixels) exceeds limit of 178956970 pixels, "
                                          "could be decompression bomb DOS attack.")
     assert describe_error(error) == "image too large (400000000 pixels > 178956970)"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_fifo_or_a_device_is_a_bad_image_with_its_reason_not_a_hang(tmp_path, make_image_folder, within):
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=3, size=16)
+    os.mkfifo(root / "c0" / "fifo.png")
+    samples = FileSamples([str(root / "c0" / "fifo.png"), "/dev/zero", str(root / "c0" / "0.png")], [0, 0, 0],
+                          ["c0"], "manifest")
+    log = SkipLog(tmp_path / ".skipped-0.jsonl")
+    view = Transformed(samples, [0, 1, 2], np.asarray, "train", skip_log=log)
+    image, label = within(20, lambda: view[0], root / "c0" / "fifo.png")
+    assert image.shape == (16, 16, 3) and label == 0  # the next readable image stands in
+    assert [e["reason"] for e in read_skip_logs(tmp_path)] == [
+        "NotRegularFile: a FIFO (named pipe), not a regular file", "NotRegularFile: a character device, not a "
+        "regular file"]

@@ -60,3 +60,41 @@ def test_describe_names_every_derived_quantity():
     text = derive_batching(64, 8, 2, 1000).describe()
     assert "global batch 64 = 2 process(es) x 8 per device x 4 accumulation step(s)" in text
     assert "16 updates/epoch, the last topped up with 24 image(s) drawn again" in text
+
+
+# ----------------------------------------------------------------------------------------------------
+# A batch larger than the training set: refused when the data is read, before anything is written
+
+
+def test_a_batch_above_the_training_images_is_refused_with_the_count_and_what_to_set():
+    from finetune.training.batching import batch_size_problem
+
+    assert batch_size_problem(16, 16) is None and batch_size_problem("auto", 3) is None
+    problem = batch_size_problem(4096, 6)
+    assert "train.batch_size=4096" in problem and "6 training images" in problem
+    assert "train.batch_size=6" in problem and "\n" not in problem
+
+
+def test_train_and_lr_find_refuse_it_before_writing_anything(tmp_path, image_folder, tiny_recipe, capsys):
+    import finetune
+    from finetune import cli
+
+    recipe = tiny_recipe(image_folder(classes=2, per_class=4), **{"train.batch_size": 4096})  # 6 train, 2 val
+    for call in (lambda: finetune.train(recipe, output=tmp_path / "run"),
+                 lambda: finetune.lr_find(recipe, output=tmp_path / "lrf")):
+        with pytest.raises(FinetuneError, match=r"train.batch_size=4096 is more than the 6 training images"):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    (tmp_path / "r.yaml").write_text(__import__("yaml").safe_dump(recipe))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "train.batch_size=6" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "r.yaml"]
+
+
+def test_check_data_says_the_batch_cannot_train(tmp_path, image_folder, tiny_recipe):
+    import finetune
+
+    report = finetune.check_data(tiny_recipe(image_folder(classes=2, per_class=4), **{"train.batch_size": 4096}))
+    assert not report["trainable"] and any("6 training images" in e for e in report["errors"])

@@ -4,6 +4,7 @@ and its exit codes: 0 when the data can train, 1 when it cannot, 2 when a source
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -116,3 +117,32 @@ def test_one_class_exits_1(tmp_path, make_image_folder, make_recipe, capsys):
     recipe.write_text(yaml.safe_dump(make_recipe(data)))
     code, out, _ = check(capsys, recipe, "--json")
     assert code == 1 and any("at least two" in e for e in json.loads(out)["errors"])
+
+
+def test_a_manifest_row_with_extra_fields_exits_2_in_one_paragraph(tmp_path, make_image_folder, make_recipe, capsys):
+    data = make_image_folder(tmp_path / "d", ["a", "b"], per_class=3, size=16)
+    rows = [f"{c}/{i}.png,{c}" for c in ("a", "b") for i in range(3)]
+    rows[0] += ",oops"
+    (data / "m.csv").write_text("image,label\n" + "\n".join(rows) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(data / "m.csv")))
+    code, out, err = check(capsys, recipe)
+    assert code == 2 and err.startswith("finetune: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "m.csv, line 2 has 1 more field than its header" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_only_regular_files_are_read(tmp_path, make_image_folder, make_recipe, within):
+    """A manifest listing a device, a FIFO and a folder: each reported unreadable with what it is, at once
+    (the probe's /dev/zero read without end, and a FIFO waited for a writer forever)."""
+    data = make_image_folder(tmp_path / "d", ["a", "b"], per_class=3, size=16)
+    os.mkfifo(data / "b" / "fifo.png")
+    rows = [f"{c}/{i}.png,{c}" for c in ("a", "b") for i in range(3)]
+    rows += ["/dev/null,a", "b/fifo.png,b", "a,a"]
+    (data / "m.csv").write_text("image,label\n" + "\n".join(rows) + "\n")
+    report = within(20, lambda: finetune.check_data(make_recipe(data / "m.csv")),
+                    data / "b" / "fifo.png")
+    reasons = {Path(u["file"]).name: u["reason"] for split in report["splits"].values() for u in split["unreadable"]}
+    assert reasons == {"null": "NotRegularFile: a character device, not a regular file",
+                       "fifo.png": "NotRegularFile: a FIFO (named pipe), not a regular file",
+                       "a": "NotRegularFile: a folder, not a regular file"}

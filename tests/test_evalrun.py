@@ -159,3 +159,12 @@ def test_two_processes_count_every_image_once(run, workdir, make_image_folder):
     assert sorted(paths) == sorted(str(p) for p in odd.rglob("*.png"))  # each once
     single = finetune.evaluate(run, str(odd))
     assert single.metrics["confusion_matrix"] == report["confusion_matrix"]
+
+
+def test_an_alias_in_the_runs_recipe_is_a_one_paragraph_error(tmp_path):
+    from finetune.training.evalrun import eval_config
+
+    (tmp_path / "recipe.yaml").write_text("a: &a [x, x]\ndata: {image_column: *a}\n")
+    with pytest.raises(finetune.FinetuneError, match=r"recipe\.yaml, line 2: the YAML alias \*a is refused") as info:
+        eval_config(tmp_path, str(tmp_path / "data"))
+    assert "\n" not in str(info.value)

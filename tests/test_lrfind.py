@@ -75,9 +75,9 @@ def test_lr_find_keeps_the_plan_ratios(tmp_path, recipe, monkeypatch):
 
 
 def test_lr_find_and_train_see_the_same_updates(tmp_path, image_folder, tiny_recipe, monkeypatch):
-    """The sweep runs the training step itself: the same images per update (global batch 8 split into
-    micro-batches of 2 x 4 accumulation, not 3 x 3 = 9), augmented alike, and the same loss before the
-    first step (class weights and label smoothing included)."""
+    """The sweep runs the training step itself: the same images per update (global batch 6 split into
+    micro-batches of 3 x 2 accumulation, not 4 + 2), augmented alike, and the same loss before the first
+    step (class weights and label smoothing included)."""
     import finetune.training.session as session
 
     build_model, batches = session.build_model, []
@@ -90,13 +90,13 @@ def test_lr_find_and_train_see_the_same_updates(tmp_path, image_folder, tiny_rec
 
     monkeypatch.setattr(session, "build_model", recording_build_model)
     recipe = tiny_recipe(image_folder(classes=3, per_class=3), **{
-        "train.batch_size": 8, "train.micro_batch_size": 3, "train.epochs": 2, "train.class_weights": "auto",
+        "train.batch_size": 6, "train.micro_batch_size": 4, "train.epochs": 2, "train.class_weights": "auto",
         "data.val_fraction": 0.2, "train.hard_examples": 0})
-    trained = finetune.train(recipe, output=tmp_path / "run")  # 6 train images: 1 update of 8 per epoch
+    trained = finetune.train(recipe, output=tmp_path / "run")  # 6 train images: 1 update of 6 per epoch
     train_batches, batches[:] = list(batches), []
     found = finetune.lr_find(recipe, output=tmp_path / "lrf", start=1e-6, end=1e-5, steps=10)
-    assert [n for n, _ in train_batches] == [2] * 8  # 2 epochs x 1 update x 4 micro-batches of 2
-    assert batches[:8] == train_batches  # the first two sweep updates: same images, same augmentation
+    assert [n for n, _ in train_batches] == [3] * 4  # 2 epochs x 1 update x 2 micro-batches of 3
+    assert batches[:4] == train_batches  # the first two sweep updates: same images, same augmentation
     assert found.losses[0] == pytest.approx(trained.metrics[0]["train_loss"], abs=1e-6)
 
 

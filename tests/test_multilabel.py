@@ -110,6 +110,36 @@ def test_csv_and_jsonl_manifests_give_the_same_label_sets(shapes):
     assert from_csv.targets[0] == ()  # an image with no positive label is allowed
 
 
+@pytest.mark.parametrize("label, problem", [("[null]", "null"), ('["cat", true]', "true"), ("true", "true"),
+                                            ("2.5", "2.5"), ('[["cat"]]', '["cat"]')])
+def test_a_jsonl_label_that_names_no_label_is_an_error_naming_its_line(shapes, label, problem):
+    root, rows = shapes
+    path = write_jsonl(root / "m.jsonl", rows)
+    with path.open("a") as f:
+        f.write(f'{{"image": "img/1.png", "label": {label}}}\n')
+    with pytest.raises(FinetuneError) as info:
+        load_multi_label_source(str(path), DataConfig())
+    assert f"{path}, line {len(rows) + 1}" in str(info.value) and problem in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_null_label_like_a_blank_cell_means_no_label_and_integers_are_names(shapes):
+    root, _ = shapes
+    path = root / "m.jsonl"
+    path.write_text('{"image": "img/0.png", "label": null}\n{"image": "img/1.png", "label": [3, "cat"]}\n'
+                    '{"image": "img/2.png", "label": 3}\n')
+    samples = load_multi_label_source(str(path), DataConfig())
+    assert samples.class_names == ["3", "cat"] and samples.targets == [(), (0, 1), (0,)]
+
+
+def test_a_csv_row_with_more_fields_than_the_header_is_an_error_naming_its_line(shapes):
+    root, rows = shapes
+    path = write_csv(root / "m.csv", rows)
+    path.write_text(path.read_text().replace("img/3.png,", "img/3.png,cat,dog,", 1))
+    with pytest.raises(FinetuneError, match=r"m\.csv, line 5 has 2 more fields than its header"):
+        load_multi_label_source(str(path), DataConfig())
+
+
 def test_a_sample_becomes_a_multi_hot_vector_and_batches_stack(shapes):
     root, rows = shapes
     recipe = load_recipe({"task": "multi_label", "model": {"backbone": "test_resnet", "pretrained": False},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -310,3 +311,82 @@ def test_missing_recipe_file_is_a_user_error(tmp_path):
 
 def test_shipped_recipe_by_name():
     assert load_recipe("quickstart").model.backbone == "efficientnet_lite0"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hostile input: bounded in size, time and message length
+
+# Ten short lines whose last alias expands to 9**8 (43 million) strings as soon as anything walks it.
+BILLION_LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{b}: &{b} [*{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}]\n" for a, b in zip("abcdefg", "bcdefgh"))
+
+
+def test_a_yaml_alias_is_refused_with_its_line(tmp_path, tiny_recipe):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe()) + BILLION_LAUGHS)
+    message = problems(path)
+    assert "alias *a" in message and "line" in message and "base:" in message and "\n" not in message
+
+
+def test_a_yaml_merge_of_an_alias_is_refused(tmp_path, tiny_recipe):
+    text = yaml.safe_dump({k: v for k, v in tiny_recipe().items() if k != "train"})
+    path = tmp_path / "r.yaml"
+    path.write_text(text + "defaults: &d {epochs: 3}\ntrain:\n  <<: *d\n")
+    assert "alias *d" in problems(path)
+
+
+def test_a_recipe_over_one_megabyte_is_refused_before_it_is_parsed(tmp_path, tiny_recipe):
+    import time
+
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe()) + "#" * 1_000_000 + "\n")
+    start = time.perf_counter()
+    message = problems(path)
+    assert "over 1,000,000 bytes" in message and str(path) in message
+    assert time.perf_counter() - start < 1
+
+
+def test_an_override_value_over_one_megabyte_or_with_an_alias_is_refused(tiny_recipe):
+    assert "1,000,000" in problems(tiny_recipe(), ["data.train=" + "x" * 1_000_001])
+    assert "alias *a" in problems(tiny_recipe(), ["freeze.patterns=[&a x, *a]"])
+
+
+def test_a_glob_looking_override_stays_text(tiny_recipe):
+    # `*.png` reads as an alias to an anchor never defined: text, as before aliases were refused.
+    assert "'*.png'" in problems(tiny_recipe(), ["model.backbone=*.png"])
+
+
+@pytest.mark.parametrize("given", ["recipe", "overrides"])
+def test_thousands_of_unknown_keys_are_listed_ten_at_a_time_and_quickly(tiny_recipe, given):
+    import time
+
+    recipe, overrides = tiny_recipe(), []
+    if given == "recipe":
+        recipe["train"].update({f"k{i}": 1 for i in range(20_000)})
+    else:
+        overrides = [f"train.k{i}=1" for i in range(20_000)]
+    start = time.perf_counter()
+    message = problems(recipe, overrides)
+    assert time.perf_counter() - start < 5
+    assert len(message) < 4_000 and "train.k0: unknown key" in message and "19,990 more unknown keys" in message
+
+
+def test_a_long_list_of_problems_is_cut_short(tiny_recipe):
+    message = problems(tiny_recipe(), [f"nosuch{i}=1" for i in range(100)])
+    assert message.startswith("the recipe has 100 problems") and message.count("\n  - ") == 21
+    assert "and 80 more" in message
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_only_regular_files_are_opened(tmp_path):
+    from finetune.recipe.userfiles import NotRegularFile, open_regular, read_yaml_file
+
+    os.mkfifo(tmp_path / "fifo")
+    for path, kind in [("/dev/zero", "a character device"), (tmp_path / "fifo", "a FIFO"), (tmp_path, "a folder")]:
+        with pytest.raises(NotRegularFile, match=kind):
+            open_regular(path)
+        with pytest.raises(FinetuneError, match=f"recipe {path} is {kind}"):
+            read_yaml_file(path)
+    (tmp_path / "r.yaml").write_text("a: 1\n")
+    with open_regular(tmp_path / "r.yaml") as f:
+        assert f.read() == b"a: 1\n"

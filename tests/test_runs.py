@@ -4,6 +4,7 @@ their numbers read from the files the runs wrote, sorting, and the CLI's table a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import finetune
 from finetune import cli
 from finetune.errors import FinetuneError
-from finetune.training.rundir import CHECKPOINT_NAME, LOCK_NAME, METRICS_NAME
+from finetune.training.rundir import CHECKPOINT_NAME, LOCK_NAME, MARKER_NAME, METRICS_NAME
 from finetune.training.runs import format_runs, runs
 
 # Holds a run directory's lock the way a training process does, until its stdin closes.
@@ -137,3 +138,32 @@ def test_cli_mistake_is_one_line_and_exit_2(tmp_path, capsys):
         cli.main(["runs", str(tmp_path / "missing")])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith("finetune: error: runs: ")
+
+
+def shared_run(folder: Path, recipe_text: str | None = None) -> Path:
+    """A run directory as someone might share it: the marker, and recipe.yaml with `recipe_text`."""
+    run = folder / "shared"
+    run.mkdir(parents=True)
+    (run / MARKER_NAME).write_text("{}")
+    if recipe_text is not None:
+        (run / "recipe.yaml").write_text(recipe_text)
+    return run
+
+
+def test_a_recipe_yaml_alias_bomb_is_read_as_no_recipe(tmp_path):
+    # Expanded, backbone would be 9**6 strings (the probe's 9**9 ended in a MemoryError).
+    bomb = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"{b}: &{b} [*{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}]\n" for a, b in zip("abcde", "bcdef"))
+    shared_run(tmp_path, bomb + "model: {backbone: *f}\ntrain: {epochs: 2}\n")
+    (summary,) = runs(tmp_path)
+    assert (summary.backbone, summary.epochs_planned, summary.status) == (None, None, "interrupted")
+    assert len(format_runs([summary], tmp_path)) < 300
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+@pytest.mark.parametrize("name", ["recipe.yaml", "test_metrics.json", f"{CHECKPOINT_NAME}/trainer_state.json"])
+def test_a_fifo_in_a_run_folder_does_not_hang_the_listing(tmp_path, name, within):
+    run = shared_run(tmp_path, "model: {backbone: test_resnet}\n" if name != "recipe.yaml" else None)
+    (run / name).parent.mkdir(exist_ok=True)
+    os.mkfifo(run / name)
+    assert [r.name for r in within(20, lambda: runs(tmp_path), run / name)] == ["shared"]

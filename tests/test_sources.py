@@ -281,3 +281,68 @@ def test_one_epoch_through_the_api(sources, name, tmp_path, monkeypatch):
         json.loads((tmp_path / "run" / "config.json").read_text())["label_names"])
     if name == "hf_dataset":
         assert result.test is not None and result.test["test_images"] == len(split["test"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Manifests that are wrong: one paragraph naming the file, the line and what to do
+
+
+def manifest_error(path: Path, text: str) -> str:
+    path.write_text(text)
+    with pytest.raises(FinetuneError) as info:
+        load_source(str(path), DataConfig(train=str(path)))
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("row", [0, 2])
+def test_a_csv_row_with_more_fields_than_the_header_is_an_error_naming_its_line(sources, tmp_path, row):
+    lines = [f"{p},{c}" for p, c in sources["_pairs"][:4]]
+    lines[row] += ",extra,more"
+    message = manifest_error(tmp_path / "m.csv", "image,label\n" + "\n".join(lines) + "\n")
+    assert f"line {row + 2}" in message and "2 more fields than its header" in message and "quote" in message
+
+
+def test_a_csv_row_without_its_label_or_image_is_an_error_naming_its_line(sources, tmp_path):
+    (p0, c0), (p1, _) = sources["_pairs"][:2]
+    assert "line 4 has no 'label'" in manifest_error(tmp_path / "short.csv", f"image,label\n{p0},{c0}\n\n{p1}\n")
+    assert "line 3 has no image path" in manifest_error(tmp_path / "blank.csv", f"image,label\n{p0},{c0}\n,{c0}\n")
+
+
+@pytest.mark.parametrize("label, kind", [("null", "no 'label'"), ("true", "label true"), ("false", "label false"),
+                                         ("2.5", "label 2.5"), ('{"a": 1}', 'label {"a": 1}')])
+def test_a_jsonl_label_that_names_no_class_is_an_error_naming_its_line(sources, tmp_path, label, kind):
+    (p0, c0), (p1, _) = sources["_pairs"][:2]
+    message = manifest_error(tmp_path / "m.jsonl", json.dumps({"image": p0, "label": c0}) + "\n"
+                             + f'{{"image": {json.dumps(p1)}, "label": {label}}}\n')
+    assert f"line 2 has {kind}" in message or f"line 2: {kind}" in message
+
+
+@pytest.mark.parametrize("line", ['["a.png", "cat"]', '"a.png"', '{"image": 3, "label": "cat"}',
+                                  pytest.param("[" * 100_000, id="nested-100000-deep")])
+def test_a_jsonl_line_that_is_no_object_with_an_image_path_is_an_error_naming_its_line(sources, tmp_path, line):
+    p0, c0 = sources["_pairs"][0]
+    assert "line 2" in manifest_error(tmp_path / "m.jsonl", json.dumps({"image": p0, "label": c0}) + f"\n{line}\n")
+
+
+def test_integer_labels_name_the_same_classes_in_csv_and_jsonl(sources, tmp_path):
+    pairs = [(p, i % 2 + 1) for i, (p, _) in enumerate(sources["_pairs"][:4])]
+    (tmp_path / "m.csv").write_text("image,label\n" + "".join(f"{p},{c}\n" for p, c in pairs))
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"image": p, "label": c}) + "\n" for p, c in pairs))
+    csv_samples, jsonl_samples = (load_source(str(tmp_path / name), DataConfig(train=str(tmp_path / name)))
+                                  for name in ("m.csv", "m.jsonl"))
+    assert csv_samples.class_names == jsonl_samples.class_names == ["1", "2"]
+    assert csv_samples.targets == jsonl_samples.targets == [0, 1, 0, 1]
+
+
+def test_cli_train_on_a_manifest_row_with_extra_fields_is_exit_2_without_traceback(sources, tmp_path, capsys):
+    lines = [f"{p},{c}" for p, c in sources["_pairs"]]
+    lines[0] += ",extra"
+    (tmp_path / "m.csv").write_text("image,label\n" + "\n".join(lines) + "\n")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(str(tmp_path / "m.csv")))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", str(recipe), "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("finetune: error: ") and err.count("\n") == 1
+    assert "line 2" in err and not (tmp_path / "run").exists()

@@ -40,6 +40,7 @@ from torchvision import transforms
 
 from ..atomic import write_atomic
 from ..errors import FinetuneError
+from ..recipe.userfiles import open_regular
 from .badimages import BAD_IMAGE_ERRORS
 from .samples import FileSamples, as_pil
 
@@ -281,7 +282,7 @@ def _header_size(base: Dataset, index: int) -> tuple[int, int] | None:
     """(width, height) of image `index` read from its header where there is one, else from the image."""
     try:
         if isinstance(base, FileSamples):
-            with Image.open(base.items[index]) as img:
+            with open_regular(base.items[index]) as f, Image.open(f) as img:
                 return img.size
         raw = base.raw(index) if hasattr(base, "raw") else None
         if raw is not None:

@@ -3,11 +3,16 @@ one too large to decode."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..recipe.userfiles import open_regular
 
 # Extensions PIL decodes; anything else inside a class folder (notes, .DS_Store) is ignored.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -25,13 +30,20 @@ def image_too_large(error: Image.DecompressionBombError) -> ImageTooLarge:
     return ImageTooLarge(f"image too large ({found[1]} pixels > {found[2]})" if found else f"image too large ({error})")
 
 
-def open_image(path: str | Path) -> Image.Image:
+def open_image(path: str | Path | BinaryIO) -> Image.Image:
+    """An image file (a regular file only: recipe/userfiles.py) or an open binary stream, as 8-bit RGB."""
     try:
-        with Image.open(path) as img:  # PIL checks the size in the header, before decoding a pixel
+        with (open_regular(path) if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path)) as f, \
+                Image.open(f) as img:  # PIL checks the size in the header, before decoding a pixel
             img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF, not in the pixels
             return to_rgb(img)
     except Image.DecompressionBombError as e:
         raise image_too_large(e) from None
+    except UnidentifiedImageError:
+        if not isinstance(path, (str, os.PathLike)):
+            raise
+        # Worded as PIL words it for a path it opens itself (it was handed the open file).
+        raise UnidentifiedImageError(f"cannot identify image file {os.fspath(path)!r}") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

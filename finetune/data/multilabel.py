@@ -24,7 +24,16 @@ from ..recipe.locate import parse_source
 from ..recipe.schema import DataConfig
 from .badimages import IGNORE_LABEL
 from .samples import FileSamples, HFSamples, ImageSamples, IndexedSamples, align, natural_key
-from .sources import IMAGE_COLUMNS, LABEL_COLUMNS, load_source, manifest_columns, pick_column, read_hf, wrap_hf_dataset
+from .manifests import (
+    IMAGE_COLUMNS,
+    LABEL_COLUMNS,
+    as_json,
+    manifest_columns,
+    manifest_label,
+    manifest_paths,
+    pick_column,
+)
+from .sources import load_source, read_hf, wrap_hf_dataset
 
 LABEL_SEPARATOR = "|"  # between the labels of one CSV cell: `cat|dog`
 LISTED = 10  # unknown labels named in an error
@@ -107,9 +116,23 @@ def load_multi_label_source(text: str, cfg: DataConfig, class_names: list[str] |
 
 
 def _manifest(path: Path, cfg: DataConfig) -> FileSamples:
-    rows, image_col, label_col = manifest_columns(path, cfg, "its labels")
-    paths = [str(path.parent / str(row[image_col]).strip()) if row.get(image_col) is not None else "" for row in rows]
-    return FileSamples(paths, *_named([split_labels(row.get(label_col)) for row in rows], None, str(path)), str(path))
+    rows, lines, image_col, label_col = manifest_columns(path, cfg, "its labels")
+    paths = manifest_paths(path, rows, lines, image_col)
+    labels = [_row_labels(row.get(label_col), f"{path}, line {line}", label_col) for row, line in zip(rows, lines)]
+    return FileSamples(paths, *_named(labels, None, str(path)), str(path))
+
+
+def _row_labels(value: Any, where: str, column: str) -> list[str]:
+    """One manifest row's labels: a JSON list's items, or a cell split at `|`, each a label name or an integer
+    id as manifests.py reads one. Null or blank, like an empty list, is no label; null among a list's items,
+    or an item that names no label (true, 2.5, a list), is an error beginning with `where`."""
+    if not isinstance(value, (list, tuple)):
+        return split_labels(manifest_label(value, where, column))
+    if any(item is None or isinstance(item, (list, dict)) for item in value):
+        bad = next(item for item in value if item is None or isinstance(item, (list, dict)))
+        raise FinetuneError(f"{where} has {as_json(bad)} among its labels in {column!r}, which names no label: "
+                            "list label names (text) or integer ids, such as [\"cat\", \"dog\"].")
+    return [name for name in (manifest_label(item, where, column) for item in value) if name]
 
 
 def wrap_hf_multi_label(dataset: Any, cfg: DataConfig, origin: str) -> HFSamples:

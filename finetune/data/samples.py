@@ -14,7 +14,6 @@ import io
 import os
 import re
 from functools import partial
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import FinetuneError
+from ..recipe.userfiles import open_regular
 from .images import open_image, to_rgb
 
 
@@ -78,7 +78,8 @@ class FileSamples(ImageSamples):
         return self.items[index]
 
     def raw(self, index: int) -> bytes:
-        return Path(self.items[index]).read_bytes()
+        with open_regular(self.items[index]) as f:  # /dev/zero would stream without end, a FIFO hang
+            return f.read()
 
     def fingerprint(self) -> str:
         """Paths, sizes and modification times: a file touched or replaced changes it."""
@@ -136,7 +137,10 @@ class HFSamples(ImageSamples):
 
     def raw(self, index: int) -> bytes:
         cell = self.encoded[index][self.column]
-        return cell["bytes"] if cell.get("bytes") else Path(cell["path"]).read_bytes()
+        if cell.get("bytes"):
+            return cell["bytes"]
+        with open_regular(cell["path"]) as f:
+            return f.read()
 
     def fingerprint(self) -> str | None:
         """datasets' own fingerprint of the table (it changes with every transform of the data)."""

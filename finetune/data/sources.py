@@ -1,15 +1,13 @@
 """Sources: a `data.*` string, or an in-memory dataset, -> labelled samples (samples.py) decoded lazily.
 
-One reader per kind of source: an image folder, a CSV/JSONL manifest, scikit-learn's digits, a
-torchvision dataset, a Hugging Face dataset (hub id, `save_to_disk` folder or parquet files), and the
-Python objects the API takes. Class lists: a folder or manifest sorts its class names naturally
-(c1, c2, c10); a Hugging Face ClassLabel or a torchvision dataset keeps its own order.
+One reader per kind of source: an image folder, a CSV/JSONL manifest (its rows read by manifests.py),
+scikit-learn's digits, a torchvision dataset, a Hugging Face dataset (hub id, `save_to_disk` folder or
+parquet files), and the Python objects the API takes. Class lists: a folder or manifest sorts its class
+names naturally (c1, c2, c10); a Hugging Face ClassLabel or a torchvision dataset keeps its own order.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,6 +27,14 @@ from ..recipe.locate import (
 )
 from ..recipe.schema import DataConfig
 from .images import IMAGE_EXTENSIONS
+from .manifests import (
+    IMAGE_COLUMNS,
+    LABEL_COLUMNS,
+    manifest_columns,
+    manifest_label,
+    manifest_paths,
+    pick_column,
+)
 from .samples import (
     ArraySamples,
     FileSamples,
@@ -38,11 +44,6 @@ from .samples import (
     align,
     natural_key,
 )
-
-# Column names tried, in order, when data.image_column / data.label_column are not given.
-IMAGE_COLUMNS = ("image", "img", "path", "file", "filename", "filepath", "image_path", "file_name")
-LABEL_COLUMNS = ("label", "labels", "class", "category", "target", "class_name")
-
 
 def load_source(text: str, cfg: DataConfig | None = None, class_names: list[str] | None = None) -> ImageSamples:
     """Open a source string. With `class_names` (the training classes) its labels are mapped onto them."""
@@ -76,61 +77,27 @@ def _image_folder(spec: SourceSpec, cfg: DataConfig) -> FileSamples:
     return FileSamples(paths, targets, classes, str(root))
 
 
-def read_manifest_rows(path: Path) -> list:
-    """The rows of a .csv (header row) or .jsonl (one object per line) manifest, as parsed."""
-    try:
-        if path.suffix.lower() == ".csv":
-            with open(path, newline="", encoding="utf-8-sig") as f:
-                return list(csv.DictReader(f))
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
-        raise FinetuneError(f"{path} is not a readable {path.suffix} manifest: {e}") from None
-
-
-def manifest_columns(path: Path, cfg: DataConfig, label: str) -> tuple[list[dict], str, str]:
-    """A manifest's rows, its image column and its label column (`label`: what a row's label is, for the
-    error when it lists nothing)."""
-    rows = read_manifest_rows(path)
-    if not rows:
-        raise FinetuneError(f"{path} lists no images; give one row per image with an image path and {label}.")
-    columns = list(rows[0])
-    return (rows, pick_column(cfg.image_column, IMAGE_COLUMNS, columns, "image_column", path),
-            pick_column(cfg.label_column, LABEL_COLUMNS, columns, "label_column", path))
-
-
 def _manifest(spec: SourceSpec, cfg: DataConfig) -> FileSamples:
-    """A .csv (header row) or .jsonl (one object per line) manifest: an image path, relative to the
-    manifest's folder or absolute, and a label (a class name, or an integer) per row."""
+    """A .csv (header row) or .jsonl (one object per line) manifest (manifests.py): an image path and a
+    label (a class name, or an integer class id) per row."""
     path = Path(spec.name).expanduser()
-    rows, image_col, label_col = manifest_columns(path, cfg, "a label")
-    base = path.parent
-    paths = [str(base / str(row[image_col]).strip()) if row.get(image_col) is not None else "" for row in rows]
+    rows, lines, image_col, label_col = manifest_columns(path, cfg, "a label")
+    paths = manifest_paths(path, rows, lines, image_col)
     if any(isinstance(row.get(label_col), list) for row in rows):
         raise FinetuneError(f"{path}: column {label_col!r} holds lists of labels; set task: multi_label to train "
                             "on them.")
-    labels = [str(row.get(label_col, "")).strip() for row in rows]
-    if any(label == "" for label in labels):
-        line = labels.index("") + (2 if path.suffix.lower() == ".csv" else 1)
-        raise FinetuneError(f"{path}: row {line} has no {label_col!r}; every image needs a label.")
+    labels = []
+    for row, line in zip(rows, lines):
+        label = manifest_label(row.get(label_col), f"{path}, line {line}", label_col)
+        if label is None:
+            raise FinetuneError(f"{path}, line {line} has no {label_col!r}; every image needs a label.")
+        labels.append(label)
     if not any(os.path.isfile(p) for p in paths):
         raise FinetuneError(f"{path}: none of its {len(paths)} image paths exist (first: {paths[0]}); paths are "
-                            f"read relative to the manifest's folder {base.resolve()}, or absolute.")
+                            f"read relative to the manifest's folder {path.parent.resolve()}, or absolute.")
     classes = sorted(set(labels), key=natural_key)
     index = {name: i for i, name in enumerate(classes)}
     return FileSamples(paths, [index[label] for label in labels], classes, str(path))
-
-
-def pick_column(asked: str | None, candidates: Sequence[str], columns: list[str], key: str, where: Any) -> str:
-    if asked is not None:
-        if asked not in columns:
-            raise FinetuneError(f"data.{key}={asked!r}: {where} has no such column; its columns: {columns}.")
-        return asked
-    lowered = {c.lower(): c for c in columns}
-    for name in candidates:
-        if name in lowered:
-            return lowered[name]
-    raise FinetuneError(f"{where}: cannot tell which column holds the {key.split('_')[0]}s (columns: {columns}); "
-                        f"name it with data.{key}=COLUMN.")
 
 
 def _sklearn_digits(spec: SourceSpec, cfg: DataConfig) -> ArraySamples:

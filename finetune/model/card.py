@@ -22,6 +22,7 @@ import yaml
 
 from ..atomic import write_atomic
 from ..data.badimages import DATA_REPORT_NAME
+from ..recipe.userfiles import parse_yaml
 from .custom import CUSTOM_ARCHITECTURE, custom_usage
 from .environment import ENVIRONMENT_NAME
 
@@ -39,7 +40,7 @@ def save_card(run_dir: Path) -> None:
 
 def render_card(run_dir: Path) -> str:
     recipe_text = (run_dir / RECIPE_NAME).read_text()
-    recipe = yaml.safe_load(recipe_text)
+    recipe = parse_yaml(recipe_text, f"run recipe {run_dir / RECIPE_NAME}")
     config = _read_json(run_dir / "config.json") or {}
     records = read_metrics_file(run_dir / METRICS_NAME)[0]
     exported = _exported_record(records)

@@ -21,9 +21,9 @@ import shutil
 from pathlib import Path
 
 import torch
-import yaml
 from timm.models import save_for_hf
 
+from ..recipe.userfiles import read_yaml_file
 from .card import RECIPE_NAME, save_card
 from .custom import save_custom_export
 from .environment import save_environment
@@ -46,7 +46,7 @@ def save_export(model: torch.nn.Module, run_dir: Path, label_names: list[str], d
         model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     scratch = run_dir / f".export.tmp{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
-    recipe = yaml.safe_load((run_dir / RECIPE_NAME).read_text()) if (run_dir / RECIPE_NAME).is_file() else None
+    recipe = read_yaml_file(run_dir / RECIPE_NAME, "run recipe") if (run_dir / RECIPE_NAME).is_file() else None
     try:
         model_config = {"label_names": list(label_names)}
         if recipe is not None and recipe.get("task") == "multi_label":  # predict's sigmoid and its threshold

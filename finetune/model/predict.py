@@ -25,8 +25,8 @@ from safetensors import SafetensorError
 
 from ..atomic import write_atomic
 from ..data.images import IMAGE_EXTENSIONS, ImageTooLarge, open_image, to_rgb
+from ..data.manifests import IMAGE_COLUMNS, read_manifest_rows
 from ..data.samples import natural_key
-from ..data.sources import IMAGE_COLUMNS, read_manifest_rows
 from ..errors import FinetuneError
 from .custom import refuse_custom_export
 from .export import CONFIG_NAME, WEIGHTS_NAME
@@ -159,7 +159,7 @@ def _folder_images(folder: Path) -> list[str]:
 
 
 def _manifest_images(path: Path) -> list[str]:
-    rows = [row for row in read_manifest_rows(path) if isinstance(row, dict)]
+    rows, _ = read_manifest_rows(path)
     columns = {c.lower(): c for c in (rows[0] if rows else {})}
     column = next((columns[c] for c in IMAGE_COLUMNS if c in columns), None)
     if column is None:

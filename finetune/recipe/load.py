@@ -1,4 +1,4 @@
-"""Loading a recipe: YAML with a safe loader (and an optional `base:` recipe it extends), `key.path=value`
+"""Loading a recipe: YAML read by userfiles.py (and an optional `base:` recipe it extends), `key.path=value`
 overrides, conversion of every value by its declared type (typed.py; YAML reads `1e-4` as a string), and
 checks that report every problem at once as one `FinetuneError`, before anything is downloaded,
 allocated or written. Whether a named source, weights file or backbone exists is locate.py's question.
@@ -26,7 +26,10 @@ from .schema import (
     RecipeConfig,
     RecipeLike,
 )
-from .typed import DuplicateKeyError, build_dataclass, load_yaml, optional_dataclass, shown, shown_text
+from .typed import build_dataclass, optional_dataclass, shown, shown_text
+from .userfiles import YAML_SYNTAX_ERRORS, parse_yaml, read_yaml_file
+
+LISTED_PROBLEMS = 20  # problems a recipe error lists; the rest are counted (fix these first)
 
 
 def packaged_recipes() -> dict[str, Path]:
@@ -63,19 +66,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in chain:
         raise FinetuneError(f"recipe {path} extends itself through `base:` ({' -> '.join(map(str, chain + (path,)))}).")
-    try:
-        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
-    except DuplicateKeyError as e:
-        raise FinetuneError(f"recipe {path}, line {e.line}: key {shown(e.key)} is given twice in one mapping (first "
-                            f"on line {e.first_line}); YAML would silently keep the last one. Keep one of them.") \
-            from None
-    except UnicodeDecodeError as e:
-        raise FinetuneError(f"recipe {path} is not UTF-8 text ({e.reason} at byte {e.start}); give a YAML file.") \
-            from None
-    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: an integer of over 4,300 digits
-        raise FinetuneError(f"recipe {path} is not valid YAML: {e}") from None
-    except OSError as e:
-        raise FinetuneError(f"recipe {path} cannot be read: {e.strerror}.") from None
+    raw = read_yaml_file(path) or {}
     if not isinstance(raw, dict):
         raise FinetuneError(f"recipe {path} must be a mapping of sections (model:, data:, ...), not "
                             f"{type(raw).__name__}.")
@@ -108,10 +99,8 @@ def parse_overrides(items: list[str] | dict[str, Any]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise FinetuneError(f"override {item!r} is not KEY=VALUE; write for example optim.lr=1e-3.")
         try:
-            out[key.strip()] = load_yaml(text) if text.strip() else None
-        except DuplicateKeyError as e:
-            raise FinetuneError(f"override {shown(item)}: {e}; keep one of them.") from None
-        except (yaml.YAMLError, ValueError, RecursionError):  # not YAML: the text itself
+            out[key.strip()] = parse_yaml(text, f"override {shown(item)}") if text.strip() else None
+        except YAML_SYNTAX_ERRORS:  # not YAML: the text itself
             out[key.strip()] = text
     return out
 
@@ -138,8 +127,10 @@ def load_recipe(recipe: RecipeLike, overrides: list[str] | dict[str, Any] | None
     config = _resolve_defaults(dataclasses.replace(config, optim=optim))
     errors += optim_errors + _check_values(config, bad)
     if errors:
-        raise FinetuneError("the recipe has {} problem{}:\n  - {}".format(
-            len(errors), "s" if len(errors) > 1 else "", "\n  - ".join(errors)))
+        listed = errors[:LISTED_PROBLEMS] + ([f"... and {len(errors) - LISTED_PROBLEMS:,} more"]
+                                             if len(errors) > LISTED_PROBLEMS else [])
+        raise FinetuneError("the recipe has {:,} problem{}:\n  - {}".format(
+            len(errors), "s" if len(errors) > 1 else "", "\n  - ".join(listed)))
     return config
 
 
@@ -159,8 +150,7 @@ def _set_dotted(raw: dict, dotted: Any, value: Any, errors: list[str]) -> None:
         errors.append(f"override {dotted!r}: {section} is not a section")
         return
     key, _, subkey = rest.partition(".")
-    section_cls = {f.name: f.default_factory for f in dataclasses.fields(RecipeConfig)}.get(section)
-    hint = typing.get_type_hints(section_cls).get(key) if dataclasses.is_dataclass(section_cls) else None
+    hint = _section_hints(section).get(key)
     # optim.lr_mult.blocks.*=0.5 sets one entry of a mapping; train.early_stop.patience=3 one key of a
     # sub-section, turning it on when it was null.
     sub_section = optional_dataclass(hint) is not None
@@ -175,6 +165,13 @@ def _set_dotted(raw: dict, dotted: Any, value: Any, errors: list[str]) -> None:
         entries[subkey] = value
     else:
         target[rest] = value
+
+
+@functools.cache
+def _section_hints(section: str) -> dict[str, Any]:
+    """The type hints of a recipe section's keys ({} for no section); cached: thousands of overrides each ask."""
+    section_cls = {f.name: f.default_factory for f in dataclasses.fields(RecipeConfig)}.get(section)
+    return typing.get_type_hints(section_cls) if dataclasses.is_dataclass(section_cls) else {}
 
 
 def _resolve_defaults(config: RecipeConfig) -> RecipeConfig:

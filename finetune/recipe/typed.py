@@ -1,7 +1,7 @@
-"""YAML to typed, frozen dataclasses, strictly: YAML text to plain data without silently dropping a key
-given twice (load_yaml), then plain values to dataclasses, where each value is converted by its declared type
-(YAML reads `1e-4` as a string, a command line gives every value as text), an unknown key gets a "did you
-mean", and every problem is collected instead of raised, so that one error can list them all.
+"""Plain data (YAML read by userfiles.py) to typed, frozen dataclasses, strictly: each value is converted by
+its declared type (YAML reads `1e-4` as a string, a command line gives every value as text), an unknown key
+gets a "did you mean" (the first LISTED of them; the rest are counted), and every problem is collected
+instead of raised, so that one error can list them all.
 Generic: it knows type hints, not recipes (schema.py owns the recipe schema).
 """
 
@@ -15,41 +15,11 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-import yaml
-
 # Values in messages are shortened: a 5,000-character path or a deeply nested list must not bury the message.
 _SHORT = reprlib.Repr()
 _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 60, 60, 4, 4, 2
-
-
-class DuplicateKeyError(yaml.YAMLError):
-    def __init__(self, key: Any, first_line: int, line: int):
-        super().__init__(f"key {shown(key)} appears twice in one mapping (lines {first_line} and {line})")
-        self.key, self.first_line, self.line = key, first_line, line
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping: PyYAML silently keeps the last one,
-    so `lr: 0.1` further up would be ignored without a word. Merge keys (`<<:`) keep their YAML meaning."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
-            try:
-                if key in seen:
-                    raise DuplicateKeyError(key, seen[key], line)
-                seen[key] = line
-            except TypeError:  # an unhashable key: the base class reports it
-                pass
-        return super().construct_mapping(node, deep)
-
-
-def load_yaml(text: str) -> Any:
-    """Plain data from YAML text, refusing a key given twice in one mapping."""
-    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: plain data only, never code
+# Unknown keys named per mapping: a million of them must not take minutes of "did you mean" and print 300 MB.
+LISTED = 10
 
 
 def build_dataclass(cls: type, raw: Any, prefix: str, errors: list[str], bad: set[str],
@@ -64,9 +34,13 @@ def build_dataclass(cls: type, raw: Any, prefix: str, errors: list[str], bad: se
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
+    names = set(known)
+    unknown = [key for key in raw if key not in names]
+    errors += [_unknown_key(prefix, key if isinstance(key, str) else shown(key), known) for key in unknown[:LISTED]]
+    if len(unknown) > LISTED:
+        errors.append(f"... and {len(unknown) - LISTED:,} more unknown {'keys' if prefix else 'sections'} in {where}")
     for key, value in raw.items():
-        if key not in known:
-            errors.append(_unknown_key(prefix, key if isinstance(key, str) else shown(key), known))
+        if key not in names:
             continue
         hint = hints[key]
         section = optional_dataclass(hint)

@@ -54,6 +54,25 @@ def auto_batch_size(train_images: int, processes: int) -> int:
     return max(processes, -(-size // processes) * processes)
 
 
+def batch_size_problem(batch_size: int | str, train_images: int) -> str | None:
+    """Why `batch_size` cannot train on `train_images` images, or None. A global batch above the image count
+    repeats every image within each update (a batch of 4,096 on 6 images draws each 683 times): the update
+    is that of a batch of the image count, at many times its cost. `auto` picks its own size (8 at least,
+    for BatchNorm) and is never refused."""
+    if batch_size == "auto" or batch_size <= train_images:
+        return None
+    return (f"train.batch_size={batch_size} is more than the {train_images} training images, so every update would "
+            f"hold each image about {batch_size / train_images:.0f} times over; set train.batch_size={train_images} "
+            "or less (or auto), or give more training images.")
+
+
+def require_batch_fits(batch_size: int | str, train_images: int) -> None:
+    """FinetuneError when batch_size_problem finds one; called once the data is read, before any write."""
+    problem = batch_size_problem(batch_size, train_images)
+    if problem:
+        raise FinetuneError(problem)
+
+
 def derive_batching(batch_size: int | str, micro_batch_size: int | None, processes: int,
                     train_images: int) -> Batching:
     """Split `batch_size` (or the auto choice) over `processes`, then into the largest equal micro-batches

@@ -32,11 +32,11 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-import yaml
 from safetensors import SafetensorError
 
 from ..atomic import write_atomic
 from ..errors import FinetuneError
+from ..recipe.userfiles import read_yaml_file
 from .rundir import RunDir, is_launch_main_process
 from .parts import read_parts, write_parts
 from .session import Session
@@ -203,8 +203,8 @@ def _epoch_of(checkpoint: Path) -> str:
 def _recipe_epochs(run_dir: RunDir) -> int | None:
     """train.epochs of the run's saved recipe (read as plain YAML: resume has loaded and checked it already)."""
     try:
-        epochs = (yaml.safe_load(run_dir.saved_recipe().read_text()) or {}).get("train", {}).get("epochs")
-    except (OSError, yaml.YAMLError, AttributeError):
+        epochs = (read_yaml_file(run_dir.saved_recipe(), "run recipe") or {}).get("train", {}).get("epochs")
+    except (FinetuneError, AttributeError):
         return None
     return epochs if type(epochs) is int else None
 

@@ -23,6 +23,7 @@ from ..data.multilabel import load_multi_label_source, wrap_multi_label_in_memor
 from ..data.sources import load_source, wrap_in_memory
 from ..errors import FinetuneError
 from ..recipe.locate import check_source
+from ..recipe.userfiles import read_yaml_file
 from ..recipe.schema import DataConfig, RecipeConfig, TrainConfig
 from .evaluate import predict_batches
 from .inputs import model_inputs
@@ -55,9 +56,7 @@ def eval_config(run: Path, data_text: str) -> RecipeConfig:
     """The settings eval takes from the run's recipe.yaml (when it has one): column names, the torchvision
     root, and the precision and memory layout its validation ran in. Read as plain YAML: the training data
     may be long gone."""
-    import yaml
-
-    saved = yaml.safe_load((run / RECIPE_NAME).read_text()) if (run / RECIPE_NAME).is_file() else {}
+    saved = read_yaml_file(run / RECIPE_NAME, "run recipe") if (run / RECIPE_NAME).is_file() else {}
     data, train = (saved or {}).get("data") or {}, (saved or {}).get("train") or {}
     keys = ("image_column", "label_column", "root")
     return RecipeConfig(data=DataConfig(train=data_text, **{k: data[k] for k in keys if data.get(k) is not None}),

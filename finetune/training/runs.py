@@ -1,7 +1,7 @@
 """`finetune runs`: one line per run directory under a folder, to compare runs and see which still go on.
 
 Read only, and cheap enough for hundreds of runs: each run's recipe.yaml (as plain YAML: its data may be
-long gone), metrics.jsonl, test_metrics.json and the checkpoint's small trainer_state.json (never the
+long gone; bounded as every file finetune did not just write, recipe/userfiles.py), metrics.jsonl, test_metrics.json and the checkpoint's small trainer_state.json (never the
 checkpoint's tensors or their checksums). A run directory is a folder with the marker `.finetune-run.json`,
 a recipe.yaml with metrics or a checkpoint (a run of a finetune from before the marker), or a held lock
 (a run still setting up, before it wrote anything).
@@ -21,10 +21,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from ..atomic import lock_holder
 from ..errors import FinetuneError
+from ..recipe.userfiles import open_regular, read_yaml_file
 from ..reporting.review import TEST_METRICS_NAME
 from .checkpoint import STATE_NAME
 from .rundir import CHECKPOINT_NAME, LOCK_NAME, MARKER_NAME, METRICS_NAME, RECIPE_NAME, RunDir
@@ -146,16 +145,17 @@ def _sort_key(r: RunSummary, column: str):
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        data = read_yaml_file(path, "run recipe")  # bounded: a shared run folder may hold anything
+    except FinetuneError:
         return {}
     return data if isinstance(data, dict) else {}
 
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        with open_regular(path) as f:  # a FIFO in its place would hang the listing
+            data = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
