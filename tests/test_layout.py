@@ -76,9 +76,9 @@ def test_foundations_import_nothing_of_finetune_but_each_other():
         assert finetune_imports(PACKAGE / f"{name}.py") <= FOUNDATIONS, name
 
 
-def test_only_the_loop_imports_accelerate():
+def test_only_training_imports_accelerate():
     users = {str(p.relative_to(PACKAGE)) for p in modules() if "accelerate" in third_party_imports(p)}
-    assert users == {"training/loop.py"}
+    assert users and all(user.startswith("training/") for user in users), users
 
 
 def test_every_module_is_under_300_lines():

@@ -1,5 +1,5 @@
-"""Training: the one Accelerate loop (loop.py, the only module in finetune that imports accelerate) and
-what it is built from: run-time settings decided once (runtime.py), the global batch split over
+"""Training, the only package in finetune that imports accelerate: the one loop (loop.py), where it starts
+(start.py: the accelerator and the session), the state it carries (state.py) and what it is built from: run-time settings decided once (runtime.py), the global batch split over
 processes (batching.py), launch checks (launch.py), the run directory (rundir.py), checkpoints
 (checkpoint.py), the fault contract across processes (faults.py), scoring on every process
 (evaluate.py), everything one run trains with (session.py), a multi-label run's loss and per-image

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from PIL import Image
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset
@@ -36,8 +37,8 @@ from ..model.groups import build_plan
 from ..recipe.schema import DataConfig, RecipeConfig, TrainConfig
 from .batching import AUTO_LARGEST, derive_batching
 from .inputs import model_inputs
-from .start import build_accelerator, start_session
 from .session import Session
+from .start import build_accelerator, start_session
 from .step import train_epoch
 
 
@@ -154,7 +155,7 @@ def _stand_in_splits(batch_size: int, num_classes: int) -> Splits:
     return build_splits(DataConfig(train="python:bench"), 0, pairs, class_names=[str(i) for i in range(num_classes)])
 
 
-def _toolkit_epoch(session: Session, accelerator, tc: TrainConfig, dataset: Dataset) -> Callable[[], float]:
+def _toolkit_epoch(session: Session, accelerator: Accelerator, tc: TrainConfig, dataset: Dataset) -> Callable[[], float]:
     """The toolkit's own training step over `dataset` for one epoch: its session with the loader (and the
     batch count) swapped for the ready tensors. Returns `run()`, timed to the last kernel, in seconds."""
     batching = derive_batching(tc.batch_size, tc.micro_batch_size, session.batching.processes, len(dataset))

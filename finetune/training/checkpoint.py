@@ -18,7 +18,7 @@ automatic_checkpoint_naming=True, total_limit=...)`): it deletes the oldest chec
 new one in place, and `load_state()` picks the newest folder whether or not it was finished. Here the new state is written
 beside the others and swapped in by renames: `checkpoint/` is the newest, `checkpoint.old/` the
 one before, so a kill mid-save or a damaged newest checkpoint still leaves one to resume from.
-The accelerator is passed in: only the loop imports Accelerate.
+The accelerator is passed in (typed; only finetune/training imports Accelerate).
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from accelerate import Accelerator
 from safetensors import SafetensorError
 
 from ..atomic import write_atomic
 from ..errors import FinetuneError
 from ..recipe.userfiles import read_yaml_file
-from .rundir import RunDir, is_launch_main_process
 from .parts import read_parts, write_parts
+from .rundir import RunDir, is_launch_main_process
 from .session import Session
 from .state import TrainState
 
@@ -120,7 +121,7 @@ def inspect_checkpoint(path: Path) -> tuple[str | None, TrainState | None]:
         return f"{STATE_NAME}: {e}", None
 
 
-def load_checkpoint(accelerator, path: Path, phase_at, s: Session) -> TrainState:
+def load_checkpoint(accelerator: Accelerator, path: Path, phase_at, s: Session) -> TrainState:
     """Restore the session's model, optimizer, EMA (and fp16 scaler) and this process's RNG states from
     `path`; return the trainer state. `phase_at(epoch)` is the plan's phase rule: a checkpoint saved in
     another phase means the recipe was edited. Nothing is unpickled (see the module docstring)."""
@@ -143,7 +144,7 @@ def load_checkpoint(accelerator, path: Path, phase_at, s: Session) -> TrainState
     return state
 
 
-def save_checkpoint(accelerator, run_dir: RunDir, state: TrainState, s: Session) -> None:
+def save_checkpoint(accelerator: Accelerator, run_dir: RunDir, state: TrainState, s: Session) -> None:
     """Write the state beside the last checkpoint, then swap: a kill mid-save keeps the previous one.
     Every process calls this (each writes its own RNG state); the main process does the renames."""
     tmp, old = _sibling(run_dir, ".tmp"), _sibling(run_dir, ".old")

@@ -23,13 +23,13 @@ from ..data.multilabel import load_multi_label_source, wrap_multi_label_in_memor
 from ..data.sources import load_source, wrap_in_memory
 from ..errors import FinetuneError
 from ..recipe.locate import check_source
-from ..recipe.userfiles import read_yaml_file
 from ..recipe.schema import DataConfig, RecipeConfig, TrainConfig
+from ..recipe.userfiles import read_yaml_file
 from .evaluate import predict_batches
 from .inputs import model_inputs
-from .start import build_accelerator
 from .rundir import RECIPE_NAME
 from .runtime import adapt_model, resolve_runtime
+from .start import build_accelerator
 
 
 def predict_dataset(config: RecipeConfig, model: torch.nn.Module, dataset: Dataset, batch_size: int) -> dict | None:

@@ -1,7 +1,6 @@
 """Scoring a model over a loader on every process: per-sample results gathered so that each image of the
 dataset counts exactly once (Accelerate's `gather_for_metrics` drops the duplicates that pad the last
-batch of a shard), and the metrics computed from them. The accelerator is passed in: only the loop
-imports Accelerate.
+batch of a shard), and the metrics computed from them. The accelerator is passed in.
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ import dataclasses
 from typing import Iterable
 
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from ..data.loaders import build_loader
@@ -25,7 +25,7 @@ RESULT_KEYS = ("loss", "pred", "pred_prob", "given_prob", "label", "top_k", "top
 
 
 @torch.no_grad()
-def predict_all(s: Session, accelerator, loader) -> dict:
+def predict_all(s: Session, accelerator: Accelerator, loader) -> dict:
     """Per-sample loss, prediction, its probability, the given label's probability, the label, and the
     `TOP_K` most probable classes with their probabilities, over exactly the loader's dataset in its order."""
     s.model.eval()
@@ -39,7 +39,7 @@ def predict_all(s: Session, accelerator, loader) -> dict:
 
 
 @torch.no_grad()
-def predict_batches(model: torch.nn.Module, accelerator, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+def predict_batches(model: torch.nn.Module, accelerator: Accelerator, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     keep_logits: bool = False) -> dict:
     """`predict_all` over (images, labels) batches of a prepared loader: RESULT_KEYS -> one tensor each,
     gathered from every process (gather_for_metrics drops the padding duplicates). keep_logits: "logits"
@@ -64,7 +64,7 @@ def predict_batches(model: torch.nn.Module, accelerator, batches: Iterable[tuple
     return {key: torch.cat(values).cpu() for key, values in parts.items()}
 
 
-def evaluate(s: Session, accelerator, loader, class_names: list[str], prefix: str = "val") -> dict:
+def evaluate(s: Session, accelerator: Accelerator, loader, class_names: list[str], prefix: str = "val") -> dict:
     """Loss, top-1, balanced and per-class accuracy over exactly the loader's dataset."""
     results = predict_all(s, accelerator, loader)
     if "probs" in results:  # task multi_label: a sigmoid per label (multilabel.py)
@@ -76,7 +76,7 @@ def evaluate(s: Session, accelerator, loader, class_names: list[str], prefix: st
     return metrics
 
 
-def validate(s: Session, accelerator, loader, class_names: list[str]) -> tuple[dict, str, float]:
+def validate(s: Session, accelerator: Accelerator, loader, class_names: list[str]) -> tuple[dict, str, float]:
     """The model's val metrics and, with a moving average, the average's (`ema_val_*`); which of the two is
     the candidate for export ("model" or "ema") and its accuracy (multi-label: its mAP)."""
     val = evaluate(s, accelerator, loader, class_names)
@@ -87,7 +87,7 @@ def validate(s: Session, accelerator, loader, class_names: list[str]) -> tuple[d
     return val, candidate, val[f"ema_val_{key}" if candidate == "ema" else f"val_{key}"]
 
 
-def eval_loader(s: Session, accelerator, view):
+def eval_loader(s: Session, accelerator: Accelerator, view):
     """A prepared loader over `view` (a split with the eval transform), batched like validation; used once,
     so its workers end with it."""
     return accelerator.prepare(build_loader(view, s.batching.per_device, False, s.runtime.workers,

@@ -15,7 +15,7 @@ skip on the device (and fp16, whose GradScaler owns that flag) are checked after
 An exception is different: the process that raised reports it through the health all-reduce, prints
 it and stops. The others learn of it in the next collective they block in (a gloo peer closing its
 connection), or are stopped by the launcher, which ends every process when one exits with an error.
-The accelerator is passed in: only the loop imports Accelerate.
+The accelerator is passed in (typed; only finetune/training imports Accelerate).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import traceback
 from typing import Protocol
 
 import torch
+from accelerate import Accelerator
 
 from ..errors import FinetuneError
 
@@ -53,7 +54,7 @@ class Health:
     checkpoint, stop), kept on the device in one record and read on one cadence: every `every` updates,
     at the end of the epoch, and whenever `requests` needs an answer (a checkpoint due by count)."""
 
-    def __init__(self, accelerator, optimizer, every: int = FAULT_CHECK_UPDATES, hint: str = "",
+    def __init__(self, accelerator: Accelerator, optimizer, every: int = FAULT_CHECK_UPDATES, hint: str = "",
                  requests: Requests | None = None):
         self.accelerator, self.hint, self.requests = accelerator, hint, requests
         inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps the torch optimizer

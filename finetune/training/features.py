@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
@@ -167,7 +168,7 @@ def init_head_by_probe(s: Session, splits: Splits, dc: DataConfig, seed: int, de
     return bad
 
 
-def start_head(s: Session, config: RecipeConfig, splits: Splits, accelerator, log: Callable[[str], None]) -> Session:
+def start_head(s: Session, config: RecipeConfig, splits: Splits, accelerator: Accelerator, log: Callable[[str], None]) -> Session:
     """A fresh run's head: with train.head_init probe, fitted on the pretrained body's features first."""
     if s.head_init != "probe":
         return s
@@ -179,7 +180,7 @@ def start_head(s: Session, config: RecipeConfig, splits: Splits, accelerator, lo
     return dataclasses.replace(s, skipped=s.skipped + tuple(bad))
 
 
-def fit_epoch_lbfgs(s: Session, accelerator, epoch: int, update: int, fault_hint: str = "") -> Iterator[tuple[int, float]]:
+def fit_epoch_lbfgs(s: Session, accelerator: Accelerator, epoch: int, update: int, fault_hint: str = "") -> Iterator[tuple[int, float]]:
     """optim.name=lbfgs: one epoch is one L-BFGS step (up to LBFGS_ITERATIONS iterations with a strong-Wolfe
     line search) on the L2-regularised loss over every cached training view: a logistic regression of
     the head that converges in seconds, as CLIP-style linear probes fit theirs. Every process holds all

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from accelerate import Accelerator
 
 from ..errors import Stopped
 from ..recipe.interval import checkpoint_interval
@@ -100,7 +101,7 @@ class Pauses:
         if self.agreed == CHECKPOINT:
             self.agreed = NOTHING
 
-    def stop_after_epoch(self, accelerator) -> bool:
+    def stop_after_epoch(self, accelerator: Accelerator) -> bool:
         """Whether any process was asked to stop (also while the epoch's end was validated and saved):
         one small all-reduce, at the end of an epoch."""
         flag = torch.tensor(float(self.signum is not None or self.stopping), device=accelerator.device)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from accelerate import Accelerator
+
 from ..atomic import write_atomic
 from ..data.splits import Splits
 from ..errors import FinetuneError
@@ -32,8 +34,8 @@ from ..recipe.schema import RecipeConfig
 from ..reporting.plots import save_lr_find
 from .faults import NonFiniteLoss
 from .features import start_head
-from .start import build_accelerator, start_session
 from .plugins import Plugins
+from .start import build_accelerator, start_session
 from .step import train_epoch
 
 RULE = "steepest descent of the smoothed loss against log(LR) (fastai's 'steep')"
@@ -154,7 +156,7 @@ class _EveryUpdate:
         pass
 
 
-def train_epochs_from(session, accelerator, epoch: int) -> Iterator[tuple[int, float]]:
+def train_epochs_from(session, accelerator: Accelerator, epoch: int) -> Iterator[tuple[int, float]]:
     """Updates for as long as the sweep wants them: passes over the data follow the order and
     augmentation of epochs `epoch`, `epoch + 1`, ..., all in the unfreezing phase of `epoch`."""
     update = 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_model, save_model
 
 from .session import Session
@@ -23,7 +24,7 @@ SCALER_NAME = "scaler.safetensors"
 RNG_NAME = "rng_{}.safetensors"  # one per process
 
 
-def read_parts(accelerator, path: Path, s: Session) -> None:
+def read_parts(accelerator: Accelerator, path: Path, s: Session) -> None:
     """Restore the session from the checkpoint in `path`, in this format or finetune 0.1's."""
     if (path / OPTIMIZER_NAME).is_file():
         _read_new_parts(accelerator, path, s)
@@ -31,7 +32,7 @@ def read_parts(accelerator, path: Path, s: Session) -> None:
         _read_parts_of_finetune_0_1(accelerator, path, s)
 
 
-def write_parts(accelerator, folder: Path, s: Session) -> None:
+def write_parts(accelerator: Accelerator, folder: Path, s: Session) -> None:
     """The tensors of a checkpoint: the processes hold the same weights and optimizer state (they average
     gradients), so the main process writes those; each process writes its own RNG states."""
     if accelerator.is_main_process:
@@ -44,7 +45,7 @@ def write_parts(accelerator, folder: Path, s: Session) -> None:
     save_tree(_rng_states(), folder / RNG_NAME.format(accelerator.process_index))
 
 
-def _read_new_parts(accelerator, path: Path, s: Session) -> None:
+def _read_new_parts(accelerator: Accelerator, path: Path, s: Session) -> None:
     load_model(accelerator.unwrap_model(s.model, keep_torch_compile=False), str(path / MODEL_NAME))
     s.optimizer.load_state_dict(load_tree(path / OPTIMIZER_NAME))
     _match_layouts(s.optimizer)
@@ -69,7 +70,7 @@ def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
                                                      device=value.device).copy_(value)
 
 
-def _read_parts_of_finetune_0_1(accelerator, path: Path, s: Session) -> None:
+def _read_parts_of_finetune_0_1(accelerator: Accelerator, path: Path, s: Session) -> None:
     """A checkpoint Accelerate's `save_state` wrote: its pickles are read with PyTorch's restricted
     unpickler, which refuses anything but tensors and plain containers. Its RNG files are not read (they
     hold NumPy objects): every update and every sample is seeded from the run's seed anyway (step.py,

@@ -1,7 +1,7 @@
 """One optimizer update at a time: the epoch of training that the loop, the LR finder and the benchmark
 share. Each update runs `accumulation` micro-batches per process, exchanges the processes' health before
 the backward that averages gradients (faults.py), then clips, steps and updates the moving average. The
-accelerator is passed in: only the loop imports Accelerate.
+accelerator is passed in (typed; only finetune/training imports Accelerate).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 
 from ..data.loaders import epoch_seed, mix_seed
 from ..model.optim import drop_waiting_grads, set_lr
@@ -24,7 +25,7 @@ from .session import Session
 HOST_DEVICES = ("cpu",)
 
 
-def train_epoch(s: Session, accelerator, epoch: int, update: int, fault_hint: str = "",
+def train_epoch(s: Session, accelerator: Accelerator, epoch: int, update: int, fault_hint: str = "",
                 phase_epoch: int | None = None, requests: Requests | None = None,
                 start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
     """One epoch of `updates_per_epoch` optimizer updates, each over `accumulation` micro-batches per
@@ -82,7 +83,7 @@ def train_epoch(s: Session, accelerator, epoch: int, update: int, fault_hint: st
     s.sampler.start = 0
 
 
-def _enter_phase(s: Session, accelerator, epoch: int) -> list[torch.nn.Module]:
+def _enter_phase(s: Session, accelerator: Accelerator, epoch: int) -> list[torch.nn.Module]:
     """Set up the unfreezing phase `epoch` trains in; return the BatchNorm layers to keep in eval mode.
     Groups whose phase has not begun get LR 0 and their gradients dropped before every step, so they
     stay bit for bit. In one process their gradients are switched off, saving the backward pass; under
@@ -92,7 +93,7 @@ def _enter_phase(s: Session, accelerator, epoch: int) -> list[torch.nn.Module]:
     return s.plan.frozen_norm_modules(s.network, epoch)
 
 
-def _forward_micro_batches(s: Session, accelerator, micro_batches, epoch: int = 0, update_in_epoch: int = 0
+def _forward_micro_batches(s: Session, accelerator: Accelerator, micro_batches, epoch: int = 0, update_in_epoch: int = 0
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward every micro-batch of one update, and backward all but the last inside `no_sync` (gradients
     add up locally, no communication). Returns the update's loss (the mean over its micro-batches) and

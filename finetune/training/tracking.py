@@ -7,7 +7,7 @@ every group's LR at that update (`train/loss`, `lr/<group>`, step = the update c
 epoch's numbers from its metrics.jsonl record (`val/acc`, `ema_val/acc`, `epoch/train_loss`, ...,
 step = the update count at the epoch's end). The losses are read from the device only at the end of
 an epoch, where the loop reads them anyway: tracking adds no wait for the device per update. The
-accelerator is passed in: only the loop imports Accelerate.
+accelerator is passed in (typed; only finetune/training imports Accelerate).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 from ..recipe.load import recipe_to_dict
 from ..recipe.schema import RecipeConfig
@@ -31,14 +32,14 @@ def tracker_settings(config: RecipeConfig, run_dir: Path | None) -> dict:
             "project_dir": str(run_dir / TENSORBOARD_FOLDER) if run_dir is not None else None}
 
 
-def start_tracking(accelerator, config: RecipeConfig, run_name: str) -> None:
+def start_tracking(accelerator: Accelerator, config: RecipeConfig, run_name: str) -> None:
     """Start the trackers (main process) with the recipe as hyperparameters."""
     if config.train.log_with:
         accelerator.init_trackers(PROJECT, config=_flat(recipe_to_dict(config)),
                                   init_kwargs={"wandb": {"name": run_name}})
 
 
-def log_epoch(accelerator, config: RecipeConfig, record: dict, losses: list, lrs: list[dict]) -> None:
+def log_epoch(accelerator: Accelerator, config: RecipeConfig, record: dict, losses: list, lrs: list[dict]) -> None:
     """One epoch: each update's loss and LRs (`losses`, `lrs`: one per update, ending at record["step"]),
     then the epoch's scalar metrics."""
     if not config.train.log_with:
