@@ -3,21 +3,23 @@ beside the final name, then rename), and locked so that one process at a time ow
 
 A run directory is read while it is written (a person opens curves.png mid-run, `--resume` reads what a
 killed run left), and a rename within one folder is atomic on POSIX. Every file finetune writes into a
-run directory goes through here. The lock is an exclusive `flock` on an open lock file: the OS releases
-it when the process ends, however it ends, so a lock file a kill left behind locks nothing; the holder's
-host, pid and start time are written inside for the message of whoever finds it taken.
+run directory goes through here. The lock is an exclusive lock on an open lock file, taken with filelock's
+`lock_descriptor` (flock on POSIX, LockFileEx on Windows, the same lock filelock.FileLock takes): the OS
+releases it when the process ends, however it ends, so a lock file a kill left behind locks nothing; the
+holder's host, pid and start time are written inside for the message of whoever finds it taken.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import json
 import os
 import socket
 from pathlib import Path
 from typing import Iterator
+
+from filelock import lock_descriptor
 
 
 @contextlib.contextmanager
@@ -58,12 +60,10 @@ def take_lock(path: str | Path) -> tuple[int, dict]:
     path = Path(path)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not lock_descriptor(fd, blocking=False):
             holder = _read_record(fd)
             os.close(fd)
-            raise LockHeld(holder) from None
+            raise LockHeld(holder)
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
@@ -91,10 +91,7 @@ def lock_holder(path: str | Path) -> dict | None:
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return None
-    except BlockingIOError:
-        return _read_record(fd)
+        return None if lock_descriptor(fd, blocking=False) else _read_record(fd)
     finally:
         os.close(fd)  # also releases the lock this check took
 
