@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Iterator
@@ -108,10 +109,12 @@ def lock_holder(path: str | Path) -> dict | None:
     import fcntl  # POSIX only, as in take_lock
 
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO in the lock's place must not hang the look
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # no run's lock: runs lock regular files
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return None
     except BlockingIOError:

@@ -53,3 +53,13 @@ def test_a_lock_file_left_by_a_dead_process_locks_nothing_but_says_who_left_it(t
     fd, previous = take_lock(path)
     assert previous["pid"] != os.getpid() and previous["host"] == socket.gethostname()
     release_lock(path, fd)
+
+
+def test_a_fifo_in_the_locks_place_does_not_hang_the_look(tmp_path):
+    import os
+
+    from finetune.atomic import lock_holder
+
+    fifo = tmp_path / ".finetune.lock"
+    os.mkfifo(fifo)
+    assert lock_holder(fifo) is None  # returns at once: opened without blocking, and not a regular file

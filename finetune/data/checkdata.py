@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..errors import FinetuneError
 from ..recipe.schema import DataConfig
 from .badimages import BAD_IMAGE_ERRORS, describe_error
-from .images import to_rgb
+from .images import refuse_elongated, to_rgb
 from .loaders import default_num_workers
 from .multilabel import cooccurrence, is_multi_label, load_multi_label_source, stratify_keys
 from .samples import ImageSamples, natural_key
@@ -44,10 +44,12 @@ def inspect_image(samples: ImageSamples, index: int) -> dict:
             return {"error": "empty file (0 bytes)"}
         if raw is not None:
             with Image.open(io.BytesIO(raw)) as img:
+                refuse_elongated(*img.size)  # as training refuses it, before decoding
                 mode = img.mode
                 rgb = to_rgb(ImageOps.exif_transpose(img))  # loads every pixel: a truncated file fails here
         else:
             rgb = samples.image(index)
+            refuse_elongated(*rgb.size)  # in memory already; training refuses it before resizing
             mode = rgb.mode
     except UnidentifiedImageError:  # its message would name our in-memory buffer, not the file
         return {"error": "UnidentifiedImageError: not an image, or a format PIL cannot read"}

@@ -12,6 +12,11 @@ key hashes the source's fingerprint, the stored side, the interpolation and PIL'
 file or a changed label gives a new key and never a stale cache; a source without a lasting identity
 gets no disk cache. The data file is renamed into place before the index, so an index means a complete
 cache; it also records the data file's size, which the reader checks.
+
+A complete cache is read without writing anything (no lock either): a read-only disk serves. A missing one
+is built under a filelock lock, so two runs of one key take turns; a build that cannot write (read-only,
+full disk) leaves no data file or index and raises cachedir.CacheUnavailable on every process of the
+machine. Images over images.MAX_ASPECT_RATIO are recorded as unreadable, never resized.
 """
 
 from __future__ import annotations
@@ -22,10 +27,9 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,26 +37,23 @@ import numpy as np
 import PIL
 import timm.data
 import torch
+from filelock import FileLock
 from PIL import Image
 from timm.data import DEFAULT_CROP_PCT
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from ..atomic import write_atomic
-from ..errors import FinetuneError
 from ..recipe.userfiles import open_regular
 from .badimages import BAD_IMAGE_ERRORS
+from .cachedir import CacheUnavailable, cache_folder, cache_unavailable, free_space
+from .images import MAX_ASPECT_RATIO
 from .samples import FileSamples, as_pil
 
-VERSION = 1  # part of every key: bump when what the files hold changes
+VERSION = 2  # part of every key: bump when what the files hold changes (2: elongated images left out)
 # `data.cache: auto` keeps the cache only when it stays in the page cache (a share of RAM: epochs then read
 # memory, not disk) and leaves most of the disk free for checkpoints and other caches.
 RAM_SHARE, DISK_SHARE = 0.25, 0.5
-
-
-def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/finetune, else ~/.cache/finetune: caches never go inside the user's data folders."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune"
 
 
 def why_not_cached(data_cfg: dict) -> str | None:
@@ -128,29 +129,37 @@ class DecodedImages(Dataset):
 def build_decoded(base: Dataset, data_cfg: dict, cache_dir: str | Path | None, num_workers: int, build: bool = True,
                   wait: Callable[[], None] = lambda: None,
                   log: Callable[[str], None] = print) -> DecodedImages | None:
-    """`base` from the decoded-image cache in `cache_dir` (None: default_cache_dir()), decoded with
+    """`base` from the decoded-image cache in `cache_dir` (None: cachedir's default folder), decoded with
     `num_workers` loader workers when the cache is missing; None when the source has no lasting identity.
 
     Every process of a run calls this once. Those with `build` (one per machine) fill a missing cache, then
     call `wait`; the others call `wait` (a barrier the caller supplies) and then read what was built. Two
-    builders of one key on one machine (two runs) take turns on a lock file: the second reuses the cache."""
+    builders of one key on one machine (two runs) take turns on a lock file: the second reuses the cache.
+    A cache that cannot be written raises CacheUnavailable on every process, after `wait`."""
     reason = why_not_cached(data_cfg)
     if reason is not None:
         raise ValueError(f"the decoded-image cache cannot reproduce this eval transform: {reason}")
     key = cache_key(base, data_cfg)
     if key is None:
         return None
-    index = Path(cache_dir or default_cache_dir()) / f"decoded-{key}.json"
-    if build:
-        with _exclusive(index) as locked:
-            if _complete(index, len(base)):
-                log(f"decoded images: {len(base)} from {index.with_suffix('.u8')}")
-            else:
-                _build(base, data_cfg, index, num_workers, locked, log)
-    wait()
+    folder = cache_folder(cache_dir)
+    index = folder / f"decoded-{key}.json"
+    failure = None
+    if build and _complete(index, len(base)):  # read-only from here: no lock is needed to read a whole cache
+        log(f"decoded images: {len(base)} from {index.with_suffix('.u8')}")
+    elif build:
+        try:
+            _build_locked(base, data_cfg, index, num_workers, log)
+        except OSError as e:
+            failure = cache_unavailable("the decoded-image cache", folder, e, estimate_decoded_bytes(base, data_cfg),
+                                        "data.cache=decoded")
+    wait()  # every process reaches the barrier, whatever the builder met
+    if failure is not None:
+        raise failure
     if not _complete(index, len(base)):
-        raise FinetuneError(f"the decoded-image cache {index} is missing or incomplete after it was built; put "
-                            "data.cache_dir on a disk that every process on this machine sees.")
+        note = (f"the decoded-image cache {index} is missing or incomplete after its build: its builder could not "
+                "write it (and says why), or data.cache_dir is not on a disk every process on this machine sees")
+        raise CacheUnavailable(f"data.cache=decoded: {note}. Put data.cache_dir on such a disk.", note)
     return DecodedImages(index, base)
 
 
@@ -162,7 +171,9 @@ def estimate_decoded_bytes(base: Dataset, data_cfg: dict, sample: int = 64) -> i
              if (s := _header_size(base, i)) is not None] if n else []
     if not sizes:
         return 0
-    per_image = [3 * side * int(side * max(w, h) / min(w, h)) for w, h in sizes]  # torchvision's rounding
+    # torchvision's rounding; an image over the aspect limit is never stored (images.py)
+    per_image = [3 * side * int(side * max(w, h) / min(w, h)) if max(w, h) <= MAX_ASPECT_RATIO * min(w, h) else 0
+                 for w, h in sizes]
     return round(sum(per_image) / len(per_image) * n)
 
 
@@ -170,10 +181,8 @@ def auto_cache_fits(estimated_bytes: int, cache_dir: str | Path | None) -> tuple
     """Whether a cache of `estimated_bytes` fits `data.cache: auto`'s budget (RAM_SHARE of physical memory
     and DISK_SHARE of the free disk at cache_dir), and one line with the numbers for the set-up printout."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    folder = Path(cache_dir or default_cache_dir()).absolute()
-    while not folder.exists():
-        folder = folder.parent
-    free = shutil.disk_usage(folder).free
+    folder = cache_folder(cache_dir).absolute()
+    free = free_space(folder)
     fits = estimated_bytes <= RAM_SHARE * ram and estimated_bytes <= DISK_SHARE * free
     return fits, (f"decoded-image cache about {estimated_bytes / 1e9:.2f} GB: "
                   f"{'fits' if fits else 'does not fit'} the budget of {RAM_SHARE:.0%} of {ram / 1e9:.1f} GB RAM "
@@ -210,10 +219,19 @@ def _eval_resize(data_cfg: dict) -> Callable:
     return first
 
 
-def _build(base: Dataset, data_cfg: dict, index: Path, num_workers: int, locked: bool,
-           log: Callable[[str], None]) -> None:
+def _build_locked(base: Dataset, data_cfg: dict, index: Path, num_workers: int, log: Callable[[str], None]) -> None:
+    """Builds the cache under its key's lock, unless a run that held the lock first built it."""
+    index.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(index.with_suffix(".lock")):  # released when the block ends, or when the process dies
+        if _complete(index, len(base)):
+            log(f"decoded images: {len(base)} from {index.with_suffix('.u8')} (built by another run meanwhile)")
+            return
+        _build(base, data_cfg, index, num_workers, log)
+
+
+def _build(base: Dataset, data_cfg: dict, index: Path, num_workers: int, log: Callable[[str], None]) -> None:
     data = index.with_suffix(".u8")
-    for leftover in index.parent.glob(f"{data.name}.tmp*") if locked else ():  # killed builds' (ours is locked)
+    for leftover in index.parent.glob(f"{data.name}.tmp*"):  # killed builds' (we hold the lock: none is running)
         leftover.unlink(missing_ok=True)
     tmp = data.with_name(f"{data.name}.tmp{os.getpid()}")
     log(f"decoded images: decoding {len(base)} images to {stored_side(data_cfg)} px (short side) into {data}")
@@ -232,9 +250,13 @@ def _build(base: Dataset, data_cfg: dict, index: Path, num_workers: int, locked:
             f.flush()
             os.fsync(f.fileno())  # the index must never outlive its data, even across a power cut
         os.replace(tmp, data)
-        write_atomic(index, json.dumps({"version": VERSION, "source": getattr(base, "origin", None),
-                                        "side": stored_side(data_cfg), "interpolation": data_cfg["interpolation"],
-                                        "bytes": offset, "images": entries}))
+        try:
+            write_atomic(index, json.dumps({"version": VERSION, "source": getattr(base, "origin", None),
+                                            "side": stored_side(data_cfg), "interpolation": data_cfg["interpolation"],
+                                            "bytes": offset, "images": entries}))
+        except OSError:
+            data.unlink(missing_ok=True)  # never read without its index: do not leave its gigabytes behind
+            raise
     finally:
         tmp.unlink(missing_ok=True)
     bad = sum(isinstance(e, dict) for e in entries)
@@ -250,21 +272,6 @@ def _complete(index: Path, count: int) -> bool:
                 and index.with_suffix(".u8").stat().st_size == meta["bytes"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
-
-
-@contextlib.contextmanager
-def _exclusive(index: Path) -> Iterator[bool]:
-    """Holds the key's lock file while building, so a second builder waits and then reuses the cache.
-    Yields whether it holds one."""
-    index.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # Windows: both build; each renames whole files into place, so either result is whole
-        yield False
-        return
-    with open(index.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
-        yield True
 
 
 def _original_error(type_path: str, message: str) -> Exception:

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from ..errors import FinetuneError
 from ..recipe.userfiles import open_regular
-from .images import open_image, to_rgb
+from .images import open_image, refuse_elongated, to_rgb
 
 
 def natural_key(text: str) -> list:
@@ -157,17 +157,21 @@ def _decode_column(column: str, batch: dict) -> dict:  # module level: loader wo
 
 
 def as_pil(image: Any) -> Image.Image:
-    """An image from a user's dataset (PIL, CHW tensor, HxW(xC) array) as 8-bit RGB."""
+    """An image from a user's dataset (PIL, CHW tensor, HxW(xC) array, path) as 8-bit RGB; one too elongated
+    to resize (images.MAX_ASPECT_RATIO) raises ImageTooElongated before anything is converted."""
+    if isinstance(image, (str, os.PathLike)):
+        return open_image(image)
     if isinstance(image, Image.Image):
+        refuse_elongated(*image.size)
         return to_rgb(image)
     if hasattr(image, "dim"):  # a torch tensor, CHW, uint8 or float in [0, 1]
         from torchvision.transforms.functional import to_pil_image
 
+        refuse_elongated(image.shape[-1], image.shape[-2])
         return to_rgb(to_pil_image(image))
     if isinstance(image, np.ndarray):
+        refuse_elongated(image.shape[1], image.shape[0])
         return to_rgb(Image.fromarray(image))
-    if isinstance(image, (str, os.PathLike)):
-        return open_image(image)
     raise FinetuneError(f"cannot use a {type(image).__name__} as an image; give PIL images, CHW tensors, arrays "
                         "or paths.")
 

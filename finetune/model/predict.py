@@ -5,6 +5,8 @@ timm user would do), and images get the eval transform recorded there. A damaged
 short) is a FinetuneError, not a traceback from deep inside safetensors. `finetune predict` takes image
 files, folders (every image inside, recursively) and manifests (`list_images`), and writes a CSV of the
 top-k predictions (`save_predictions`); `tta` averages the logits of each image and its mirror image.
+An image that cannot be read, or is too large to decode or too elongated to resize (data/images.py), is a
+FinetuneError naming it: one such file among many stops the command, as any unreadable one does.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from ..atomic import write_atomic
-from ..data.images import IMAGE_EXTENSIONS, ImageTooLarge, open_image, to_rgb
+from ..data.images import IMAGE_EXTENSIONS, MAX_ASPECT_RATIO, ImageTooElongated, ImageTooLarge
 from ..data.manifests import IMAGE_COLUMNS, read_manifest_rows
-from ..data.samples import natural_key
+from ..data.samples import as_pil, natural_key
 from ..errors import FinetuneError
 from .custom import refuse_custom_export
 from .export import CONFIG_NAME, WEIGHTS_NAME
@@ -87,21 +89,24 @@ class Predictor:
         return logits.cpu()
 
     def _prepare(self, image: ImageLike) -> torch.Tensor:
-        if isinstance(image, (str, Path)):
-            try:
-                image = open_image(image)
-            except ImageTooLarge as e:
-                raise FinetuneError(f"cannot read image {image}: {e}. PIL refuses more than twice "
-                                    "PIL.Image.MAX_IMAGE_PIXELS pixels as a possible decompression bomb; shrink the "
-                                    "image first, or, if you trust the file, raise that limit in Python before "
-                                    "predicting (PIL.Image.MAX_IMAGE_PIXELS = None lifts it).") from None
-            except (OSError, ValueError) as e:
-                raise FinetuneError(f"cannot read image {image}: {e}") from None
-        elif isinstance(image, torch.Tensor):
-            from torchvision.transforms.functional import to_pil_image
-
-            image = to_pil_image(image)
-        return self.transform(to_rgb(image))
+        where = f"image {image}" if isinstance(image, (str, Path)) else "an image"
+        try:
+            image = as_pil(image)  # opens a file; refuses an elongated image before the transform resizes it
+        except ImageTooElongated as e:
+            raise FinetuneError(f"cannot predict {where}: {e}. The model's transform scales the short side up to "
+                                "its input size, so the longer the image, the more memory it takes (1x20000 pixels: "
+                                f"gigabytes); crop it into pieces of at most {MAX_ASPECT_RATIO}:1 and predict "
+                                "those.") from None
+        except ImageTooLarge as e:
+            raise FinetuneError(f"cannot read {where}: {e}. PIL refuses more than twice "
+                                "PIL.Image.MAX_IMAGE_PIXELS pixels as a possible decompression bomb; shrink the "
+                                "image first, or, if you trust the file, raise that limit in Python before "
+                                "predicting (PIL.Image.MAX_IMAGE_PIXELS = None lifts it).") from None
+        except (OSError, ValueError) as e:
+            if not isinstance(image, (str, Path)):
+                raise
+            raise FinetuneError(f"cannot read {where}: {e}") from None
+        return self.transform(image)
 
 
 def load(run_dir: str | Path, device: str | torch.device | None = None) -> Predictor:

@@ -13,6 +13,8 @@ weight gives another key, never a stale cache. Sources without a lasting identit
 cached in memory for the run only. Unreadable images are recorded as during training and kept in the
 cache's metadata, so a run that finds the cache reports them too; their rows carry IGNORE_LABEL, which
 the loss and the metrics leave out.
+The cache only saves time: a file that cannot be written (read-only folder, full disk) or read (damaged)
+costs a note, not the run, whose features then stay in memory; a file is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from ..atomic import replacing
 from ..data.badimages import IGNORE_LABEL, SkipLog, read_skip_logs
-from ..data.decoded import default_cache_dir
+from ..data.cachedir import cache_folder, cache_unavailable, os_error
 from ..data.loaders import EpochSeeded, Transformed, build_loader
 from ..data.splits import Splits
 from ..recipe.schema import DataConfig, RecipeConfig
@@ -41,7 +44,7 @@ from .faults import NonFiniteLoss
 from .inputs import model_inputs
 from .session import Session
 
-VERSION = 1  # part of every key: bump when what a cache file holds changes
+VERSION = 2  # part of every key: bump when what a cache file holds changes (2: elongated images unreadable)
 
 
 class FeatureView(Dataset):
@@ -117,15 +120,24 @@ def split_features(s: Session, network: torch.nn.Module, body_id: str, base: Dat
     fills it while the others wait), else computed; and its unreadable files."""
     image_view = s.eval_view(base, indices, split)
     key = _key(base, body_id, s.data_cfg, dc, split, k, seed, image_view.indices)
-    path = None if key is None else Path(dc.cache_dir or default_cache_dir()) / f"features-{key}.safetensors"
+    folder = None if key is None else cache_folder(dc.cache_dir)
+    path = None if folder is None else folder / f"features-{key}.safetensors"
 
     def extract():
         return _extract(network, image_view, s, k, seed, device, log)
+    computed = None
     if path is not None and is_main and not path.is_file():
-        _save(path, *extract())
+        computed = extract()
+        try:
+            _save(path, *computed)
+        except OSError as e:
+            needed = sum(t.numel() * t.element_size() for t in computed[:2])
+            note = cache_unavailable("the feature cache", folder, e, needed, "data.feature_cache=auto").note
+            log(f"features: not cached: {note}; kept in memory for this run, computed again by the next one")
     barrier()
-    features, labels, bad = _load(path) if path is not None else extract()
-    log(f"features: {split} {tuple(features.shape)} {'from ' + str(path) if path else 'in memory'}")
+    found = _load(path, log) if path is not None and path.is_file() else None
+    features, labels, bad = found or computed or extract()
+    log(f"features: {split} {tuple(features.shape)} {'from ' + str(path) if found else 'in memory'}")
     return FeatureView(features, labels, image_view), bad
 
 
@@ -268,13 +280,22 @@ def _weights_digest(network: torch.nn.Module) -> str:
 def _save(path: Path, features: torch.Tensor, labels: torch.Tensor, bad: list) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as tmp:  # two runs filling one cache each rename a whole file into place
-        save_file({"features": features, "labels": labels}, str(tmp), metadata={"bad": json.dumps(bad)})
+        try:
+            save_file({"features": features, "labels": labels}, str(tmp), metadata={"bad": json.dumps(bad)})
+        except SafetensorError as e:  # an I/O error of its Rust writer
+            raise os_error(e) from e
 
 
-def _load(path: Path) -> tuple[torch.Tensor, torch.Tensor, list]:
+def _load(path: Path, log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor, list] | None:
+    """The cached features, labels and unreadable files; None (and a note) for a file that cannot be read."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        bad = json.loads((f.metadata() or {}).get("bad", "[]"))
-    tensors = load_file(str(path))
-    return tensors["features"], tensors["labels"], bad
+    try:
+        with safe_open(str(path), "pt") as f:
+            bad = json.loads((f.metadata() or {}).get("bad", "[]"))
+        tensors = load_file(str(path))
+        return tensors["features"], tensors["labels"], bad
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        log(f"features: cannot read {path} ({type(e).__name__}: {str(e)[:200]}); computing them in memory "
+            "instead. Delete the file to cache them again.")
+        return None

@@ -9,7 +9,9 @@ Two pipelines give the same eval tensors and the same kind of training augmentat
   while the others wait (the barrier comes from the loop: only it touches Accelerate).
 `auto` picks decoded when the augmentation can run on the device, the sources have a lasting identity
 (files, not in-memory arrays), the cache fits data/decoded.py's RAM and disk budget, and no cached
-features make images unnecessary. The printed set-up says which pipeline runs and why.
+features make images unnecessary; when the cache then cannot be written (a read-only folder, a full disk)
+it goes on with the PIL pipeline. The printed set-up says which pipeline runs and why. An explicit
+`decoded` that cannot be written is an error instead (data/cachedir.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
+from ..data.cachedir import CacheUnavailable
 from ..data.decoded import auto_cache_fits, build_decoded, estimate_decoded_bytes
 from ..data.device_augment import build_device_steps, collate_crops, why_not_on_device
 from ..data.loaders import EpochSeeded, Transformed, available_cores, build_loader
@@ -51,10 +54,19 @@ def use_decoded_images(s: Session, splits: Splits, dc: DataConfig, device: torch
                        wait: Callable[[], None], log: Callable[[str], None]) -> Session:
     """The session with its datasets, loaders and eval views reading the decoded-image cache, and the
     batched augmentation for the device. `build`: this process fills a missing cache (one per machine);
-    every process then calls `wait` before reading it."""
+    every process then calls `wait` before reading it. With data.cache=auto, a cache that cannot be written
+    leaves the session on the PIL pipeline, its set-up line saying why."""
     decoded: dict[int, Dataset] = {}
-    for base in _bases(splits):
-        decoded[id(base)] = build_decoded(base, s.data_cfg, dc.cache_dir, available_cores(), build, wait, log)
+    bases = _bases(splits)
+    for position, base in enumerate(bases):
+        try:
+            decoded[id(base)] = build_decoded(base, s.data_cfg, dc.cache_dir, available_cores(), build, wait, log)
+        except CacheUnavailable as e:  # raised on every process of this machine: they all fall back together
+            if dc.cache == "decoded":
+                raise
+            for _ in bases[position + 1:]:
+                wait()  # the barriers of the builds still running on other machines: each is passed once by all
+            return dataclasses.replace(s, input_pipeline=f"PIL decoding in loader workers (data.cache=auto: {e.note})")
     train_step, eval_step, train_augment, eval_augment = build_device_steps(
         s.data_cfg, dc, s.train_side, resize_in_workers=device.type == "cpu")
     for augment in (train_augment, eval_augment):
