@@ -7,15 +7,24 @@ import torch
 
 from finetune.data.splits import build_splits
 from finetune.recipe.load import load_recipe
+from finetune.training.inputs import Place
+from finetune.training.plugins import Plugins
 from finetune.training.session import build_session
+
+
+def no_prepare(*objects):
+    """Accelerate's prepare, in one process on the CPU: everything as it is."""
+    return objects
 
 
 @pytest.fixture
 def build(image_folder, tiny_recipe):
     def make(**overrides):
+        overrides = {"data.cache": "none", **overrides}  # the PIL pipeline: test_inputs.py covers the others
         config = load_recipe(tiny_recipe(image_folder(classes=3, per_class=10), **overrides))
         splits = build_splits(config.data, config.train.seed)
-        return build_session(config, splits, 1, 0, False, "fp32", None, lambda _: None), config, splits
+        return (build_session(config, splits, Place(), "fp32", None, lambda _: None, Plugins(), no_prepare), config,
+                splits)
     return make
 
 

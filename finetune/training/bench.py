@@ -161,8 +161,8 @@ def _toolkit_epoch(session: Session, accelerator: Accelerator, tc: TrainConfig, 
     batching = derive_batching(tc.batch_size, tc.micro_batch_size, session.batching.processes, len(dataset))
     data = EpochSeeded(dataset)
     loader = accelerator.prepare(build_loader(data, batching.per_device, True, 0, session.runtime.pin_memory))
-    s = dataclasses.replace(session, train_set=data, train_loader=loader, batching=batching,
-                            schedule=lambda _: 1.0)
+    s = dataclasses.replace(session, inputs=dataclasses.replace(session.inputs, train_set=data), train_loader=loader,
+                            batching=batching, schedule=lambda _: 1.0)
     state = {"epoch": 0, "update": 0}
 
     def epoch() -> None:

@@ -25,8 +25,9 @@ import json
 import math
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -41,8 +42,10 @@ from ..data.loaders import EpochSeeded, Transformed, build_loader
 from ..data.splits import Splits
 from ..recipe.schema import DataConfig, RecipeConfig
 from .faults import NonFiniteLoss
-from .inputs import model_inputs
-from .session import Session
+from .inputs import Inputs, Loading, Place, model_inputs
+
+if TYPE_CHECKING:
+    from .session import Session
 
 VERSION = 2  # part of every key: bump when what a cache file holds changes (2: elongated images unreadable)
 
@@ -79,12 +82,13 @@ class Head(torch.nn.Module):
         return self.classifier(torch.nn.functional.dropout(features, self.drop_rate, self.training))
 
 
-def use_cached_features(s: Session, splits: Splits, dc: DataConfig, seed: int, device: torch.device,
-                        is_main: bool, barrier: Callable[[], None], log: Callable[[str], None]) -> Session:
-    """The session with its model, datasets and loaders swapped for the head on cached features. The main
-    process fills a missing disk cache while the others wait, then every process reads it."""
-    network = s.network.to(device).eval()
-    body_id = _weights_digest(network)  # once: hashing every tensor of a big body takes a moment
+def feature_inputs(network: torch.nn.Module, splits: Splits, dc: DataConfig, how: Loading, images: Inputs,
+                   place: Place, full_batch: bool, log: Callable[[str], None]) -> Inputs:
+    """The head alone on cached features of every split, drawn through the `images` pipeline once. The
+    main process fills a missing disk cache while the others wait, then every process reads it.
+    `full_batch` (optim.name=lbfgs): one update per epoch over every cached view (fit_epoch_lbfgs)."""
+    network = network.to(place.device).eval()
+    source = Extraction(network, _weights_digest(network), images, how, place)  # hashing the body: once
     views = {"train": (splits.train, splits.train_indices, dc.feature_views),
              "val": (splits.val, splits.val_indices, 1)}
     if splits.test is not None:
@@ -92,41 +96,49 @@ def use_cached_features(s: Session, splits: Splits, dc: DataConfig, seed: int, d
     cached: dict[str, FeatureView] = {}
     skipped: list[dict] = []  # unreadable files, for the run's data report once its directory exists
     for split, (base, indices, k) in views.items():
-        cached[split], bad = split_features(s, network, body_id, base, indices, split, k, dc, seed, device, is_main,
-                                            barrier, log)
+        cached[split], bad = split_features(source, images.eval_view(base, indices, split), k, dc, how.seed, log)
         skipped += bad
 
     def feature_view(base: Dataset, indices: list[int] | None, split: str) -> FeatureView:
         return cached[split]
-    runtime = dataclasses.replace(s.runtime, channels_last=False, workers=0)  # in-memory vectors
-    batching = s.batching
-    if isinstance(s.optimizer, torch.optim.LBFGS):  # one full-batch fit per epoch (fit_epoch_lbfgs)
+    runtime = dataclasses.replace(how.runtime, channels_last=False, workers=0)  # in-memory vectors
+    batching = how.batching
+    if full_batch:
         n = len(cached["train"]) * dc.feature_views
         batching = dataclasses.replace(batching, global_batch=n, per_device=n, accumulation=1, updates_per_epoch=1)
     train_set = EpochSeeded(cached["train"])
-    return dataclasses.replace(
-        s, model=Head(network.get_classifier(), getattr(network, "drop_rate", 0.0)), runtime=runtime,
-        features_cached=True, skipped=tuple(skipped), batching=batching,
-        ema_decay=None, head_init="zero",  # the head of a probe converges smoothly; no second head is needed
-        train_set=train_set, eval_view=feature_view,
-        train_loader=build_loader(train_set, s.batching.per_device, True, 0, runtime.pin_memory, s.sampler),
-        val_loader=build_loader(cached["val"], s.batching.per_device, False, 0, runtime.pin_memory))
+    return Inputs("cached features of the frozen body (data.feature_cache=auto)", train_set,
+                  build_loader(train_set, how.batching.per_device, True, 0, runtime.pin_memory, how.sampler),
+                  build_loader(cached["val"], how.batching.per_device, False, 0, runtime.pin_memory),
+                  feature_view, images.train_transform,
+                  model=Head(network.get_classifier(), getattr(network, "drop_rate", 0.0)), runtime=runtime,
+                  batching=batching, features_cached=True, skipped=tuple(skipped))
 
 
-def split_features(s: Session, network: torch.nn.Module, body_id: str, base: Dataset, indices: list[int] | None,
-                   split: str, k: int, dc: DataConfig, seed: int, device: torch.device, is_main: bool,
-                   barrier: Callable[[], None], log: Callable[[str], None]) -> tuple[FeatureView, list]:
+@dataclass(frozen=True)
+class Extraction:
+    """What computing features needs: the body in eval mode and its identity (a cache key), the image
+    pipeline that feeds it, how that pipeline loads, and where this process runs."""
+    network: torch.nn.Module
+    body_id: str
+    images: Inputs
+    how: Loading
+    place: Place
+
+
+def split_features(source: Extraction, image_view: Transformed, k: int, dc: DataConfig, seed: int,
+                   log: Callable[[str], None]) -> tuple[FeatureView, list]:
     """One split's features (k views), from the disk cache when there is one for this key (the main process
     fills it while the others wait), else computed; and its unreadable files."""
-    image_view = s.eval_view(base, indices, split)
-    key = _key(base, body_id, s.data_cfg, dc, split, k, seed, image_view.indices)
+    place = source.place
+    key = _key(image_view.base, source.body_id, source.how.data_cfg, dc, image_view.split, k, seed, image_view.indices)
     folder = None if key is None else cache_folder(dc.cache_dir)
     path = None if folder is None else folder / f"features-{key}.safetensors"
 
     def extract():
-        return _extract(network, image_view, s, k, seed, device, log)
+        return _extract(source, image_view, k, seed, log)
     computed = None
-    if path is not None and is_main and not path.is_file():
+    if path is not None and place.is_main and not path.is_file():
         computed = extract()
         try:
             _save(path, *computed)
@@ -134,62 +146,66 @@ def split_features(s: Session, network: torch.nn.Module, body_id: str, base: Dat
             needed = sum(t.numel() * t.element_size() for t in computed[:2])
             note = cache_unavailable("the feature cache", folder, e, needed, "data.feature_cache=auto").note
             log(f"features: not cached: {note}; kept in memory for this run, computed again by the next one")
-    barrier()
+    place.wait()
     found = _load(path, log) if path is not None and path.is_file() else None
     features, labels, bad = found or computed or extract()
-    log(f"features: {split} {tuple(features.shape)} {'from ' + str(path) if found else 'in memory'}")
+    log(f"features: {image_view.split} {tuple(features.shape)} {'from ' + str(path) if found else 'in memory'}")
     return FeatureView(features, labels, image_view), bad
 
 
 PROBE_L2 = 1e-2  # the probe head's L2 on the mean loss: best of 3e-3, 1e-2, 3e-2 on flowers17 (README)
 
 
-def init_head_by_probe(s: Session, splits: Splits, dc: DataConfig, seed: int, device: torch.device, is_main: bool,
-                       barrier: Callable[[], None], average: Callable[[torch.Tensor], torch.Tensor],
-                       log: Callable[[str], None]) -> list[dict]:
+def start_head(s: Session, config: RecipeConfig, splits: Splits, accelerator: Accelerator,
+               log: Callable[[str], None]) -> list[dict]:
     """train.head_init probe (LP-FT, Kumar et al., ICLR 2022): before the body trains, fit the new head as
     an L2-regularised logistic regression on the pretrained body's features of the training images (eval
     transform, computed once and cached like a linear probe's), so the first updates of the body follow a
     head that already separates the classes rather than a zero one, and the pretrained features are not
-    pulled around while the head catches up. Returns the unreadable files met."""
+    pulled around while the head catches up. Returns the unreadable files met (none without a probe)."""
+    if s.head_init != "probe":
+        return []
     network = s.network
     training = network.training
     network.eval()
-    view, bad = split_features(s, network, _weights_digest(network), splits.train, splits.train_indices, "train", 1,
-                               dc, seed, device, is_main, barrier, log)
+    place = Place.of(accelerator)
+    source = Extraction(network, _weights_digest(network), s.inputs, s.loading, place)
+    view, bad = split_features(source, s.eval_view(splits.train, splits.train_indices, "train"), 1, config.data,
+                               config.train.seed, log)
     keep = view.labels != IGNORE_LABEL
-    x, y = view.features[keep, 0].to(device), view.labels[keep].to(device)
+    x, y = view.features[keep, 0].to(place.device), view.labels[keep].to(place.device)
     head = network.get_classifier()
-    optimizer = torch.optim.LBFGS(list(head.parameters()), lr=1.0, max_iter=100, history_size=20,
-                                  line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(x), y) + PROBE_L2 / 2 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-    optimizer.step(closure)
+    fit_head(head, lambda: torch.nn.functional.cross_entropy(head(x), y) + PROBE_L2 / 2 * head.weight.pow(2).sum())
     with torch.no_grad():
         for p in head.parameters():
             p.grad = None
-            p.copy_(average(p.detach().clone()))  # identical on every process, whatever the device rounding
+            p.copy_(accelerator.reduce(p.detach().clone(), reduction="mean"))  # identical on every process
         accuracy = (head(x).argmax(-1) == y).float().mean().item()
     network.train(training)
+    if s.ema is not None:
+        s.ema.set(s.network)  # the average starts from the fitted head too
     log(f"head initialised by a linear probe on the pretrained features (train.head_init=probe): "
         f"{100 * accuracy:.1f}% of the training images right before the body trains")
     return bad
 
 
-def start_head(s: Session, config: RecipeConfig, splits: Splits, accelerator: Accelerator, log: Callable[[str], None]) -> Session:
-    """A fresh run's head: with train.head_init probe, fitted on the pretrained body's features first."""
-    if s.head_init != "probe":
-        return s
-    bad = init_head_by_probe(s, splits, config.data, config.train.seed, accelerator.device,
-                             accelerator.is_main_process, accelerator.wait_for_everyone,
-                             lambda t: accelerator.reduce(t, "mean"), log)
-    if s.ema is not None:
-        s.ema.set(s.network)  # the average starts from the fitted head too
-    return dataclasses.replace(s, skipped=s.skipped + tuple(bad))
+def fit_head(head: torch.nn.Module, objective: Callable[[], torch.Tensor],
+             optimizer: torch.optim.Optimizer | None = None) -> list[float]:
+    """One full-batch L-BFGS fit of a head (strong-Wolfe line search): the probe before fine-tuning and an
+    epoch of optim.name=lbfgs both fit this way. Returns the loss at every point the line search evaluated;
+    the last is where the fit ends."""
+    optimizer = optimizer or torch.optim.LBFGS(list(head.parameters()), lr=1.0, max_iter=100, history_size=20,
+                                               line_search_fn="strong_wolfe")
+    evaluated = []
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = objective()
+        loss.backward()
+        evaluated.append(float(loss.detach()))
+        return loss
+    optimizer.step(closure)
+    return evaluated
 
 
 def fit_epoch_lbfgs(s: Session, accelerator: Accelerator, epoch: int, update: int, fault_hint: str = "") -> Iterator[tuple[int, float]]:
@@ -206,15 +222,8 @@ def fit_epoch_lbfgs(s: Session, accelerator: Accelerator, epoch: int, update: in
     named = dict(s.network.named_parameters())
     decayed = [(named[n], g.weight_decay) for g in s.plan.groups if g.trainable and g.weight_decay for n in g.params]
 
-    evaluated = []  # the line search evaluates the loss where it steps: the last is where the fit ends
-
-    def closure() -> torch.Tensor:
-        s.optimizer.zero_grad()
-        loss = s.criterion(head(x), y) + sum(wd / 2 * p.pow(2).sum() for p, wd in decayed)
-        loss.backward()
-        evaluated.append(float(loss.detach()))
-        return loss
-    s.optimizer.step(closure)
+    evaluated = fit_head(head, lambda: s.criterion(head(x), y) + sum(wd / 2 * p.pow(2).sum() for p, wd in decayed),
+                         s.optimizer)
     loss = evaluated[-1]
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"the L-BFGS fit of epoch {epoch + 1} reached a loss of {loss}. {fault_hint}")
@@ -225,27 +234,28 @@ def fit_epoch_lbfgs(s: Session, accelerator: Accelerator, epoch: int, update: in
 
 
 @torch.no_grad()
-def _extract(network: torch.nn.Module, view: Transformed, s: Session, k: int, seed: int, device: torch.device,
-             log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor, list]:
+def _extract(source: Extraction, view: Transformed, k: int, seed: int, log: Callable[[str], None]
+             ) -> tuple[torch.Tensor, torch.Tensor, list]:
     """(features [N, k, D], labels [N] with IGNORE_LABEL for unreadable images, the unreadable files), through
-    the session's input pipeline (PIL transforms, or decoded crops and the device augmentation)."""
-    runtime = s.runtime
+    the run's image pipeline (PIL transforms, or decoded crops and the device augmentation)."""
+    images, runtime, device = source.images, source.how.runtime, source.place.device
     folder = tempfile.mkdtemp(prefix="finetune-features-")  # loader workers append unreadable files here
     skip_log = SkipLog.for_process(Path(folder), 0)
     per_view = []
     for v in range(k):
         # View 0: the eval transform; views 1..: the training augmentation with a seed per view.
         torch.manual_seed(seed * 1000 + v)
-        image_view = Transformed(view.base, view.indices, s.train_transform if v else view.transform, view.split,
+        image_view = Transformed(view.base, view.indices, images.train_transform if v else view.transform, view.split,
                                  "skip", skip_log if v == 0 else None, substitute=False, raw=view.raw)
-        loader = build_loader(image_view, s.batching.per_device, False, runtime.workers, runtime.pin_memory,
-                              collate_fn=s.collate)
+        loader = build_loader(image_view, source.how.batching.per_device, False, runtime.workers, runtime.pin_memory,
+                              collate_fn=images.collate)
         feats, labels = [], []
         for batch in loader:
             batch = [t.to(device, non_blocking=True) for t in batch]
-            images, targets = model_inputs(batch, s.train_augment if v else s.eval_augment, False)
+            inputs, targets = model_inputs(batch, images.train_augment if v else images.eval_augment, False)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.precision == "bf16"):
-                feats.append(network.forward_head(network.forward_features(images), pre_logits=True).float().cpu())
+                feats.append(source.network.forward_head(source.network.forward_features(inputs), pre_logits=True)
+                             .float().cpu())
             labels.append(targets.cpu())
         per_view.append(torch.cat(feats))
         log(f"features: {view.split} view {v + 1}/{k} of {len(view)} images computed")

@@ -90,9 +90,9 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
     log(f"run directory: {run_dir.path}")
     stopper = EarlyStop(config.train.early_stop)
     # Resume (or fit the head) before the first write: a checkpoint that cannot be used leaves the folder as it was.
-    state, s = _resume_or_start(Run(config, splits, s, accelerator, run_dir, log), stopper)
     run = Run(config, splits, s, accelerator, run_dir, log)
-    records = _prepare_run_dir(run, state)
+    state, skipped = _resume_or_start(run, stopper)
+    records = _prepare_run_dir(run, state, s.skipped + skipped)
     start_tracking(accelerator, config, run_dir.path.name)
     accelerator.wait_for_everyone()
 
@@ -113,12 +113,13 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
     return _finish(run, state, records)
 
 
-def _resume_or_start(run: Run, stopper: EarlyStop) -> tuple[TrainState, Session]:
+def _resume_or_start(run: Run, stopper: EarlyStop) -> tuple[TrainState, tuple[dict, ...]]:
     """The state to train from: a checkpoint's (restoring the session's weights, optimizer and RNG from
-    it), or a fresh one after the head's start (a probe fit on cached features: features.py)."""
+    it), or a fresh one after the head's start (a probe fit on cached features: features.py); and the
+    unreadable files that start met."""
     checkpoint = find_checkpoint(run.run_dir) if run.run_dir.resuming else None
     if checkpoint is None:
-        return TrainState(), start_head(run.s, run.config, run.splits, run.accelerator, run.log)
+        return TrainState(), tuple(start_head(run.s, run.config, run.splits, run.accelerator, run.log))
     state = load_checkpoint(run.accelerator, checkpoint, run.s.plan.phase_at, run.s)
     stopper.resume(state, run.run_dir.path)  # a run that stopped early and finished is refused
     per_epoch = run.s.batching.updates_per_epoch
@@ -126,13 +127,13 @@ def _resume_or_start(run: Run, stopper: EarlyStop) -> tuple[TrainState, Session]
               if state.mid_epoch else "")
     run.log(f"resuming {run.run_dir.path} after epoch {state.epoch}{within} (update {state.update}, phase "
             f"{run.s.plan.phase_at(state.epoch)})")
-    return state, run.s
+    return state, ()
 
 
-def _prepare_run_dir(run: Run, state: TrainState) -> list[dict]:
-    """The run directory's first writes (main process): the folder, recipe and plan; on resume, the
-    metrics of the epochs the checkpoint holds (returned) and the export of its best epoch, if a kill came
-    between that epoch's checkpoint and its export."""
+def _prepare_run_dir(run: Run, state: TrainState, skipped: tuple[dict, ...]) -> list[dict]:
+    """The run directory's first writes (main process): the folder, recipe and plan, the unreadable files
+    met before it existed; on resume, the metrics of the epochs the checkpoint holds (returned) and the
+    export of its best epoch, if a kill came between that epoch's checkpoint and its export."""
     if not run.main:
         return []
     run_dir, s = run.run_dir, run.s
@@ -141,7 +142,7 @@ def _prepare_run_dir(run: Run, state: TrainState) -> list[dict]:
         run_dir.create()
     run_dir.write_recipe(run.config)
     run_dir.write_plan(s.plan.to_json())
-    for bad in s.skipped:  # found while the features were cached, before the directory existed
+    for bad in skipped:
         SkipLog.for_process(run_dir.path, 0).record(bad["split"], bad["file"], bad["reason"])
     if state.best_epoch and state.best_epoch == state.epoch and not state.mid_epoch:
         _export(run, state.best_from)

@@ -96,8 +96,8 @@ def find_lr(config: RecipeConfig, splits: Splits, output: Path, start: float = 1
     accelerator, precision = build_accelerator(config)
     log = log or accelerator.print
     # The session and the head that `finetune train` would start from.
-    session = start_head(start_session(config, splits, accelerator, precision, None, log, plugins), config, splits,
-                         accelerator, log)
+    session = start_session(config, splits, accelerator, precision, None, log, plugins)
+    start_head(session, config, splits, accelerator, log)
     lrs_planned = sweep_lrs(start, end, steps)
     # Only the schedule differs from training: every group's peak LR scaled alike, so the ratios stay.
     session = dataclasses.replace(session, schedule=lambda update: lrs_planned[update] / config.optim.lr,

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
 
 from ..data.badimages import SkipLog
-from ..data.loaders import EpochSeeded, Transformed, build_loader
 from ..data.sampling import BalancedSampler, EpochShuffle, Positioned, inverse_frequency_weights
 from ..data.splits import Splits
 from ..data.transforms import build_transforms, resolve_data_config, train_size
@@ -29,6 +29,8 @@ from ..model.optim import build_optimizer, lr_multiplier
 from ..model.plan import Plan
 from ..recipe.schema import RecipeConfig
 from .batching import Batching, derive_batching
+from .features import feature_inputs
+from .inputs import Inputs, Loading, Place, image_inputs, pil_inputs
 from .mixing import Mixing, build_mixing, soft_target_loss
 from .multilabel import build_multi_label_loss
 from .plugins import Plugins, UserLoss
@@ -39,49 +41,55 @@ WARMUP_SHARE = 0.2  # the most of a run that warmup may take
 
 @dataclass(frozen=True)
 class Session:
-    model: torch.nn.Module  # what each step runs: the network, or its head alone on cached features
+    model: torch.nn.Module  # what each step runs, prepared: the network, or its head alone on cached features
     network: torch.nn.Module  # the whole model, unwrapped: the plan's, the export's and the checkpoint's
     plan: Plan
     optimizer: torch.optim.Optimizer
     criterion: torch.nn.Module  # (logits, labels) -> the mean loss of a micro-batch (labels [B, C]: multi-label)
-    runtime: Runtime
+    runtime: Runtime  # as the input pipeline runs it (cached features: no workers, no channels_last)
     batching: Batching
-    train_set: EpochSeeded  # the training view; each sample's augmentation seeded by (epoch, position)
-    train_loader: DataLoader
+    train_loader: DataLoader  # prepared by Accelerate: each process gets its share
     val_loader: DataLoader | None
-    sampler: Positioned  # the training loader's: draws with their place in the epoch (resumes skip some)
-    train_transform: Callable  # the augmentation (features.py draws augmented views with it)
+    inputs: Inputs  # the pipeline that feeds the model (inputs.py, features.py), chosen before this was built
+    loading: Loading  # how images load whatever the pipeline (the probe draws features through it)
     schedule: Callable[[int], float]  # optimizer update -> multiplier of every group's peak LR
     total_updates: int
     warmup_updates: int
     seed: int  # train.seed: augmentation by (seed, epoch, position), dropout by (seed, update, process)
     grad_clip: float | None
     data_cfg: dict  # timm's preprocessing of this backbone (the export records it)
-    eval_view: Callable[[Dataset, list[int] | None, str], Transformed]  # a split with the eval transform
     rewarm_updates: int = 0  # a group thawing mid-run warms up again over this many updates (0: LR-find)
     ema_decay: float | None = None  # per update; None: no moving average of the weights
     head_init: str = "zero"  # "probe": the loop fits the head on cached features before the body trains
     train_side: int = 0  # pixels of a training crop (data.train_image_size decided)
-    ema: torch.nn.Module | None = None  # timm's ModelEmaV3 of the network, made by the loop on the device
-    features_cached: bool = False  # the head trains on the body's cached outputs (features.py)
-    skipped: tuple[dict, ...] = ()  # unreadable files found while building it (split, file, reason)
-    # The decoded-image pipeline (inputs.py): loaders yield uint8 crops that these turn into model inputs
-    # on the device; None: loaders yield ready tensors (PIL pipeline).
-    train_augment: Callable | None = None
-    eval_augment: Callable | None = None
-    collate: Callable | None = None  # the loaders' collate function (None: PyTorch's default)
-    input_pipeline: str = ""  # which pipeline feeds the model and why, for the printed set-up
+    ema: torch.nn.Module | None = None  # timm's ModelEmaV3 of the network, on the device
     mixing: Mixing | None = None  # mixup/cutmix of training micro-batches (mixing.py); None: off
     threshold: float | None = None  # task multi_label: train.threshold (F1, predicted labels); None: single-label
     metrics: Mapping[str, Callable] = field(default_factory=dict)  # extra val metrics of one's own (plugins.py)
 
+    # What the input pipeline decided, read where it is used.
+    train_set = property(lambda self: self.inputs.train_set)  # augmentation seeded by (epoch, position)
+    sampler = property(lambda self: self.loading.sampler)  # draws with their place in the epoch (resumes skip)
+    eval_view = property(lambda self: self.inputs.eval_view)  # any split as the model sees it for scoring
+    train_transform = property(lambda self: self.inputs.train_transform)
+    train_augment = property(lambda self: self.inputs.train_augment)  # None: loaders yield ready tensors
+    eval_augment = property(lambda self: self.inputs.eval_augment)
+    collate = property(lambda self: self.inputs.collate)
+    input_pipeline = property(lambda self: self.inputs.description)
+    features_cached = property(lambda self: self.inputs.features_cached)
+    skipped = property(lambda self: self.inputs.skipped)  # unreadable files met while building the inputs
 
-def build_session(config: RecipeConfig, splits: Splits, processes: int, process_index: int, cuda: bool,
-                  precision: str, skip_log_folder: Path | None, log: Callable[[str], None],
-                  plugins: Plugins = Plugins()) -> Session:
-    """Build the run's objects in dependency order. The caller seeds torch first (identical init on
-    every process). `skip_log_folder`: where loader workers record unreadable files (None: nowhere).
-    `plugins`: a model, loss or metrics of one's own (finetune.train's model=, loss=, metrics=)."""
+
+Prepare = Callable[..., tuple]  # Accelerate's prepare: (model, optimizer, loaders) for this process
+
+
+def build_session(config: RecipeConfig, splits: Splits, place: Place, precision: str, skip_log_folder: Path | None,
+                  log: Callable[[str], None], plugins: Plugins, prepare: Prepare) -> Session:
+    """Build the run's objects in dependency order, once: the model, its plan and optimizer, the loss, how
+    images load, then the input pipeline (cached features, decoded images or PIL), then Accelerate's
+    `prepare` and the moving average. The caller seeds torch first (identical init on every process).
+    `skip_log_folder`: where loader workers record unreadable files (None: nowhere). `plugins`: a model,
+    loss or metrics of one's own (finetune.train's model=, loss=, metrics=)."""
     tc, dc = config.train, config.data
     # The class list sizes the head; the model's pretrained config gives the transforms; the runtime
     # settings depend on the model (conv net or not); SyncBatchNorm conversion comes before the plan,
@@ -93,8 +101,7 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
         check_custom_model(model, len(splits.class_names), data_cfg["input_size"])
         log(f"model: yours, {type(model).__name__} (model.backbone {config.model.backbone}), trained in place")
     train_side = train_size(data_cfg, dc, fixed_input_size(config.model.backbone))
-    train_tf, eval_tf = build_transforms(data_cfg, dc, train_side)
-    runtime = resolve_runtime(tc, dc, model, precision, processes, cuda)
+    runtime = resolve_runtime(tc, dc, model, precision, place.processes, place.device.type == "cuda")
     model = adapt_model(model, runtime)
     plan = build_plan(model, config.optim, config.freeze, config.model.head)
     # Gradients go on now for every group that trains in any phase: DDP registers the parameters that
@@ -102,23 +109,45 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
     # on from the start (it waits at LR 0 with its gradients dropped). Never-trained groups stay off.
     plan.apply_freezing(model)
     optimizer = build_optimizer(config.optim, plan.optimizer_groups(model))
+    loading = _build_loading(config, splits, place, runtime, data_cfg, train_side, skip_log_folder)
+    mixing = build_mixing(tc, len(splits.class_names), loading.batching, place.index)
+    criterion = _build_loss(config, splits, mixing, plugins, log)
+    # Cached features serve a softmax head (its probe, lbfgs) on unmixed images, through timm's body/head
+    # split (which a module of one's own may lack); a multi-label linear probe and a mixed batch run the body.
+    if (dc.feature_cache == "auto" and plan.body_fixed and config.task == "single_label" and mixing is None
+            and is_timm_like(model)):
+        inputs = feature_inputs(model, splits, dc, loading, pil_inputs(splits, loading, "PIL, for the features"),
+                                place, isinstance(optimizer, torch.optim.LBFGS), log)
+    else:
+        inputs = image_inputs(splits, dc, loading, place, log)
+    runtime, batching = inputs.runtime or runtime, inputs.batching or loading.batching
 
-    skip_log = SkipLog.for_process(skip_log_folder, process_index) if skip_log_folder is not None else None
-    bad = {"on_bad_image": dc.on_bad_image, "skip_log": skip_log}
+    total = tc.epochs * batching.updates_per_epoch
+    # A warmup of whole epochs would eat most of a short run: it never takes more than a fifth of it.
+    warmup = min(round(tc.warmup_epochs * batching.updates_per_epoch), int(WARMUP_SHARE * total))
+    head_init = tc.head_init if tc.head_init != "auto" else (
+        "probe" if config.model.pretrained is not False and not plan.body_fixed and config.task != "multi_label"
+        else "zero")
+    if plugins.model is not None and not is_timm_like(model):  # the probe needs timm's body/head split
+        head_init = _custom_head_init(tc.head_init, model)
+    ema_decay = None if inputs.features_cached else _ema_decay(tc.ema, total)  # a probe's head needs no average
+    criterion.to(place.device)
+    prepared_model, optimizer, train_loader, val_loader = prepare(inputs.model or model, optimizer,
+                                                                  inputs.train_loader, inputs.val_loader)
+    # The moving average copies the network where it now lives (checkpoint.py saves and resumes it).
+    ema = ModelEmaV3(model, decay=ema_decay) if ema_decay else None
+    return Session(prepared_model, model, plan, optimizer, criterion, runtime, batching, train_loader, val_loader,
+                   inputs, loading, partial(lr_multiplier, total_updates=total, warmup_updates=warmup), total,
+                   warmup, tc.seed, tc.grad_clip, data_cfg, rewarm_updates=warmup, ema_decay=ema_decay,
+                   head_init="zero" if inputs.features_cached else head_init, train_side=train_side, ema=ema,
+                   mixing=mixing, threshold=tc.threshold if config.task == "multi_label" else None,
+                   metrics=plugins.metrics)
 
-    def eval_view(base: Dataset, indices: list[int] | None, split: str) -> Transformed:
-        return Transformed(base, indices, eval_tf, split, substitute=False, **bad)
-    train_set = EpochSeeded(Transformed(splits.train, splits.train_indices, train_tf, "train", **bad))
-    val_set = eval_view(splits.val, splits.val_indices, "val")
-    batching = derive_batching(tc.batch_size, tc.micro_batch_size, processes, len(train_set))
-    draws = batching.images_per_epoch
-    sampler = Positioned(BalancedSampler(splits.train_targets, tc.seed, draws) if dc.sampler == "balanced"
-                         else EpochShuffle(len(train_set), draws, tc.seed))
-    train_loader = build_loader(train_set, batching.per_device, True, runtime.workers, runtime.pin_memory, sampler)
-    val_loader = build_loader(val_set, batching.per_device, False, runtime.workers, runtime.pin_memory)
-    multi_label = config.task == "multi_label"
-    mixing = build_mixing(tc, len(splits.class_names), batching, process_index)
-    if multi_label:  # a sigmoid per label: binary cross-entropy (multilabel.py)
+
+def _build_loss(config: RecipeConfig, splits: Splits, mixing: Mixing | None, plugins: Plugins,
+                log: Callable[[str], None]) -> torch.nn.Module:
+    tc = config.train
+    if config.task == "multi_label":  # a sigmoid per label: binary cross-entropy (multilabel.py)
         criterion = build_multi_label_loss(splits.train_targets, len(splits.class_names), tc)
     elif mixing is not None:  # soft targets, label smoothing folded in by timm's Mixup
         criterion = soft_target_loss()
@@ -130,20 +159,22 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
         criterion = UserLoss(plugins.loss)
         log(f"loss: yours, {criterion.name} (train.label_smoothing and class_weights not applied; val_loss is "
             "finetune's own)")
+    return criterion
 
-    total = tc.epochs * batching.updates_per_epoch
-    # A warmup of whole epochs would eat most of a short run: it never takes more than a fifth of it.
-    warmup = min(round(tc.warmup_epochs * batching.updates_per_epoch), int(WARMUP_SHARE * total))
-    head_init = tc.head_init if tc.head_init != "auto" else (
-        "probe" if config.model.pretrained is not False and not plan.body_fixed and not multi_label else "zero")
-    if plugins.model is not None and not is_timm_like(model):  # the probe needs timm's body/head split
-        head_init = _custom_head_init(tc.head_init, model)
-    return Session(model, model, plan, optimizer, criterion, runtime, batching, train_set, train_loader, val_loader,
-                   sampler, train_tf, partial(lr_multiplier, total_updates=total, warmup_updates=warmup), total,
-                   warmup, tc.seed, tc.grad_clip, data_cfg, eval_view, rewarm_updates=warmup,
-                   ema_decay=_ema_decay(tc.ema, total),
-                   head_init=head_init, train_side=train_side, mixing=mixing,
-                   threshold=tc.threshold if multi_label else None, metrics=plugins.metrics)
+
+def _build_loading(config: RecipeConfig, splits: Splits, place: Place, runtime: Runtime, data_cfg: dict,
+                   train_side: int, skip_log_folder: Path | None) -> Loading:
+    """How images load whatever the pipeline: transforms, batch split, the order an epoch draws."""
+    tc, dc = config.train, config.data
+    train_tf, eval_tf = build_transforms(data_cfg, dc, train_side)
+    images = len(splits.train) if splits.train_indices is None else len(splits.train_indices)
+    batching = derive_batching(tc.batch_size, tc.micro_batch_size, place.processes, images)
+    draws = batching.images_per_epoch
+    sampler = Positioned(BalancedSampler(splits.train_targets, tc.seed, draws) if dc.sampler == "balanced"
+                         else EpochShuffle(images, draws, tc.seed))
+    skip_log = SkipLog.for_process(skip_log_folder, place.index) if skip_log_folder is not None else None
+    return Loading(data_cfg, train_side, runtime, batching, sampler, train_tf, eval_tf,
+                   {"on_bad_image": dc.on_bad_image, "skip_log": skip_log}, tc.seed)
 
 
 def _custom_head_init(asked: str, model: torch.nn.Module) -> str:

@@ -5,7 +5,6 @@ by Accelerate with identical initial weights on every process. The loop, the LR 
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -13,13 +12,10 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
-from timm.utils import ModelEmaV3
 
 from ..data.splits import Splits
-from ..model.custom import is_timm_like
 from ..recipe.schema import RecipeConfig
-from .features import use_cached_features
-from .inputs import choose_pipeline, use_decoded_images
+from .inputs import Place
 from .launch import check_process_count, check_processes_per_machine
 from .plugins import Plugins
 from .runtime import resolve_precision
@@ -64,26 +60,7 @@ def forget_accelerator_state() -> None:
 
 def start_session(config: RecipeConfig, splits: Splits, accelerator: Accelerator, precision: str,
                   skip_log_folder, log: Log, plugins: Plugins = Plugins()) -> Session:
-    """The run's objects, built with identical initial weights on every process and prepared for it."""
+    """The run's objects, built once with identical initial weights on every process and prepared for it."""
     set_seed(config.train.seed)
-    s = build_session(config, splits, accelerator.num_processes, accelerator.process_index,
-                      accelerator.device.type == "cuda", precision, skip_log_folder, log, plugins)
-    # Cached features serve a softmax head (its probe, lbfgs) on unmixed images, through timm's body/head
-    # split (which a module of one's own may lack); a multi-label linear probe and a mixed batch run the body.
-    if (config.data.feature_cache == "auto" and s.plan.body_fixed and config.task == "single_label"
-            and s.mixing is None and is_timm_like(s.network)):
-        s = use_cached_features(s, splits, config.data, config.train.seed, accelerator.device,
-                                accelerator.is_main_process, accelerator.wait_for_everyone, log)
-    else:
-        decoded, why = choose_pipeline(s, splits, config.data)
-        s = dataclasses.replace(s, input_pipeline=why)
-        if decoded:
-            s = use_decoded_images(s, splits, config.data, accelerator.device, accelerator.is_local_main_process,
-                                   accelerator.wait_for_everyone, log)
-    s.criterion.to(accelerator.device)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(s.model, s.optimizer, s.train_loader,
-                                                                     s.val_loader)
-    # The moving average copies the network where it now lives (checkpoint.py saves and resumes it).
-    ema = ModelEmaV3(s.network, decay=s.ema_decay) if s.ema_decay else None
-    return dataclasses.replace(s, model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader,
-                               ema=ema)
+    return build_session(config, splits, Place.of(accelerator), precision, skip_log_folder, log, plugins,
+                         accelerator.prepare)
