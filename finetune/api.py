@@ -27,7 +27,7 @@ from .recipe.overrides import flatten_overrides, keyword_overrides
 from .recipe.schema import RecipeConfig, RecipeLike
 from .training.batching import batch_size_problem, require_batch_fits
 from .training.loop import train as run_loop
-from .training.lrfind import LRFindResult, find_lr
+from .training.lrfind import LRFindResult, Sweep, find_lr
 from .training.plugins import plugins_from_arguments
 from .training.rundir import CHECKPOINT_NAME, MARKER_NAME, RunDir
 from .training.runs import RunSummary, runs
@@ -197,7 +197,7 @@ def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None
     splits = open_data(config)
     require_batch_fits(config.train.batch_size, splits.sizes()["train"])
     with flush_denormals():
-        return find_lr(config, splits, folder, start, end, steps, epoch, plugins=plugins)
+        return find_lr(config, splits, folder, Sweep(start, end, steps, epoch), plugins=plugins)
 
 
 def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | Path | None = None,

@@ -100,3 +100,24 @@ def test_every_module_has_a_docstring_and_a_test_module():
             continue
         mirror = {path.stem, path.parent.name, TESTED_BY.get(path.stem)}
         assert mirror & tests, f"no test module for {path.relative_to(PACKAGE)}"
+
+
+def test_functions_stay_short_and_take_few_parameters():
+    """A reader holds a function of finetune/training in one screen, and nothing but the public API (whose
+    keywords are the recipe's) takes more than 8 parameters: more means a missing idea (a dataclass)."""
+    import ast
+
+    long, wide = [], []
+    for path in modules():
+        name = str(path.relative_to(PACKAGE))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            args = node.args
+            count = len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs)
+            count -= bool(args.args) and args.args[0].arg in ("self", "cls")
+            if name.startswith("training/") and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{name}:{node.name}")
+            if count > 8 and not (name == "api.py" and not node.name.startswith("_")):
+                wide.append(f"{name}:{node.name}")
+    assert long == [] and wide == []

@@ -35,7 +35,7 @@ from ..errors import FinetuneError
 from ..model.backbone import build_model
 from ..model.groups import build_plan
 from ..recipe.schema import DataConfig, RecipeConfig, TrainConfig
-from .batching import AUTO_LARGEST, derive_batching
+from .batching import AUTO_LARGEST, Batching, derive_batching
 from .inputs import model_inputs
 from .session import Session
 from .start import build_accelerator, start_session
@@ -80,8 +80,8 @@ def run_bench(config: RecipeConfig, steps: int = 20, warmup: int = 3, repeats: i
                               config.data.image_size)
     # The same starting weights: the speed of CPU kernels depends on the values (denormals).
     plain_model.load_state_dict(session.network.state_dict())
-    plain_warmup, plain = _plain_loop(config, plain_model, [warmup_set, timed_set], device, precision,
-                                      batching.per_device, batching.accumulation, channels_last, session.ema_decay)
+    plain_warmup, plain = _plain_loop(config, plain_model, [warmup_set, timed_set], device, precision, batching,
+                                      channels_last, session.ema_decay)
     warmup_s = {"toolkit_warmup_s": round(toolkit_warmup(), 2), "plain_warmup_s": round(plain_warmup(), 2)}
     rounds = []
     for _ in range(repeats):
@@ -211,8 +211,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _plain_loop(config: RecipeConfig, model: torch.nn.Module, datasets: list[Dataset], device: torch.device,
-                precision: str, per_device: int, accumulation: int, channels_last: bool,
-                ema_decay: float | None) -> list:
+                precision: str, batching: Batching, channels_last: bool, ema_decay: float | None) -> list:
     """What a careful user writes by hand, set up like the toolkit's step: same frozen parameters, batch
     split, memory layout and precision, fused AdamW, the same moving average of the weights (timm's, when
     the recipe keeps one), pinned memory and non-blocking copies.
@@ -231,7 +230,7 @@ def _plain_loop(config: RecipeConfig, model: torch.nn.Module, datasets: list[Dat
     smoothing = config.train.label_smoothing
 
     def timed(dataset: Dataset):
-        loader = DataLoader(dataset, batch_size=per_device, shuffle=True, drop_last=True,
+        loader = DataLoader(dataset, batch_size=batching.per_device, shuffle=True, drop_last=True,
                             pin_memory=device.type == "cuda")
 
         def run() -> None:
@@ -240,9 +239,9 @@ def _plain_loop(config: RecipeConfig, model: torch.nn.Module, datasets: list[Dat
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    loss = F.cross_entropy(model(images), labels, label_smoothing=smoothing) / accumulation
+                    loss = F.cross_entropy(model(images), labels, label_smoothing=smoothing) / batching.accumulation
                 scaler.scale(loss).backward()
-                if (i + 1) % accumulation == 0:
+                if (i + 1) % batching.accumulation == 0:
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)

@@ -83,12 +83,22 @@ def suggest(lrs: list[float], smoothed: list[float]) -> float:
     return lrs[lo + min(range(len(slopes)), key=slopes.__getitem__)]
 
 
-def find_lr(config: RecipeConfig, splits: Splits, output: Path, start: float = 1e-7, end: float = 10.0,
-            steps: int = 100, epoch: int = 0, log: Callable[[str], None] | None = None,
-            plugins: Plugins = Plugins()) -> LRFindResult | None:
+@dataclass(frozen=True)
+class Sweep:
+    """The range test's sweep: base LRs from `start` to `end`, `steps` updates at most, in the unfreezing
+    phase of `epoch` (0-based)."""
+    start: float = 1e-7
+    end: float = 10.0
+    steps: int = 100
+    epoch: int = 0
+
+
+def find_lr(config: RecipeConfig, splits: Splits, output: Path, sweep: Sweep = Sweep(),
+            log: Callable[[str], None] | None = None, plugins: Plugins = Plugins()) -> LRFindResult | None:
     """Run the range test and write lr_find.png and lr_find.json into `output` (a new folder). Every
     process of a launch sweeps its share of the batches; the main process writes and returns the result,
     the others return None."""
+    start, end, steps, epoch = sweep.start, sweep.end, sweep.steps, sweep.epoch
     if not 0 < start < end:
         raise FinetuneError(f"lr-find: --start {start:g} and --end {end:g} must satisfy 0 < start < end.")
     if steps < 10:
