@@ -37,7 +37,7 @@ from ..reporting.review import score_after_training
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import eval_loader, predict_all, validate
 from .faults import FAULT_CHECK_UPDATES, resume_hint
-from .features import fit_epoch_lbfgs, start_head
+from .headfit import fit_epoch_lbfgs, start_head
 from .interrupt import Pauses
 from .plugins import Plugins
 from .rundir import RunDir

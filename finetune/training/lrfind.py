@@ -33,7 +33,7 @@ from ..errors import FinetuneError
 from ..recipe.schema import RecipeConfig
 from ..reporting.plots import save_lr_find
 from .faults import NonFiniteLoss
-from .features import start_head
+from .headfit import start_head
 from .plugins import Plugins
 from .start import build_accelerator, start_session
 from .step import train_epoch
