@@ -33,6 +33,7 @@ BACKBONES = ["test_resnet", "test_vit", "test_efficientnet", "convnext_tiny"]
 # Strategies the recipe and the CLI check
 
 
+@pytest.mark.slow
 def test_cli_plan_with_unmatched_pattern_exits_nonzero_naming_it(tmp_path, image_folder, tiny_recipe):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(image_folder())))
