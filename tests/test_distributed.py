@@ -31,8 +31,8 @@ PER_EPOCH = -(-TRAIN_IMAGES // BATCH)  # every image each epoch: the last batch 
 UPDATES = EPOCHS * PER_EPOCH
 TOLERANCE = 1e-4  # max abs difference between the weights trained on 1 and on 2 processes
 
-# About 100 s of launches in all: `-m "not slow"` skips them in a quick local loop; CI runs them (the README's
-# test command deselects nothing).
+# About 100 s of launches in all: the slow tier, which plain `python -m pytest` leaves out and the README's
+# test command (`-m ""`) runs.
 pytestmark = pytest.mark.slow
 
 
