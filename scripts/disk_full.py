@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import build_tiny_recipe, write_image_folder  # noqa: E402
+from helpers import build_tiny_recipe, write_image_folder  # noqa: E402
 
 import yaml  # noqa: E402
 

@@ -1,7 +1,9 @@
 """Shared fixtures: tiny generated image folders, tiny recipes, and an offline, single-threaded session.
 
 Everything here runs offline on a small CPU: timm's registered `test_*` models with pretrained=False,
-and images generated into pytest's tmp_path.
+and images generated into pytest's tmp_path. The plain functions behind the fixtures live in helpers.py,
+where test modules import them from; the Hypothesis profiles (fast by default, full for the whole suite)
+are registered here.
 """
 
 from __future__ import annotations
@@ -19,37 +21,30 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Caches (features of frozen backbones) go to a folder of this session, never the user's ~/.cache.
 os.environ["XDG_CACHE_HOME"] = __import__("tempfile").mkdtemp(prefix="finetune-test-cache-")
 
-import copy  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from helpers import Interrupted, build_tiny_recipe, write_bad_image_folder, write_image_folder  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-REPO = Path(__file__).resolve().parents[1]
+# Hypothesis: a few examples per property in the fast tier, the full count where the whole suite runs
+# (`--hypothesis-profile=full`, the README's test command). A test that needs fewer examples than the others
+# (each one builds a model) asks for a share of the profile's count instead of a fixed number.
+settings.register_profile("fast", max_examples=50)
+settings.register_profile("full", max_examples=500)
+settings.load_profile("fast")
 
-# One clearly different mean colour per class, so even two epochs of a tiny model learn something.
-_PALETTE = [(220, 40, 40), (40, 220, 40), (40, 40, 220), (220, 220, 40), (40, 220, 220), (220, 40, 220),
-            (128, 128, 128), (250, 250, 250), (10, 10, 10), (250, 140, 0)]
 
-
-def write_image_folder(root: Path, classes: int | list[str] = 3, per_class: int = 8, size: int = 32,
-                       seed: int = 0) -> Path:
-    """root/<class>/<i>.png: small RGB PNGs, noise around a per-class mean colour. Returns root."""
-    names = [f"c{i}" for i in range(classes)] if isinstance(classes, int) else list(classes)
-    rng = np.random.default_rng(seed)
-    for k, name in enumerate(names):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        mean = np.array(_PALETTE[k % len(_PALETTE)], dtype=np.float64)
-        for i in range(per_class):
-            pixels = np.clip(rng.normal(mean, 25.0, size=(size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels, mode="RGB").save(folder / f"{i}.png")
-    return root
+def pytest_configure(config: pytest.Config) -> None:
+    # Hypothesis's plugin loads --hypothesis-profile before this file is imported only when pytest finds
+    # this conftest at start-up; loading it again here makes the option win in every case.
+    profile = config.getoption("--hypothesis-profile", None)
+    if profile:
+        settings.load_profile(profile)
 
 
 @pytest.fixture(scope="session")
@@ -67,19 +62,6 @@ def image_folder(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def build_tiny_recipe(train: str | Path, **overrides: Any) -> dict:
-    """A recipe dict for test_resnet on `train`; dotted-key overrides: build_tiny_recipe(p, **{"train.epochs": 1})."""
-    recipe = {
-        "model": {"backbone": "test_resnet", "pretrained": False},
-        "data": {"train": str(train), "image_size": 32, "num_workers": 0},
-        "train": {"epochs": 2, "batch_size": 8},
-    }
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".", 1)
-        recipe.setdefault(section, {})[key] = value
-    return copy.deepcopy(recipe)
-
-
 @pytest.fixture(scope="session")
 def make_recipe() -> Callable[..., dict]:
     """The recipe builder itself, for module-scoped fixtures."""
@@ -94,50 +76,9 @@ def tiny_recipe(image_folder) -> Callable[..., dict]:
     return make
 
 
-def write_bad_image_folder(root: Path, per_class: int = 6, size: int = 24) -> dict[str, Path]:
-    """An ImageFolder with classes c1, c2, c10: good PNGs plus every kind of awkward file a user's folder
-    holds. Returns {kind: path} for the awkward ones (truncated, empty, cmyk, palette, gray16, rgba, text,
-    rotated) and the true mean intensity of the 16-bit image, as "gray16_mean" (0-255 scale)."""
-    write_image_folder(root, ["c1", "c2", "c10"], per_class, size)
-    rng = np.random.default_rng(1)
-    rgb = np.clip(rng.normal(128, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-    files: dict[str, Any] = {}
-
-    good_jpeg = root / "c1" / "good.jpg"
-    Image.fromarray(rgb).save(good_jpeg, quality=90)
-    data = good_jpeg.read_bytes()
-    files["truncated"] = root / "c1" / "truncated.jpg"
-    files["truncated"].write_bytes(data[: len(data) // 2])  # a copy cut off mid-transfer
-    files["empty"] = root / "c2" / "empty.png"
-    files["empty"].write_bytes(b"")
-    files["cmyk"] = root / "c10" / "cmyk.jpg"
-    Image.fromarray(rgb).convert("CMYK").save(files["cmyk"])
-    files["palette"] = root / "c1" / "palette.png"
-    palette = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-    palette.save(files["palette"], transparency=0)
-    gray = (np.linspace(0, 1, size * size).reshape(size, size) * 40000 + 5000).astype(np.uint16)
-    files["gray16"] = root / "c2" / "gray16.png"
-    Image.fromarray(gray).save(files["gray16"])  # mode I;16
-    files["gray16_mean"] = float(gray.mean()) / 65535 * 255
-    files["rgba"] = root / "c10" / "rgba.png"
-    Image.fromarray(np.dstack([rgb, np.full((size, size), 128, np.uint8)]), mode="RGBA").save(files["rgba"])
-    files["text"] = root / "c1" / "notes.txt"
-    files["text"].write_text("not an image")
-    # 30 wide, 10 high in the file; EXIF orientation 6 says: show it rotated 90 degrees, 10 wide, 30 high.
-    files["rotated"] = root / "c2" / "rotated.jpg"
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.fromarray(np.full((10, 30, 3), 200, np.uint8)).save(files["rotated"], exif=exif)
-    return files
-
-
 @pytest.fixture(scope="session")
 def make_bad_image_folder() -> Callable[..., dict]:
     return write_bad_image_folder
-
-
-class Interrupted(Exception):
-    """Stands for a kill right after a checkpoint was written."""
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import write_png_header
 from PIL import Image
 
 from finetune import cli
@@ -43,6 +44,7 @@ def bad_run(bad_folder, make_recipe) -> tuple[Path, subprocess.CompletedProcess]
     return run, proc
 
 
+@pytest.mark.slow
 def test_training_on_a_folder_with_bad_files_completes_and_reports_them(bad_folder, bad_run):
     _, files = bad_folder
     run, proc = bad_run
@@ -56,6 +58,7 @@ def test_training_on_a_folder_with_bad_files_completes_and_reports_them(bad_fold
     assert not list(run.glob(".skipped-*"))  # the per-process logs were folded into the report
 
 
+@pytest.mark.slow
 def test_label_names_follow_natural_folder_order(bad_run):
     run, _ = bad_run
     assert json.loads((run / "config.json").read_text())["label_names"] == ["c1", "c2", "c10"]
@@ -157,8 +160,6 @@ def test_two_processes_with_bad_files_and_the_balanced_sampler(bad_folder, make_
 def test_a_decompression_bomb_is_a_bad_image_with_its_reason(tmp_path, make_image_folder):
     """A 20,000 x 20,000 PNG in a class folder: skipped in training with the reason recorded, like a
     truncated file, instead of a DecompressionBombError from a loader worker."""
-    from test_images import write_png_header
-
     root = make_image_folder(tmp_path / "data", classes=2, per_class=3, size=16)
     huge = write_png_header(root / "c0" / "huge.png", 20_000, 20_000)
     samples = load_source(str(root), DataConfig(train=str(root)))

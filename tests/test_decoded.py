@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import timm.data
 import torch
+from helpers import add_bad_files, data_config, write_jpegs
 from PIL import Image
 
 from finetune.data import cachedir, decoded, samples
@@ -29,33 +30,6 @@ from finetune.data.images import open_image
 from finetune.data.samples import IndexedSamples
 from finetune.data.sources import load_source
 from finetune.errors import FinetuneError
-
-SIZES = ((500, 375), (375, 500), (97, 211))  # (width, height): landscape, portrait, small and odd
-
-
-def data_config(size: int = 224, crop_pct: float = 0.875, interpolation: str = "bilinear", **more) -> dict:
-    return {"input_size": (3, size, size), "interpolation": interpolation, "mean": timm.data.IMAGENET_DEFAULT_MEAN,
-            "std": timm.data.IMAGENET_DEFAULT_STD, "crop_pct": crop_pct, "crop_mode": "center", **more}
-
-
-def write_jpegs(root: Path, sizes=SIZES, classes: int = 2, seed: int = 0) -> Path:
-    """root/c<k>/<i>.jpg for every size in every class: gradients plus noise, so resampling filters differ."""
-    rng = np.random.default_rng(seed)
-    for k in range(classes):
-        (root / f"c{k}").mkdir(parents=True, exist_ok=True)
-        for i, (w, h) in enumerate(sizes):
-            ramp = np.add.outer(np.linspace(0, 160, h), np.linspace(0, 80, w))[..., None] + [20 * k, 60, 0]
-            pixels = np.clip(ramp + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / f"c{k}" / f"{i}.jpg", quality=90)
-    return root
-
-
-def add_bad_files(root: Path) -> dict[str, Path]:
-    good = (root / "c0" / "0.jpg").read_bytes()
-    bad = {"truncated": root / "c0" / "truncated.jpg", "garbage": root / "c1" / "garbage.jpg"}
-    bad["truncated"].write_bytes(good[: len(good) // 3])
-    bad["garbage"].write_bytes(b"this is not a jpeg")
-    return bad
 
 
 def count_decodes(monkeypatch) -> list:

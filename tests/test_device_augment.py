@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import timm.data
 import torch
-from test_decoded import add_bad_files, data_config, write_jpegs
+from helpers import add_bad_files, data_config, write_jpegs
 from torchvision.transforms.v2 import functional as F
 
 from finetune.data.badimages import IGNORE_LABEL, SkipLog, read_skip_logs

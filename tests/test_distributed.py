@@ -11,7 +11,6 @@ must compute the same thing up to float rounding.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 import timm
 import torch
 import yaml
+from helpers import launcher_env, torchrun
 from safetensors.torch import load_file, save_file
 
 from finetune.model.optim import lr_multiplier
@@ -31,26 +31,9 @@ PER_EPOCH = -(-TRAIN_IMAGES // BATCH)  # every image each epoch: the last batch 
 UPDATES = EPOCHS * PER_EPOCH
 TOLERANCE = 1e-4  # max abs difference between the weights trained on 1 and on 2 processes
 
-# About 100 s of launches in all: `-m "not slow"` skips them in a quick local loop; CI runs them (the README's
-# test command deselects nothing).
+# About 100 s of launches in all: the slow tier, which plain `python -m pytest` leaves out and the README's
+# test command (`-m ""`) runs.
 pytestmark = pytest.mark.slow
-
-
-def launcher_env(home: Path) -> dict:
-    """This session's environment minus anything that configures Accelerate or a launch: no ACCELERATE_*
-    variables, and a fresh HF_HOME, so no `accelerate config` file can be found either. (HOME stays: a
-    user-site install of the packages lives under it.)"""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("ACCELERATE_") and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["HF_HOME"] = str(home / "hf")
-    return env
-
-
-def torchrun(*args, cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    # --standalone: a free local port, so parallel test sessions on one machine do not collide.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def finetune_cli(*args, cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -102,10 +102,20 @@ def api_run(workdir, recipe):
     return result, cwd
 
 
+@pytest.fixture(scope="module")
+def api_run_dir(api_run) -> Path:
+    """The API run's folder: what a run writes is checked on it, as the CLI run is a subprocess (slow tier)
+    and test_cli_and_api_runs_of_one_recipe_agree shows the two runs are the same."""
+    result, cwd = api_run
+    run = Path(result.run_dir)
+    return run if run.is_absolute() else cwd / run
+
+
 # ----------------------------------------------------------------------------------------------------
 # The run directory
 
 
+@pytest.mark.slow
 def test_cli_run_writes_exactly_the_run_files(cli_run):
     assert listing(cli_run) == RUN_FILES
     assert (cli_run / "checkpoint").is_dir()
@@ -113,10 +123,10 @@ def test_cli_run_writes_exactly_the_run_files(cli_run):
     assert state["epoch"] == 2
 
 
-def test_metrics_records(cli_run):
-    records = read_metrics(cli_run)
+def test_metrics_records(api_run_dir):
+    records = read_metrics(api_run_dir)
     assert [r["epoch"] for r in records] == [1, 2]
-    plan = json.loads((cli_run / "plan.json").read_text())
+    plan = json.loads((api_run_dir / "plan.json").read_text())
     trainable = {g["name"] for g in plan if g["trainable"]}
     for r in records:
         assert isinstance(r["train_loss"], float) and r["train_loss"] > 0
@@ -127,8 +137,8 @@ def test_metrics_records(cli_run):
     assert records[1]["lr"]["backbone"] < records[0]["lr"]["backbone"]  # cosine decay after the warmup epoch
 
 
-def test_config_json_is_timm_format(cli_run):
-    config = json.loads((cli_run / "config.json").read_text())
+def test_config_json_is_timm_format(api_run_dir):
+    config = json.loads((api_run_dir / "config.json").read_text())
     assert config["architecture"] == "test_resnet"
     assert config["num_classes"] == 3
     assert config["label_names"] == CLASSES
@@ -140,6 +150,7 @@ def test_config_json_is_timm_format(cli_run):
     assert "tag" not in cfg and "license" not in cfg
 
 
+@pytest.mark.slow
 def test_model_card_front_matter_parses_and_has_the_exported_epochs_metrics(cli_run):
     text = (cli_run / "README.md").read_text()
     front = yaml.safe_load(text.split("---\n")[1])
@@ -154,21 +165,21 @@ def test_model_card_front_matter_parses_and_has_the_exported_epochs_metrics(cli_
     assert environment["command_line"].startswith("python -m finetune train ")
 
 
-def test_saved_recipe_is_fully_resolved_and_loads(cli_run, recipe):
-    saved = yaml.safe_load((cli_run / "recipe.yaml").read_text())
+def test_saved_recipe_is_fully_resolved_and_loads(api_run_dir, recipe):
+    saved = yaml.safe_load((api_run_dir / "recipe.yaml").read_text())
     assert saved["optim"]["lr"] == 3e-4 and saved["optim"]["weight_decay"] == 0.05  # defaults written out
-    assert load_recipe(cli_run / "recipe.yaml") == load_recipe(recipe)
+    assert load_recipe(api_run_dir / "recipe.yaml") == load_recipe(recipe)
 
 
-def test_plan_json_matches_the_plan(cli_run, recipe):
-    saved = json.loads((cli_run / "plan.json").read_text())
+def test_plan_json_matches_the_plan(api_run_dir, recipe):
+    saved = json.loads((api_run_dir / "plan.json").read_text())
     assert saved == json.loads(finetune.plan(recipe).dumps())
     lrs = {g["name"]: g["lr"] for g in saved}
     assert lrs["head"] == 10 * lrs["backbone"]
 
 
-def test_curves_png_is_a_valid_png(cli_run):
-    path = cli_run / "curves.png"
+def test_curves_png_is_a_valid_png(api_run_dir):
+    path = api_run_dir / "curves.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as image:
         image.verify()
@@ -176,11 +187,11 @@ def test_curves_png_is_a_valid_png(cli_run):
         assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
 
 
-def test_export_is_the_best_epoch(cli_run):
-    records = read_metrics(cli_run)
+def test_export_is_the_best_epoch(api_run_dir):
+    records = read_metrics(api_run_dir)
     best = max(records, key=lambda r: r["val_acc"])["epoch"]  # the first epoch with the best accuracy
-    exported = load_file(str(cli_run / "model.safetensors"))
-    last = load_file(str(cli_run / "checkpoint" / "model.safetensors"))
+    exported = load_file(str(api_run_dir / "model.safetensors"))
+    last = load_file(str(api_run_dir / "checkpoint" / "model.safetensors"))
     same_as_last = all(torch.equal(exported[k], last[k]) for k in last)
     assert same_as_last == (best == records[-1]["epoch"])
 
@@ -189,9 +200,9 @@ def test_export_is_the_best_epoch(cli_run):
 # Using the result
 
 
-def test_timm_and_finetune_load_give_identical_logits(cli_run, data_dir):
-    plain = timm.create_model(f"local-dir:{cli_run}", pretrained=True).eval()
-    predictor = finetune.load(cli_run)
+def test_timm_and_finetune_load_give_identical_logits(api_run_dir, data_dir):
+    plain = timm.create_model(f"local-dir:{api_run_dir}", pretrained=True).eval()
+    predictor = finetune.load(api_run_dir)
     assert predictor.label_names == CLASSES
     transform = timm.data.create_transform(**timm.data.resolve_model_data_config(plain), is_training=False)
     batch = torch.stack([transform(Image.open(data_dir / c / "0.png").convert("RGB")) for c in CLASSES])
@@ -205,8 +216,8 @@ def test_timm_and_finetune_load_give_identical_logits(cli_run, data_dir):
     assert (from_paths - expected).abs().max().item() <= 1e-5
 
 
-def test_predictor_accepts_paths_pil_images_and_tensors(cli_run, data_dir):
-    predictor = finetune.load(cli_run)
+def test_predictor_accepts_paths_pil_images_and_tensors(api_run_dir, data_dir):
+    predictor = finetune.load(api_run_dir)
     path = data_dir / "c1" / "3.png"
     image = Image.open(path).convert("RGB")
     by_path, by_image = predictor.predict(path)[0], predictor.predict(image)[0]
@@ -218,10 +229,10 @@ def test_predictor_accepts_paths_pil_images_and_tensors(cli_run, data_dir):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
-def test_export_of_a_trained_run_matches_its_logits(cli_run, workdir):
-    result = finetune.export(cli_run, "torchscript", output=workdir / "exported" / "model.pt", dynamic_batch=True)
+def test_export_of_a_trained_run_matches_its_logits(api_run_dir, workdir):
+    result = finetune.export(api_run_dir, "torchscript", output=workdir / "exported" / "model.pt", dynamic_batch=True)
     assert result.max_abs_diff <= 1e-4
-    plain = timm.create_model(f"local-dir:{cli_run}", pretrained=True).eval()
+    plain = timm.create_model(f"local-dir:{api_run_dir}", pretrained=True).eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert (torch.jit.load(str(result.path))(images) - plain(images)).abs().max() <= 1e-4
@@ -235,6 +246,7 @@ def test_version_answers_without_a_command(capsys):
     assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"finetune {finetune.__version__}"
 
 
+@pytest.mark.slow
 def test_predict_json_cli(cli_run, data_dir, workdir):
     images = [str(data_dir / c / "1.png") for c in CLASSES]
     proc = run_cli("predict", "--json", cli_run, *images, cwd=workdir)
@@ -271,6 +283,7 @@ def test_api_train_returns_run_dir_and_metrics(api_run):
     assert result.best_val_acc == max(max(r["val_acc"], r["ema_val_acc"]) for r in result.metrics)
 
 
+@pytest.mark.slow
 def test_cli_and_api_runs_of_one_recipe_agree(api_run, cli_run):
     """Same seed, same data, num_workers 0: the two entry points run the same loop."""
     result, _ = api_run
@@ -324,6 +337,7 @@ def test_freeze_backbone_keeps_every_backbone_tensor_bit_for_bit(tmp_path, data_
 # User errors: exit 2, no traceback, nothing written
 
 
+@pytest.mark.slow
 def test_unknown_key_exits_2_with_did_you_mean_and_writes_nothing(workdir, recipe_file):
     cwd = workdir / "lrr_cwd"
     cwd.mkdir()
@@ -334,6 +348,7 @@ def test_unknown_key_exits_2_with_did_you_mean_and_writes_nothing(workdir, recip
     assert listing(cwd) == set()  # no runs/ folder
 
 
+@pytest.mark.slow
 def test_missing_data_path_exits_nonzero_naming_it_and_writes_nothing(workdir, recipe_file):
     cwd = workdir / "nodata_cwd"
     cwd.mkdir()
@@ -344,6 +359,7 @@ def test_missing_data_path_exits_nonzero_naming_it_and_writes_nothing(workdir, r
     assert listing(cwd) == set()
 
 
+@pytest.mark.slow
 def test_non_empty_output_is_refused_without_overwrite(workdir, recipe_file):
     out = workdir / "occupied"
     out.mkdir()
@@ -363,6 +379,7 @@ def test_overwrite_replaces_only_a_previous_run(tmp_path, recipe):
     assert listing(other) == {"thesis.tex"}
 
 
+@pytest.mark.slow
 def test_plan_json_cli_parses(workdir, recipe_file):
     proc = run_cli("plan", recipe_file, "freeze.backbone=true", "freeze.bn=frozen", "--json", cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -391,6 +408,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_kill_mid_run_then_resume_finishes_the_run(tmp_path, make_image_folder, make_recipe):
     data = make_image_folder(tmp_path / "data", classes=3, per_class=12, size=32)  # 3 updates per epoch
     recipe_file = write_recipe(tmp_path / "recipe.yaml", make_recipe(data, **{"train.epochs": 3}))
@@ -448,9 +466,9 @@ def test_resume_from_epoch_one_checkpoint_matches_uninterrupted_run(tmp_path, re
     assert worst <= 1e-6
 
 
-def test_resume_with_a_different_recipe_is_refused(cli_run, recipe):
+def test_resume_with_a_different_recipe_is_refused(api_run_dir, recipe):
     with pytest.raises(FinetuneError, match="train.epochs"):
-        finetune.train(recipe, resume=cli_run, **{"train.epochs": 5})
+        finetune.train(recipe, resume=api_run_dir, **{"train.epochs": 5})
 
 
 def test_resume_of_a_folder_that_is_not_a_run_is_refused(tmp_path):
@@ -478,6 +496,7 @@ def test_fixed_size_backbone_at_another_image_size_trains_or_refuses_cleanly(tmp
 # Issue 14: what a run owns, and damaged state
 
 
+@pytest.mark.slow
 def test_overwrite_of_a_project_folder_holding_a_recipe_yaml_deletes_nothing(tmp_path, make_image_folder,
                                                                             make_recipe):
     """The issue's steps: a project folder with data/, notes and the user's recipe.yaml is no previous run."""
@@ -492,6 +511,7 @@ def test_overwrite_of_a_project_folder_holding_a_recipe_yaml_deletes_nothing(tmp
     assert sorted(str(p.relative_to(project)) for p in project.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_directory_in_use_is_refused_naming_the_first(tmp_path, recipe_file):
     run = tmp_path / "run"
     runner = tmp_path / "slow_cli.py"
@@ -521,8 +541,8 @@ def damaged_copy(run: Path, tmp_path: Path) -> Path:
     return copy
 
 
-def test_resume_from_a_bit_flipped_checkpoint_uses_the_previous_one_and_says_why(cli_run, tmp_path, capsys):
-    run = damaged_copy(cli_run, tmp_path)
+def test_resume_from_a_bit_flipped_checkpoint_uses_the_previous_one_and_says_why(api_run_dir, tmp_path, capsys):
+    run = damaged_copy(api_run_dir, tmp_path)
     weights = run / "checkpoint" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-100] ^= 0x10  # inside a tensor: loads fine, trains into garbage
@@ -541,6 +561,7 @@ def test_resume_from_a_bit_flipped_checkpoint_uses_the_previous_one_and_says_why
             for name in ("checkpoint", "checkpoint.old")] == [2, 1]
 
 
+@pytest.mark.slow
 def test_resume_with_both_checkpoints_damaged_is_refused_and_changes_nothing(cli_run, tmp_path):
     run = damaged_copy(cli_run, tmp_path)
     (run / "checkpoint" / "trainer_state.json").write_text("")
@@ -553,6 +574,7 @@ def test_resume_with_both_checkpoints_damaged_is_refused_and_changes_nothing(cli
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_predict_with_a_truncated_export_is_an_error_not_a_traceback(cli_run, tmp_path, data_dir):
     run = damaged_copy(cli_run, tmp_path)
     weights = run / "model.safetensors"
@@ -562,6 +584,7 @@ def test_predict_with_a_truncated_export_is_an_error_not_a_traceback(cli_run, tm
     assert "damaged or incomplete" in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_auto_starts_a_job_then_resumes_it_when_requeued(tmp_path, image_folder, tiny_recipe,
                                                               train_until_epoch_one):
     """One command for a requeued job: `--resume auto --output DIR` trains when DIR holds no run, resumes an

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from helpers import build_tiny_recipe
 from safetensors.torch import load_file
 
 import finetune
@@ -21,7 +22,6 @@ PROBE = {"freeze.backbone": True, "freeze.bn": "frozen", "train.hard_examples": 
 
 
 def probe(data: Path, cache: Path, **overrides) -> dict:
-    from conftest import build_tiny_recipe
 
     return build_tiny_recipe(data, **{**PROBE, "data.cache_dir": str(cache), **overrides})
 
@@ -172,7 +172,6 @@ def test_lr_find_refuses_lbfgs(tmp_path, data):
 def test_a_fine_tune_starts_from_a_head_fitted_on_the_pretrained_features(tmp_path, data, capsys):
     """train.head_init probe (auto: with pretrained weights): the head is fitted on the body's cached
     features before the body trains, so the first epoch starts from a head that separates the classes."""
-    from conftest import build_tiny_recipe
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
@@ -192,7 +191,6 @@ def test_a_fine_tune_starts_from_a_head_fitted_on_the_pretrained_features(tmp_pa
 
 
 def test_a_resumed_fine_tune_does_not_fit_its_head_again(tmp_path, data, capsys, train_until_epoch_one):
-    from conftest import build_tiny_recipe
     from safetensors.torch import save_file
 
     weights = tmp_path / "pretrained.safetensors"

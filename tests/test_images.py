@@ -4,27 +4,15 @@ the model would exhaust memory, wherever images are read. (Modes, EXIF and broke
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import write_png_header
 from PIL import Image
 
 from finetune.data.images import ImageTooElongated, ImageTooLarge, open_image
-
-
-def write_png_header(path: Path, width: int, height: int) -> Path:
-    """A PNG that says it is width x height (RGB) and holds no pixels: PIL reads the size from the header
-    and refuses it there, so a 20,000 x 20,000 'image' costs a few bytes."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
-                     + chunk(b"IEND", b""))
-    return path
 
 
 def test_a_decompression_bomb_is_refused_with_its_size(tmp_path):

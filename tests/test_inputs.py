@@ -56,7 +56,9 @@ def test_a_cache_over_the_budget_is_not_built(tmp_path, image_folder, tiny_recip
     assert "does not fit the budget" in capsys.readouterr().out or not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("cache, workers", [("decoded", 0), ("decoded", 1), ("none", 1)])
+# With loader workers (processes): the slow tier.
+@pytest.mark.parametrize("cache, workers", [("decoded", 0), pytest.param("decoded", 1, marks=pytest.mark.slow),
+                                            pytest.param("none", 1, marks=pytest.mark.slow)])
 def test_resume_matches_the_uninterrupted_run(tmp_path, image_folder, tiny_recipe, train_until_epoch_one, cache,
                                               workers):
     """Crops are drawn in loader workers reseeded per epoch, so a resumed epoch draws the same ones."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import launcher_env, torchrun
 from safetensors.torch import load_file
 
 import finetune
@@ -87,6 +88,7 @@ def test_a_second_signal_counts_only_after_a_relay_window_and_the_handlers_come_
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+@pytest.mark.slow
 def test_a_second_signal_later_stops_the_process_at_once(tmp_path):
     code = ("import os, signal, time\nfrom finetune.training.interrupt import Pauses\n"
             "p = Pauses(None, True)\nwith p.catching_signals():\n    os.kill(os.getpid(), signal.SIGTERM)\n"
@@ -168,7 +170,6 @@ def test_sigterm_writes_a_checkpoint_of_the_update_and_exits_with_the_signal(tmp
 
 
 def _torchrun(tmp_path, *args, timeout=300) -> subprocess.CompletedProcess:
-    from test_distributed import launcher_env, torchrun
 
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)

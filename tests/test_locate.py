@@ -24,6 +24,7 @@ def write_recipe(folder: Path, train: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_hub_dataset_offline_without_a_cache(tmp_path):
     """A subprocess: `datasets` reads HF_HOME and HF_HUB_OFFLINE once, when imported."""
     home = tmp_path / "hf_home"

@@ -100,6 +100,7 @@ def test_lr_find_and_train_see_the_same_updates(tmp_path, image_folder, tiny_rec
     assert found.losses[0] == pytest.approx(trained.metrics[0]["train_loss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_lr_find_cli_prints_the_override(tmp_path, recipe):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))

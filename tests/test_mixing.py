@@ -6,7 +6,6 @@ mixing on: the loss is soft, validation and hard examples use plain labels, a fr
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import launcher_env
 from safetensors.torch import load_file
 from timm.loss import SoftTargetCrossEntropy
 
@@ -179,6 +179,7 @@ def test_training_with_mixup_uses_soft_targets_but_scores_with_plain_labels(tiny
     assert (saved["mixup"], saved["cutmix"]) == (0.4, 1.0)
 
 
+@pytest.mark.slow
 def test_a_frozen_body_with_mixing_runs_on_mixed_images_and_says_so(tiny_recipe, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "finetune", "train", write(tmp_path, tiny_recipe()),
                            "train.epochs=1", "train.mixup=0.2", "freeze.backbone=true", "--output", tmp_path / "run"],
@@ -209,15 +210,6 @@ def test_a_resumed_run_mixes_as_the_run_it_continues(tiny_recipe, tmp_path, trai
 
 # ----------------------------------------------------------------------------------------------------
 # Slow: several processes, and the quickstart with real weights
-
-
-def launcher_env(home: Path) -> dict:
-    """As tests/test_distributed.py: no Accelerate configuration or launch variables leak in."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("ACCELERATE_") and k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["HF_HOME"] = str(home / "hf")
-    return env
 
 
 @pytest.mark.slow

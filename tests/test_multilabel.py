@@ -9,11 +9,11 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image, ImageDraw
+from helpers import SHAPES, write_shapes
+from PIL import Image
 
 import finetune
 from finetune.data.badimages import IGNORE_LABEL
@@ -34,40 +34,6 @@ from finetune.recipe.schema import DataConfig, TrainConfig
 from finetune.reporting.evaluation import summary
 from finetune.reporting.multilabel import multi_label_metrics, multi_label_report
 from finetune.training.multilabel import MultiLabelLoss, build_multi_label_loss, multi_label_results
-
-# Five shapes, each in a colour of its own, 1-3 per image: the issue's acceptance data.
-SHAPES = {"circle": (220, 40, 40), "square": (40, 200, 40), "triangle": (40, 40, 220), "cross": (230, 200, 30),
-          "bar": (200, 40, 200)}
-
-
-def write_shapes(root: Path, n: int, size: int = 48, seed: int = 0, empty_every: int = 0) -> list[dict]:
-    """root/img/<i>.png with 1-3 of the shapes each (none for every `empty_every`-th image); returns the
-    manifest rows {"image", "labels": [...]}."""
-    rng = np.random.default_rng(seed)
-    (root / "img").mkdir(parents=True, exist_ok=True)
-    names, rows, r = list(SHAPES), [], size // 6
-    for i in range(n):
-        image = Image.new("RGB", (size, size), (235, 235, 235))
-        draw = ImageDraw.Draw(image)
-        count = 0 if empty_every and i % empty_every == 0 else int(rng.integers(1, 4))
-        chosen = sorted(rng.choice(len(names), size=count, replace=False).tolist())
-        for k in chosen:
-            x, y = rng.integers(r, size - r, size=2).tolist()
-            color, name = SHAPES[names[k]], names[k]
-            if name == "circle":
-                draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
-            elif name == "square":
-                draw.rectangle([x - r, y - r, x + r, y + r], fill=color)
-            elif name == "triangle":
-                draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=color)
-            elif name == "cross":
-                draw.rectangle([x - r, y - 2, x + r, y + 2], fill=color)
-                draw.rectangle([x - 2, y - r, x + 2, y + r], fill=color)
-            else:
-                draw.rectangle([x - r, y - 2, x + r, y + 2], fill=color)
-        image.save(root / "img" / f"{i}.png")
-        rows.append({"image": f"img/{i}.png", "labels": [names[k] for k in chosen]})
-    return rows
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SHAPES, Interrupted, write_shapes
 from safetensors.torch import load_file
 from torch import nn
 
@@ -238,8 +239,6 @@ def test_metrics_of_ones_own_see_the_whole_val_split_on_two_processes(tmp_path, 
 
 
 def test_an_interrupted_run_of_a_custom_module_resumes_with_it(tmp_path, tiny_recipe):
-    from conftest import Interrupted
-
     from finetune import api
     from finetune.data.splits import build_splits
     from finetune.training import loop
@@ -283,8 +282,6 @@ def test_lr_find_sweeps_a_custom_module_with_its_loss(tmp_path, tiny_recipe):
 
 
 def test_a_multi_label_run_gives_a_custom_loss_and_metric_multi_hot_targets(tmp_path):
-    from test_multilabel import SHAPES, write_shapes
-
     rows = write_shapes(tmp_path, 24, size=32)
     pairs = [(str(tmp_path / r["image"]), r["labels"]) for r in rows]
     shapes = []

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import write_png_header
 
 from finetune import FinetuneError
 from finetune.model.predict import Predictor
 
 
 def test_a_decompression_bomb_is_a_user_error_naming_the_file(tmp_path):
-    from test_images import write_png_header
-
     huge = write_png_header(tmp_path / "huge.png", 20_000, 20_000)
     predictor = Predictor(torch.nn.Identity(), ["a"], lambda image: torch.zeros(3, 8, 8), torch.device("cpu"))
     with pytest.raises(FinetuneError) as info:

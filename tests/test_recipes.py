@@ -17,7 +17,9 @@ GALLERY = ["hotdog-resnet18", "linear-probe", "fastai-style", "vit-layer-decay",
 
 
 def test_the_gallery_is_complete():
-    assert set(GALLERY) <= {p.stem for p in RECIPES.glob("*.yaml")}
+    """Every shipped recipe is in GALLERY, so each one is checked below; the quickstart is the README's own run
+    (loaded in test_recipe.py, trained in full with real weights in test_mixing.py)."""
+    assert sorted(GALLERY) == sorted(p.stem for p in RECIPES.glob("*.yaml") if p.stem != "quickstart")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,7 @@ def test_recipe_loads_and_plans_on_its_own_backbone(name, data):
         assert len({g.layer for g in plan.groups if g.layer is not None}) > 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", GALLERY)
 def test_recipe_trains_offline_with_a_tiny_backbone(name, data, tmp_path):
     tiny = "test_vit" if "vit" in name else "test_resnet"

@@ -33,6 +33,7 @@ BACKBONES = ["test_resnet", "test_vit", "test_efficientnet", "convnext_tiny"]
 # Strategies the recipe and the CLI check
 
 
+@pytest.mark.slow
 def test_cli_plan_with_unmatched_pattern_exits_nonzero_naming_it(tmp_path, image_folder, tiny_recipe):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(image_folder())))
@@ -215,6 +216,7 @@ def test_frozen_stages_unchanged_after_training_under_each_bn_policy(tmp_path, d
     assert frozen_groups == set(weights) | (set(affine) if bn == "frozen" else set())
 
 
+@pytest.mark.slow  # six epochs in three runs
 def test_resume_across_unfreeze_boundary_matches_uninterrupted_run(tmp_path, data, make_recipe, initial_weights,
                                                                    train_until_epoch_one):
     recipe = make_recipe(data, **{"model.pretrained": str(initial_weights), "freeze.backbone": True,
@@ -245,6 +247,7 @@ def test_resume_across_unfreeze_boundary_matches_uninterrupted_run(tmp_path, dat
         (tmp_path / "whole" / "plan.json").read_text())
 
 
+@pytest.mark.slow  # six epochs in three runs
 def test_resume_across_a_thawing_phase_matches_uninterrupted_run(tmp_path, data, make_recipe, initial_weights,
                                                                   train_until_epoch_one):
     """freeze.phases thaws stages 1-2 at epoch 1 (stem stays frozen): cut after epoch 1, resume, same end."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -49,7 +50,17 @@ def test_an_unknown_tracker_is_refused_before_anything_is_written(tmp_path, imag
     assert not (tmp_path / "run").exists()
 
 
-def test_overwrite_knows_the_tensorboard_folder_as_a_run_output():
-    from finetune.training.rundir import RUN_OUTPUTS
-    from finetune.training.tracking import TENSORBOARD_FOLDER
-    assert TENSORBOARD_FOLDER in RUN_OUTPUTS
+def test_overwrite_removes_the_previous_runs_tensorboard_folder(tmp_path, image_folder, tiny_recipe):
+    from finetune.recipe.load import load_recipe
+    from finetune.training.rundir import RunDir
+    from finetune.training.tracking import tracker_settings
+
+    config = load_recipe(tiny_recipe(image_folder(), **{"train.log_with": ["tensorboard"]}))
+    first = RunDir.for_new_run(tmp_path / "run", "test_resnet")
+    first.create()
+    tracked = Path(tracker_settings(config, first.path)["project_dir"])  # where Accelerate's tracker writes
+    (tracked / "finetune").mkdir(parents=True)
+    (tracked / "finetune" / "events.out.tfevents.1.host").write_bytes(b"previous run")
+    (first.path / "notes.txt").write_text("mine")
+    RunDir.for_new_run(first.path, "test_resnet", overwrite=True).create()
+    assert not tracked.exists() and (first.path / "notes.txt").read_text() == "mine"

@@ -185,6 +185,7 @@ def test_corrupt_file_is_a_user_error(tmp_path):
         read_state_dict(path)
 
 
+@pytest.mark.slow
 def test_efficientnet_lite0_package_weights_classify_a_cat():
     import skimage.data
     from PIL import Image
