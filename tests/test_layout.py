@@ -121,3 +121,23 @@ def test_functions_stay_short_and_take_few_parameters():
             if count > 8 and not (name == "api.py" and not node.name.startswith("_")):
                 wide.append(f"{name}:{node.name}")
     assert long == [] and wide == []
+
+
+def test_nothing_is_unpickled_beyond_tensors():
+    """docs/trust.md's promise, held by the code: every torch.load passes weights_only=True (PyTorch's
+    restricted unpickler), and nothing calls pickle.load(s), numpy.load or Accelerate's load_state."""
+    import ast
+
+    unsafe = []
+    for path in modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            if name.endswith("torch.load") and not any(
+                    k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                    for k in node.keywords):
+                unsafe.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {name}")
+            if name in ("pickle.load", "pickle.loads", "np.load", "numpy.load") or name.endswith(".load_state"):
+                unsafe.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {name}")
+    assert unsafe == []
