@@ -41,7 +41,7 @@ from torchvision import transforms
 from ..atomic import write_atomic
 from ..errors import FinetuneError
 from .badimages import BAD_IMAGE_ERRORS
-from .samples import FileSamples, as_pil
+from .samples import FileSamples, as_pil, class_index
 
 VERSION = 1  # part of every key: bump when what the files hold changes
 # `data.cache: auto` keeps the cache only when it stays in the page cache (a share of RAM: epochs then read
@@ -92,6 +92,7 @@ class DecodedImages(Dataset):
         meta = json.loads(Path(index).read_text(encoding="utf-8"))
         self.path, self.base = Path(index).with_suffix(".u8"), base
         self.targets, self.class_names = list(base.targets), list(getattr(base, "class_names", []))
+        self.encode_target = getattr(base, "encode_target", class_index)  # the task's, as the source read it
         self.origin = getattr(base, "origin", "decoded")
         good = [(i, e) for i, e in enumerate(meta["images"]) if isinstance(e, list)]
         self.layout = np.zeros((len(meta["images"]), 3), dtype=np.int64)  # offset, height, width

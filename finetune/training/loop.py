@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -33,10 +32,7 @@ from ..model.card import save_card
 from ..model.custom import is_timm_like
 from ..model.export import WEIGHTS_NAME, save_export
 from ..recipe.schema import RecipeConfig
-from ..reporting.metrics import format_epoch
-from ..reporting.multilabel import format_epoch_multi_label, score_multi_label_after_training
 from ..reporting.plots import save_curves
-from ..reporting.review import score_after_training
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import eval_loader, predict_all, validate
 from .faults import FAULT_CHECK_UPDATES, resume_hint
@@ -96,7 +92,7 @@ def start_session(config: RecipeConfig, splits: Splits, accelerator: Accelerator
                       accelerator.device.type == "cuda", precision, skip_log_folder, log, plugins)
     # Cached features serve a softmax head (its probe, lbfgs) on unmixed images, through timm's body/head
     # split (which a module of one's own may lack); a multi-label linear probe and a mixed batch run the body.
-    if (config.data.feature_cache == "auto" and s.plan.body_fixed and config.task == "single_label"
+    if (config.data.feature_cache == "auto" and s.plan.body_fixed and s.task.linear_probe
             and s.mixing is None and is_timm_like(s.network)):
         s = use_cached_features(s, splits, config.data, config.train.seed, accelerator.device,
                                 accelerator.is_main_process, accelerator.wait_for_everyone, log)
@@ -158,7 +154,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
         # The export of a best epoch follows its checkpoint: a kill between the two left it unwritten.
         if checkpoint is not None and best_epoch == start_epoch and not done_in_epoch:
             save_export(s.ema.module if best_from == "ema" else s.network, run_dir.path, splits.class_names,
-                        s.data_cfg)
+                        s.data_cfg, s.task.export_config())
     start_tracking(accelerator, config, run_dir.path.name)
     accelerator.wait_for_everyone()
 
@@ -200,7 +196,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
             seconds = time.perf_counter() - started
 
             val, candidate, acc = validate(s, accelerator, s.val_loader, splits.class_names)  # model or its average
-            improved = acc > best_acc
+            improved = s.task.better(acc, best_acc if best_epoch else None)
             stop = stopper.update(epoch + 1, tc.epochs, val)
             if improved:
                 best_acc, best_epoch, best_from = acc, epoch + 1, candidate
@@ -215,9 +211,9 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
             log_epoch(accelerator, config, records[-1], losses[len(losses) - len(lrs):], lrs)
             if main:
                 run_dir.append_metrics(records[-1])
-                save_curves(records, run_dir.curves)
+                save_curves(records, run_dir.curves, s.task.curve_metric())
                 save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes())
-            log((format_epoch_multi_label if s.threshold is not None else format_epoch)(records[-1], tc.epochs)
+            log(s.task.format_epoch(records[-1], tc.epochs)
                 + (f"\n{stopper.describe(tc.epochs)}" if stop else ""))
             save_checkpoint(accelerator, run_dir, {"epoch": epoch + 1, "step": update, "best_val_acc": best_acc,
                                                    "best_epoch": best_epoch, "best_from": best_from,
@@ -227,7 +223,7 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
                 after_checkpoint(epoch + 1)
             if main and improved:  # after the checkpoint, which describes it: a resume writes it again if missed
                 save_export(s.ema.module if candidate == "ema" else s.network, run_dir.path, splits.class_names,
-                            s.data_cfg)
+                            s.data_cfg, s.task.export_config())
             if pauses.stop_after_epoch(accelerator):  # after the last epoch too: --resume does the scoring
                 accelerator.wait_for_everyone()  # the main process wrote the export
                 trained = stop or epoch + 1 == tc.epochs  # only the scoring is left
@@ -239,18 +235,12 @@ def train(config: RecipeConfig, run_dir: RunDir, splits: Splits, log: Log | None
     # --- after training: the best epoch's weights (the export) score test, then train and val for review
     accelerator.wait_for_everyone()  # the main process wrote the export
     s.network.load_state_dict(load_file(str(run_dir.path / WEIGHTS_NAME)))
-    score = (partial(score_multi_label_after_training, threshold=s.threshold) if s.threshold is not None
-             else score_after_training)
-    test = score(lambda view: predict_all(s, accelerator, eval_loader(s, accelerator, view)), splits,
-                 s.eval_view, tc.hard_examples, run_dir.path if main else None, best_epoch)
+    test = s.task.score_after_training(lambda view: predict_all(s, accelerator, eval_loader(s, accelerator, view)),
+                                       splits, s.eval_view, tc.hard_examples, run_dir.path if main else None, best_epoch)
     skipped = save_data_report(run_dir.path, config.data.on_bad_image, splits.sizes(), final=True) if main else 0
     if main:  # the model card again, now with every epoch and the test metrics
         save_card(run_dir.path)
-    multi_label = s.threshold is not None
-    log(f"done: best val {'mAP' if multi_label else 'acc'} {100 * best_acc:.2f}% at epoch {best_epoch}"
-        + (f"; test mAP {100 * (test['test_map'] or 0):.2f}%" if test and multi_label
-           else f"; test acc {100 * test['test_acc']:.2f}% (balanced {100 * test['test_balanced_acc']:.2f}%)"
-           if test else "")
+    log(f"done: {s.task.summary(best_acc, best_epoch, test)}"
         + (f"; {skipped} unreadable image(s) skipped, listed in data_report.json" if skipped else "")
         + f"; model in {run_dir.path}")
     accelerator.end_training()

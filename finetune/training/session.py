@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.badimages import SkipLog
 from ..data.loaders import EpochSeeded, Transformed, build_loader
-from ..data.sampling import BalancedSampler, EpochShuffle, Positioned, inverse_frequency_weights
+from ..data.sampling import BalancedSampler, EpochShuffle, Positioned
 from ..data.splits import Splits
 from ..data.transforms import build_transforms, resolve_data_config, train_size
 from ..errors import FinetuneError
@@ -28,9 +28,9 @@ from ..model.groups import build_plan
 from ..model.optim import build_optimizer, lr_multiplier
 from ..model.plan import Plan
 from ..recipe.schema import RecipeConfig
+from ..tasks import SingleLabel, Task, build_task
 from .batching import Batching, derive_batching
-from .mixing import Mixing, build_mixing, soft_target_loss
-from .multilabel import build_multi_label_loss
+from .mixing import Mixing, build_mixing
 from .plugins import Plugins, UserLoss
 from .runtime import Runtime, adapt_model, resolve_runtime
 
@@ -43,7 +43,7 @@ class Session:
     network: torch.nn.Module  # the whole model, unwrapped: the plan's, the export's and the checkpoint's
     plan: Plan
     optimizer: torch.optim.Optimizer
-    criterion: torch.nn.Module  # (logits, labels) -> the mean loss of a micro-batch (labels [B, C]: multi-label)
+    criterion: torch.nn.Module  # (logits, labels) -> the mean loss of a micro-batch (the task's, tasks/)
     runtime: Runtime
     batching: Batching
     train_set: EpochSeeded  # the training view; each sample's augmentation seeded by (epoch, position)
@@ -72,7 +72,7 @@ class Session:
     collate: Callable | None = None  # the loaders' collate function (None: PyTorch's default)
     input_pipeline: str = ""  # which pipeline feeds the model and why, for the printed set-up
     mixing: Mixing | None = None  # mixup/cutmix of training micro-batches (mixing.py); None: off
-    threshold: float | None = None  # task multi_label: train.threshold (F1, predicted labels); None: single-label
+    task: Task = field(default_factory=SingleLabel)  # the recipe's (or one's own), fitted to the training data
     metrics: Mapping[str, Callable] = field(default_factory=dict)  # extra val metrics of one's own (plugins.py)
 
 
@@ -116,16 +116,9 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
                          else EpochShuffle(len(train_set), draws, tc.seed))
     train_loader = build_loader(train_set, batching.per_device, True, runtime.workers, runtime.pin_memory, sampler)
     val_loader = build_loader(val_set, batching.per_device, False, runtime.workers, runtime.pin_memory)
-    multi_label = config.task == "multi_label"
+    task = (plugins.task or build_task(config)).fit(splits)
     mixing = build_mixing(tc, len(splits.class_names), batching, process_index)
-    if multi_label:  # a sigmoid per label: binary cross-entropy (multilabel.py)
-        criterion = build_multi_label_loss(splits.train_targets, len(splits.class_names), tc)
-    elif mixing is not None:  # soft targets, label smoothing folded in by timm's Mixup
-        criterion = soft_target_loss()
-    else:
-        weights = (inverse_frequency_weights(splits.train_targets, len(splits.class_names))
-                   if tc.class_weights == "auto" else None)
-        criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing)
+    criterion = task.build_loss(splits.train_targets, len(splits.class_names), tc, mixing is not None)
     if plugins.loss is not None:  # it gets the targets above would (plugins.py); val_loss stays the built-in one
         criterion = UserLoss(plugins.loss)
         log(f"loss: yours, {criterion.name} (train.label_smoothing and class_weights not applied; val_loss is "
@@ -135,7 +128,7 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
     # A warmup of whole epochs would eat most of a short run: it never takes more than a fifth of it.
     warmup = min(round(tc.warmup_epochs * batching.updates_per_epoch), int(WARMUP_SHARE * total))
     head_init = tc.head_init if tc.head_init != "auto" else (
-        "probe" if config.model.pretrained is not False and not plan.body_fixed and not multi_label else "zero")
+        "probe" if config.model.pretrained is not False and not plan.body_fixed and task.linear_probe else "zero")
     if plugins.model is not None and not is_timm_like(model):  # the probe needs timm's body/head split
         head_init = _custom_head_init(tc.head_init, model)
     return Session(model, model, plan, optimizer, criterion, runtime, batching, train_set, train_loader, val_loader,
@@ -143,7 +136,7 @@ def build_session(config: RecipeConfig, splits: Splits, processes: int, process_
                    warmup, tc.seed, tc.grad_clip, data_cfg, eval_view, rewarm_updates=warmup,
                    ema_decay=_ema_decay(tc.ema, total),
                    head_init=head_init, train_side=train_side, mixing=mixing,
-                   threshold=tc.threshold if multi_label else None, metrics=plugins.metrics)
+                   task=task, metrics=plugins.metrics)
 
 
 def _custom_head_init(asked: str, model: torch.nn.Module) -> str:
@@ -167,7 +160,7 @@ def describe(session: Session, config: RecipeConfig, splits: Splits) -> str:
     """The set-up as printed before training: what trains on what, how the batch is split, the plan."""
     size = session.data_cfg["input_size"]
     weights = getattr(session.criterion, "weight", None)  # a loss of one's own may have none
-    lines = [f"finetune: {config.model.backbone} -> {len(splits.class_names)} classes | "
+    lines = [f"finetune: {config.model.backbone} -> {session.task.describe_head(splits.class_names)} | "
              f"{len(session.train_set)} train, {len(session.val_loader.dataset)} val images | input {size[1]}x{size[2]}"
              + (f", training crops {session.train_side}x{session.train_side}" if session.train_side != size[2] else ""),
              f"  {session.runtime.describe()}"
