@@ -182,12 +182,11 @@ def _run(args: argparse.Namespace) -> None:
         print(dump_recipe(api.resolve(recipe, overrides)), end="")
     elif args.command == "check-data":
         from .data.checkdata import format_report
-
         from .tasks import build_task
 
         report = api.check_data(recipe, overrides)
-        print(json.dumps(report, indent=2) if args.json else format_report(report,
-                                                                           build_task(api.resolve(recipe, overrides))))
+        task = build_task(api.resolve(recipe, overrides))  # what the report adds for label sets or numbers
+        print(json.dumps(report, indent=2) if args.json else format_report(report, task))
         if not report["trainable"]:
             sys.exit(1)
     elif args.command == "lr-find":

@@ -80,7 +80,7 @@ def test_csv_and_jsonl_give_numbers_under_the_columns_name(counts):
     assert from_csv.class_names == ["count"] and from_jsonl.class_names == ["age"]  # the one other column
     assert from_csv.targets == [float(c) for _, c in rows]
     assert from_jsonl.targets == [c + 0.5 for _, c in rows]
-    image, target = Transformed(from_csv, None, lambda im: torch.zeros(1), "val", substitute=False)[0]
+    _, target = Transformed(from_csv, None, lambda im: torch.zeros(1), "val", substitute=False)[0]
     assert target.dtype == torch.float32 and float(target) == rows[0][1]
 
 

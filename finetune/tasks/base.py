@@ -21,6 +21,7 @@ from torch import nn
 
 from ..atomic import write_atomic
 from ..data.badimages import IGNORE_LABEL
+from ..data.splits import Splits
 from ..data.targets import OneClassPerImage
 from ..recipe.schema import TrainConfig
 from ..reporting.evaluation import METRICS_NAME
@@ -45,7 +46,7 @@ class Task(OneClassPerImage, ABC):
     linear_probe: ClassVar[bool] = False
     metric_names: ClassVar[tuple[str, ...]] = ("loss", "images")  # the val_<name> keys `metrics` writes
 
-    def fit(self, splits) -> Task:
+    def fit(self, splits: Splits) -> Task:
         """The task ready for a run on these splits (data/splits.py; a regression standardises by the mean
         and standard deviation of the training targets); the task itself when nothing depends on them."""
         return self
@@ -66,7 +67,7 @@ class Task(OneClassPerImage, ABC):
 
     @abstractmethod
     def metrics(self, results: dict, class_names: list[str], prefix: str) -> dict:
-        """{prefix}_<name} for every name of `metric_names`, from a whole split's results."""
+        """{prefix}_<name> for every name of `metric_names`, from a whole split's results."""
 
     def better(self, value: float | None, best: float | None) -> bool:
         """Whether a selection metric of `value` beats `best` (None: nothing yet)."""
@@ -105,7 +106,7 @@ class Task(OneClassPerImage, ABC):
             text += f"; test {self.selection_name} {self.format_value(test.get(f'test_{self.selection}'))}"
         return text
 
-    def score_after_training(self, predict: Predict, splits, eval_view: Callable, hard_examples: int,
+    def score_after_training(self, predict: Predict, splits: Splits, eval_view: Callable, hard_examples: int,
                              folder: Path | None, best_epoch: int) -> dict | None:
         """With the best epoch's weights loaded: the test metrics (test_metrics.json in `folder`, None on
         every process but the main one), and whatever reports the task writes of val. Returns the test

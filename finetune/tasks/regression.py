@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..data.samples import ImageSamples
+from ..data.splits import Splits
 from ..errors import FinetuneError
 from ..recipe.schema import DataConfig, TrainConfig
 from ..reporting.plots import CurveMetric
@@ -38,7 +39,12 @@ from .numbers import (
     summarise,
     wrap_numbers_in_memory,
 )
-from .regression_reports import describe, regression_metrics, save_regression_evaluation, score_regression_after_training
+from .regression_reports import (
+    describe,
+    regression_metrics,
+    save_regression_evaluation,
+    score_regression_after_training,
+)
 
 HUBER_DELTA = 1.0  # in standard deviations of the training targets: quadratic within, linear beyond
 
@@ -97,7 +103,7 @@ class Regression(Task):
 
     # -- training and scoring
 
-    def fit(self, splits) -> Regression:
+    def fit(self, splits: Splits) -> Regression:
         """Standardise by the images that train (not those split off for validation)."""
         values = np.asarray(splits.train_targets, dtype=np.float64)
         return dataclasses.replace(self, mean=float(values.mean()), std=float(values.std()),
