@@ -25,6 +25,7 @@ from .model.predict import Predictor, load
 from .recipe.load import load_recipe, recipe_to_dict
 from .recipe.overrides import flatten_overrides, keyword_overrides
 from .recipe.schema import RecipeConfig, RecipeLike
+from .tasks import Task, build_task
 from .training.batching import batch_size_problem, require_batch_fits
 from .training.loop import train as run_loop
 from .training.lrfind import LRFindResult, Sweep, find_lr
@@ -52,6 +53,7 @@ class TrainResult:
 class EvalResult:
     output: str  # the folder holding metrics.json, the plots and predictions.csv
     metrics: dict  # what metrics.json holds (less the run and data it names)
+    summary: str = ""  # the report in a few lines, as `finetune eval` prints it
 
 
 __all__ = ["train", "plan", "check_data", "lr_find", "load", "evaluate", "export", "resolve", "resolve_run",
@@ -74,7 +76,8 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
           val_data: Dataset | Sequence | None = None, test_data: Dataset | Sequence | None = None,
           class_names: Sequence[str] | None = None, model: nn.Module | dict | None = None,
           loss: Callable | None = None, metrics: Callable | Sequence[Callable] | dict | None = None,
-          output: str | Path | None = None, overwrite: bool = False, resume: str | Path | None = None,
+          task: Task | str | None = None, output: str | Path | None = None, overwrite: bool = False,
+          resume: str | Path | None = None,
           trust_checkpoint: bool = False, overrides: dict[str, Any] | Sequence[str] | None = None,
           **kw_overrides: Any) -> TrainResult:
     """Fine-tune as a recipe says; return the run directory and per-epoch metrics.
@@ -89,16 +92,17 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
         holds an interrupted run, else train there from the start (a requeued job needs no edit).
     trust_checkpoint: resume from a checkpoint that has no checksum manifest (refused otherwise).
     Plug-ins (training/plugins.py): `model`, an nn.Module to logits, trained in place (a dict: the model section);
-        `loss`, (logits, targets) -> scalar; `metrics`, (logits, targets) -> number on val, as val_<name>.
+        `loss`, (logits, targets) -> scalar; `metrics`, (logits, targets) -> number on val, as val_<name>;
+        `task`, a finetune.tasks.Task of one's own in place of the recipe's (a string: the recipe's `task`).
     """
-    plugins, kw_overrides = plugins_from_arguments(model, loss, metrics, kw_overrides)
+    plugins, kw_overrides = plugins_from_arguments(model, loss, metrics, kw_overrides, task)
     items = {**flatten_overrides(overrides), **keyword_overrides("train", kw_overrides)}
     items.update(plugins.recipe_overrides(items))
     config, run_dir = resolve_run(recipe, items, output, overwrite, resume, train_data is not None,
                                   val_data is not None, test_data is not None)
     run_dir.trust_checkpoint = trust_checkpoint
     splits = build_splits(config.data, config.train.seed, train_data, val_data, class_names, test_data,
-                          multi_label=config.task == "multi_label")
+                          task=plugins.task or build_task(config))
     require_batch_fits(config.train.batch_size, splits.sizes()["train"])  # known once the data is read
     if config.data.on_bad_image == "error":
         from .data.checkdata import require_readable  # decodes every image: only when asked
@@ -165,7 +169,7 @@ def check_data(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | N
     from .data.checkdata import check_data as run_check
 
     config = resolve(recipe, {**flatten_overrides(overrides), **keyword_overrides("check_data", kw_overrides)})
-    report = run_check(config.data, config.train.seed, multi_label=config.task == "multi_label")
+    report = run_check(config.data, config.train.seed, task=build_task(config))
     if problem := batch_size_problem(config.train.batch_size, report["splits"]["train"]["images"]):
         report["errors"].append(problem)
         report["trainable"] = False
@@ -201,19 +205,19 @@ def lr_find(recipe: RecipeLike, overrides: dict[str, Any] | Sequence[str] | None
 
 
 def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | Path | None = None,
-             class_names: Sequence[str] | None = None, batch_size: int = 64) -> EvalResult | None:
+             class_names: Sequence[str] | None = None, batch_size: int = 64,
+             task: Task | None = None) -> EvalResult | None:
     """Score a finished run's exported model on labelled data, writing the report into a new folder (default
     RUN/eval-<data>-<time>; nothing of the run is touched): metrics.json, confusion_matrix.png,
-    reliability.png, mistakes.png and predictions.csv (a multi-label run: metrics.json with mAP and F1 at
-    its threshold, and predictions.csv with each label's probability). `data`: a source string (folder, manifest, hf:,
-    torchvision:, sklearn:digits) or a Python dataset as `train` takes; its classes are matched to the run's
-    by name. Integer labels name classes through `class_names`, the dataset's `.classes`, or else the run's
-    own list. Under a multi-process launch each process scores a share; the main process writes and
-    returns the result, the others return None."""
+    reliability.png, mistakes.png and predictions.csv; another task's report is its own (Task.evaluate:
+    label sets get mAP and F1 at the run's threshold, numbers MAE, RMSE, R² and predicted_vs_true.png).
+    `data`: a source string (folder, manifest, hf:, torchvision:, sklearn:digits) or a Python dataset as
+    `train` takes; its classes are matched to the run's by name. Integer labels name classes through
+    `class_names`, the dataset's `.classes`, or else the run's own list. `task`: the task of one's own the
+    run trained with. Under a multi-process launch each process scores a share; the main process writes
+    and returns the result, the others return None."""
     from .data.loaders import Transformed
-    from .data.multilabel import align_multi_label
-    from .reporting.evaluation import build_report, default_output, match_classes, save_evaluation
-    from .reporting.multilabel import save_multi_label_evaluation
+    from .reporting.evaluation import default_output
     from .training.evalrun import eval_config, open_eval_data, predict_dataset
 
     try:  # every process checks the same things: under a launch, the main process alone reports a mistake
@@ -222,11 +226,10 @@ def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | P
             raise FinetuneError(f"eval: --batch-size {batch_size}: give a number of images, 1 or more.")
         if not run.is_dir():
             raise FinetuneError(f"{run} is not a folder; give the run directory that `finetune train` wrote.")
-        predictor = load(run, device="cpu")
+        predictor = load(run, device="cpu", task=task)
         config = eval_config(run, str(data) if isinstance(data, (str, Path)) else "python:data")
-        samples = open_eval_data(data, config, predictor.label_names, class_names, predictor.multi_label)
-        samples = (align_multi_label(samples, predictor.label_names) if predictor.multi_label
-                   else match_classes(samples, predictor.label_names, str(run)))
+        samples = open_eval_data(data, config, predictor.label_names, class_names, predictor.task)
+        samples = predictor.task.match(samples, predictor.label_names, str(run))
         if output is not None:
             folder = Path(output).expanduser()
             if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
@@ -236,17 +239,13 @@ def evaluate(run: str | Path, data: str | Dataset | Sequence, *, output: str | P
     except FinetuneError as e:
         raise FinetuneError(str(e), raised_on_every_process=True) from None
     view = Transformed(samples, None, predictor.transform, "eval", substitute=False)
-    results = predict_dataset(config, predictor.model, view, batch_size)
+    results = predict_dataset(config, predictor.model, view, batch_size, predictor.task)
     if results is None:
         return None
     folder = Path(output).expanduser() if output is not None else default_output(run, samples.origin)
     about = {"run": str(run.resolve()), "data": samples.origin}
-    if predictor.multi_label:  # mAP and F1 at the run's threshold: metrics.json and predictions.csv
-        report = save_multi_label_evaluation(folder, results, view, predictor.label_names, predictor.threshold, about)
-    else:
-        report = build_report(results, predictor.label_names, view)
-        save_evaluation(folder, report, results, view, predictor.label_names, about)
-    return EvalResult(str(folder), report)
+    report, summary = predictor.task.evaluate(folder, results, view, predictor.label_names, about)
+    return EvalResult(str(folder), report, summary)
 
 
 def export(run_dir: str | Path, format: str = "onnx", output: str | Path | None = None,
@@ -259,7 +258,7 @@ def export(run_dir: str | Path, format: str = "onnx", output: str | Path | None 
 
 
 def open_data(config: RecipeConfig) -> Splits:
-    return build_splits(config.data, config.train.seed, multi_label=config.task == "multi_label")
+    return build_splits(config.data, config.train.seed, task=build_task(config))
 
 
 def _check_same(asked: RecipeConfig, saved: RecipeConfig, run_dir: RunDir) -> None:

@@ -182,9 +182,11 @@ def _run(args: argparse.Namespace) -> None:
         print(dump_recipe(api.resolve(recipe, overrides)), end="")
     elif args.command == "check-data":
         from .data.checkdata import format_report
+        from .tasks import build_task
 
         report = api.check_data(recipe, overrides)
-        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        task = build_task(api.resolve(recipe, overrides))  # what the report adds for label sets or numbers
+        print(json.dumps(report, indent=2) if args.json else format_report(report, task))
         if not report["trainable"]:
             sys.exit(1)
     elif args.command == "lr-find":
@@ -193,12 +195,10 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "predict":
         _predict(api.load(args.run_dir), args)
     elif args.command == "eval":
-        from .reporting.evaluation import summary
-
         result = api.evaluate(args.run_dir, args.data, output=args.output, batch_size=args.batch_size)
         if result is not None:  # None: not the main process of a launch
             print(json.dumps({"output": result.output, **result.metrics}, indent=2) if args.json
-                  else f"{summary(result.metrics)}\nreport in {result.output}")
+                  else f"{result.summary}\nreport in {result.output}")
     elif args.command == "export":
         print(api.export(args.run_dir, args.format, args.output, args.dynamic_batch).summary())
     elif args.command == "runs":
@@ -228,10 +228,10 @@ def _predict(predictor, args: argparse.Namespace) -> None:
     images = list_images(args.images)
     predictions = predictor.predict(images, args.top_k, tta=args.tta, threshold=args.threshold)
     if args.csv:
-        save_predictions(args.csv, images, predictions, predictor.multi_label)
+        save_predictions(args.csv, images, predictions, predictor.task)
         print(f"predictions for {len(images)} image(s) in {args.csv}")
     elif args.json:
         print(json.dumps([{"image": i, "predictions": p} for i, p in zip(images, predictions)], indent=2))
     else:
         for image, top in zip(images, predictions):
-            print(image + ": " + (", ".join(f"{p['label']} {100 * p['prob']:.1f}%" for p in top) or "no label"))
+            print(image + ": " + predictor.task.format_prediction(top))

@@ -87,6 +87,7 @@ def train_until_epoch_one() -> Callable[..., None]:
     through the loop's `after_checkpoint` seam."""
     from finetune import api
     from finetune.data.splits import build_splits
+    from finetune.tasks import build_task
     from finetune.training import loop
 
     def run(recipe: dict, output: Path) -> None:
@@ -96,8 +97,7 @@ def train_until_epoch_one() -> Callable[..., None]:
 
         config, run_dir = api.resolve_run(recipe, output=output)
         with pytest.raises(Interrupted):
-            loop.train(config, run_dir, build_splits(config.data, config.train.seed,
-                                                     multi_label=config.task == "multi_label"),
+            loop.train(config, run_dir, build_splits(config.data, config.train.seed, task=build_task(config)),
                        after_checkpoint=stop_after_epoch_one)
 
     return run

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from finetune.data.badimages import IGNORE_LABEL
+from finetune.tasks import SingleLabel
 from finetune.training.evaluate import evaluate, predict_all
 
 
@@ -27,7 +28,7 @@ LOGITS = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0], [1.0, 
 def scored():
     model = torch.nn.Identity()  # "images" are the logits themselves
     session = SimpleNamespace(model=model, runtime=SimpleNamespace(channels_last=False), eval_augment=None,
-                              metrics={})
+                              metrics={}, task=SingleLabel())
     loader = [(LOGITS[:2], torch.tensor([0, 2])), (LOGITS[2:], torch.tensor([2, IGNORE_LABEL]))]
     return session, loader
 

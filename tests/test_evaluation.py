@@ -28,7 +28,7 @@ from finetune.reporting.evaluation import (
 )
 from finetune.reporting.metrics import reliability_bins, report_metrics
 from finetune.reporting.plots import confusion_figure
-from finetune.training.evaluate import TOP_K
+from finetune.tasks.single_label import TOP_K
 
 CLASSES = ["a", "b", "c", "d", "e", "f"]
 

@@ -222,10 +222,11 @@ def test_sigterm_at_the_last_update_stops_after_the_last_checkpoint_and_the_resu
 SETUP_DRIVER = r'''
 import os, signal, sys
 from finetune import api, cli
+from finetune.tasks import single_label
 from finetune.training import loop, start
 
 module, name = {"data": (api, "build_splits"), "session": (start, "build_session"),
-                "scoring": (loop, "score_after_training")}[sys.argv[1]]
+                "scoring": (single_label, "score_after_training")}[sys.argv[1]]
 original = getattr(module, name)
 
 

@@ -1,5 +1,5 @@
 """The package's layout rules, checked on the source: sub-packages named after the stages of a run, with
-dependencies pointing one way (recipe -> data, model -> reporting -> training -> entry points), only the
+dependencies pointing one way (recipe -> data -> reporting -> tasks -> model -> training -> entry points), only the
 training loop importing Accelerate, every module under 300 lines, and a test module for every package
 module."""
 
@@ -14,13 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "finetune"
 # What each layer may import from finetune, besides itself and the foundations (errors, atomic). The
 # order: a recipe says what to do; data and model build from their own sections of it; reporting turns
-# computed results into files; training runs it all; the entry points expose it.
+# computed results into files; a task says what differs between kinds of targets, with reporting's help,
+# and the model's prediction and export ask it; training runs it all; the entry points expose it.
 ALLOWED = {
     "recipe": set(),
     "data": {"recipe"},
-    "model": {"recipe", "data"},
     "reporting": {"recipe", "data"},
-    "training": {"recipe", "data", "model", "reporting"},
+    "tasks": {"recipe", "data", "reporting"},
+    "model": {"recipe", "data", "tasks"},
+    "training": {"recipe", "data", "model", "reporting", "tasks"},
 }
 FOUNDATIONS = {"errors", "atomic"}
 ENTRY_POINTS = {"api", "cli", "__init__", "__main__"}

@@ -147,14 +147,14 @@ def test_loaders_used_once_after_training_let_their_workers_go(tmp_path, image_f
     loaders keep workers (one each) for the run."""
     import multiprocessing
 
-    import finetune.training.loop as loop
-    seen, score = [], loop.score_after_training
+    import finetune.tasks.single_label as single_label  # the scoring the single-label task runs after training
+    seen, score = [], single_label.score_after_training
 
     def counting(*args, **kwargs):
         result = score(*args, **kwargs)
         seen.append(len(multiprocessing.active_children()))
         return result
-    monkeypatch.setattr(loop, "score_after_training", counting)
+    monkeypatch.setattr(single_label, "score_after_training", counting)
     recipe = tiny_recipe(image_folder(), **{"train.epochs": 1, "train.hard_examples": 4, "data.num_workers": 1,
                                             "data.cache": "none"})
     finetune.train(recipe, output=tmp_path / "run")

@@ -15,6 +15,7 @@ from torch import nn
 import finetune
 from finetune.data.badimages import IGNORE_LABEL
 from finetune.errors import FinetuneError
+from finetune.tasks import MultiLabel, SingleLabel
 from finetune.training.plugins import UserLoss, build_plugins, score_metrics
 
 
@@ -165,10 +166,10 @@ def test_metrics_see_every_labelled_image_and_give_floats():
     targets = torch.tensor([0, 0, IGNORE_LABEL])  # the unreadable image is left out
     scores = score_metrics({"n": lambda lg, t: torch.tensor(len(t)),
                             "top1": lambda lg, t: (lg.argmax(-1) == t).float().mean(),
-                            "bad": lambda lg, t: float("nan")}, logits, targets, "val")
+                            "bad": lambda lg, t: float("nan")}, logits, targets, "val", SingleLabel().kept(targets))
     assert scores == {"val_n": 2.0, "val_top1": 0.5, "val_bad": None}
     with pytest.raises(FinetuneError, match="not a number"):
-        score_metrics({"s": lambda lg, t: "high"}, logits, targets, "val")
+        score_metrics({"s": lambda lg, t: "high"}, logits, targets, "val", SingleLabel().kept(targets))
 
 
 def test_the_model_card_of_a_custom_module_says_how_to_load_it(custom_run):
@@ -311,6 +312,7 @@ def test_a_multi_label_run_gives_a_custom_loss_and_metric_multi_hot_targets(tmp_
 def test_a_metric_may_not_overwrite_a_key_finetune_wrote():
     with pytest.raises(FinetuneError, match="overwrite finetune's own val_extra"):
         score_metrics({"extra": lambda lg, t: 1.0}, torch.zeros(2, 2), torch.tensor([0, 1]), "val",
-                      taken={"val_extra": 0.5})
+                      torch.ones(2, dtype=torch.bool), taken={"val_extra": 0.5})
     rows = torch.tensor([[1, 0], [IGNORE_LABEL, IGNORE_LABEL]])  # multi-hot: an unreadable image is a whole row
-    assert score_metrics({"n": lambda lg, t: len(t)}, torch.zeros(2, 2), rows, "val") == {"val_n": 1.0}
+    assert score_metrics({"n": lambda lg, t: len(t)}, torch.zeros(2, 2), rows, "val",
+                         MultiLabel().kept(rows)) == {"val_n": 1.0}

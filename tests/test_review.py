@@ -16,6 +16,7 @@ from finetune.data.loaders import Transformed
 from finetune.data.samples import ArraySamples
 from finetune.reporting import review
 from finetune.reporting.metrics import classification_metrics
+from finetune.tasks import SingleLabel
 from finetune.training.evaluate import predict_batches
 
 WRONG = {"split": "train", "index": 7, "image": "x[7]", "given": "cat", "predicted": "dog", "loss": 3.0,
@@ -83,7 +84,8 @@ def scorer(learned: bool):
     def predict(view):
         labels = torch.tensor([view.base.targets[i] for i in view.indices])
         logits = 3.0 * torch.nn.functional.one_hot(labels if learned else torch.zeros_like(labels), 2).float()
-        return predict_batches(torch.nn.Identity(), SimpleNamespace(gather_for_metrics=lambda v: v), [(logits, labels)])
+        return predict_batches(torch.nn.Identity(), SimpleNamespace(gather_for_metrics=lambda v: v), [(logits, labels)],
+                               SingleLabel())
     return predict
 
 

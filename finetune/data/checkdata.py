@@ -26,10 +26,9 @@ from ..recipe.schema import DataConfig
 from .badimages import BAD_IMAGE_ERRORS, describe_error
 from .images import refuse_elongated, to_rgb
 from .loaders import default_num_workers
-from .multilabel import cooccurrence, is_multi_label, load_multi_label_source, stratify_keys
 from .samples import ImageSamples, natural_key
-from .sources import load_source as load_plain_source
 from .splits import Splits, stratified_split
+from .targets import OneClassPerImage, TargetReader
 
 IMBALANCE_WARNING = 10.0  # largest class / smallest class above this: say so (class_weights, sampler)
 SIZE_FACTOR = 4.0  # a side more than 4x smaller or larger than the split's median side is an outlier
@@ -72,25 +71,24 @@ def find_unreadable(samples: ImageSamples, indices: Sequence[int] | None = None)
             for i, r in zip(indices, inspect_all(samples, indices)) if "error" in r]
 
 
-def check_data(cfg: DataConfig, seed: int, multi_label: bool = False) -> dict:
+def check_data(cfg: DataConfig, seed: int, task: TargetReader = OneClassPerImage()) -> dict:
     """The report `finetune check-data` prints: {"trainable", "errors", "warnings", "splits", "leakage"}.
-    Sources that cannot be opened at all raise FinetuneError, as they would in training. `multi_label`
-    (task multi_label): label lists; "classes" count each label's positive images, and each split also
-    reports its label co-occurrence and the labels with no positive image ("labels")."""
-    load_source = load_multi_label_source if multi_label else load_plain_source
-    train = load_source(cfg.train, cfg)
+    Sources that cannot be opened at all raise FinetuneError, as they would in training. `task` reads and
+    counts the targets (targets.py): "classes" counts images per class (per label for label sets), and a
+    split's report holds whatever else the task adds (label co-occurrence, the range of numbers)."""
+    train = task.load_source(cfg.train, cfg)
     views: dict[str, tuple[ImageSamples, list[int], str]] = {}
     if cfg.val is None:
-        keys = stratify_keys(train.targets, len(train.class_names)) if multi_label else train.targets
-        train_idx, val_idx = stratified_split(keys, cfg.val_fraction, seed)
+        train_idx, val_idx = stratified_split(task.stratify_keys(train.targets, train.class_names), cfg.val_fraction,
+                                              seed)
         views["train"] = (train, train_idx, f"{cfg.train} (without the validation split)")
         views["val"] = (train, val_idx, f"{cfg.train} (split off train: {cfg.val_fraction:.0%} per class, seed {seed})")
     else:
         views["train"] = (train, list(range(len(train))), cfg.train)
-        val = load_source(cfg.val, cfg)
+        val = task.load_source(cfg.val, cfg)
         views["val"] = (val, list(range(len(val))), cfg.val)
     if cfg.test is not None:
-        test = load_source(cfg.test, cfg)
+        test = task.load_source(cfg.test, cfg)
         views["test"] = (test, list(range(len(test))), cfg.test)
 
     errors: list[str] = []
@@ -98,7 +96,8 @@ def check_data(cfg: DataConfig, seed: int, multi_label: bool = False) -> dict:
     splits, digests = {}, {}
     for split, (samples, indices, origin) in views.items():
         results = inspect_all(samples, indices)
-        splits[split], digests[split] = _split_report(split, samples, indices, results, origin, errors, warnings)
+        splits[split], digests[split] = _split_report(split, samples, indices, results, origin, errors, warnings,
+                                                      task)
 
     present = {split: {name for name, n in report["classes"].items() if n} for split, report in splits.items()}
     for split in ("val", "test"):
@@ -119,12 +118,10 @@ def check_data(cfg: DataConfig, seed: int, multi_label: bool = False) -> dict:
 
 
 def _split_report(split: str, samples: ImageSamples, indices: list[int], results: list[dict], origin: str,
-                  errors: list[str], warnings: list[str]) -> tuple[dict, dict[str, list[int]]]:
+                  errors: list[str], warnings: list[str], task: TargetReader) -> tuple[dict, dict[str, list[int]]]:
     """One split's counts and findings; appends its errors and warnings. Also returns digest -> indices."""
     ok = [(i, r) for i, r in zip(indices, results) if "error" not in r]
-    multi = is_multi_label(samples)  # label tuples: count each label's positive images
-    counts = Counter(samples.class_names[t] for i, _ in ok
-                     for t in (samples.targets[i] if multi else (samples.targets[i],)))
+    counts = task.count_targets([samples.targets[i] for i, _ in ok], samples.class_names)
     classes = {name: counts.get(name, 0) for name in samples.class_names}
     nonzero = [n for n in classes.values() if n]
     ratio = round(max(nonzero) / min(nonzero), 2) if nonzero else None
@@ -146,7 +143,7 @@ def _split_report(split: str, samples: ImageSamples, indices: list[int], results
 
     if not ok:
         errors.append(f"{split} has no readable images ({len(indices)} listed in {origin}).")
-    elif split == "train" and len(nonzero) < (1 if multi else 2):
+    elif split == "train" and len(nonzero) < task.min_classes:
         errors.append(f"train has {len(nonzero)} class with readable images ({', '.join(c for c, n in classes.items() if n)}); "
                       "a classifier needs at least two.")
     if unreadable:
@@ -154,8 +151,7 @@ def _split_report(split: str, samples: ImageSamples, indices: list[int], results
                         f"First: {unreadable[0]['file']} ({unreadable[0]['reason']}).")
     if split == "train" and ratio is not None and ratio > IMBALANCE_WARNING:
         warnings.append(f"train is imbalanced: its largest class has {ratio:g}x the images of its smallest; consider "
-                        + ("train.class_weights=auto (positive weights), and watch per-label AP." if multi else
-                           "train.class_weights=auto or data.sampler=balanced, and watch balanced accuracy."))
+                        + task.imbalance_advice())
     empty = [c for c, n in classes.items() if not n]
     if split == "train" and empty and len(nonzero) >= 2:
         warnings.append(f"train has classes without readable images: {', '.join(empty[:LISTED])}; the model gets an "
@@ -173,8 +169,7 @@ def _split_report(split: str, samples: ImageSamples, indices: list[int], results
               "imbalance_ratio": ratio, "modes": dict(modes.most_common()), "unreadable": unreadable,
               "mode_outliers": mode_outliers[:LISTED], "size_outliers": size_outliers[:LISTED],
               "duplicates": duplicates[:LISTED]}
-    if multi:
-        report["labels"] = cooccurrence([samples.targets[i] for i, _ in ok], samples.class_names)
+    report.update(task.target_report([samples.targets[i] for i, _ in ok], samples.class_names))
     return report, {d: [samples.name(i) for i in g] for d, g in by_digest.items()}
 
 
@@ -190,8 +185,9 @@ def _leakage(digests: dict[str, dict[str, list[str]]]) -> dict[str, list[list[st
     return found
 
 
-def format_report(report: dict) -> str:
-    """The terminal table: one row per split, class counts per split, then errors and warnings."""
+def format_report(report: dict, task: TargetReader = OneClassPerImage()) -> str:
+    """The terminal table: one row per split, class counts per split, what the task adds (label pairs, the
+    range of numbers), then errors and warnings."""
     splits = report["splits"]
     lines = [f"{'split':<6} {'images':>7} {'readable':>8} {'classes':>7} {'imbalance':>9} {'dupes':>5}  source"]
     for split, r in splits.items():
@@ -208,12 +204,7 @@ def format_report(report: dict) -> str:
     if len(names) > 50:
         lines.append(f"... and {len(names) - 50} more classes (--json lists all)")
     for split, r in splits.items():
-        if "labels" in r:  # multi-label
-            labels = r["labels"]
-            pairs = ", ".join(f"{'+'.join(p['labels'])} {p['images']}" for p in labels["top_pairs"]) or "none"
-            empty = f"; labels with no positive image: {', '.join(labels['no_positives'][:LISTED])}"
-            lines.append(f"{split}: images per number of labels {labels['labels_per_image']}; most frequent pairs: "
-                         f"{pairs}" + (empty if labels["no_positives"] else ""))
+        lines += task.format_target_report(split, r)
     for split, r in splits.items():
         for bad in r["unreadable"][:LISTED]:
             lines.append(f"unreadable ({split}): {bad['file']}: {bad['reason']}")

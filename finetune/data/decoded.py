@@ -39,7 +39,6 @@ import timm.data
 import torch
 from filelock import FileLock
 from PIL import Image
-from timm.data import DEFAULT_CROP_PCT
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
@@ -48,7 +47,7 @@ from ..recipe.userfiles import open_regular
 from .badimages import BAD_IMAGE_ERRORS
 from .cachedir import CacheUnavailable, cache_folder, cache_unavailable, free_space
 from .images import MAX_ASPECT_RATIO
-from .samples import FileSamples, as_pil
+from .samples import FileSamples, as_pil, class_index
 
 VERSION = 2  # part of every key: bump when what the files hold changes (2: elongated images left out)
 # `data.cache: auto` keeps the cache only when it stays in the page cache (a share of RAM: epochs then read
@@ -73,7 +72,7 @@ def why_not_cached(data_cfg: dict) -> str | None:
 
 def stored_side(data_cfg: dict) -> int:
     """The short side of every stored image: what timm's eval transform resizes to before its centre crop."""
-    return math.floor(data_cfg["input_size"][-1] / (data_cfg.get("crop_pct") or DEFAULT_CROP_PCT))
+    return math.floor(data_cfg["input_size"][-1] / (data_cfg.get("crop_pct") or timm.data.DEFAULT_CROP_PCT))
 
 
 def cache_key(base: Dataset, data_cfg: dict) -> str | None:
@@ -94,6 +93,7 @@ class DecodedImages(Dataset):
         meta = json.loads(Path(index).read_text(encoding="utf-8"))
         self.path, self.base = Path(index).with_suffix(".u8"), base
         self.targets, self.class_names = list(base.targets), list(getattr(base, "class_names", []))
+        self.encode_target = getattr(base, "encode_target", class_index)  # the task's, as the source read it
         self.origin = getattr(base, "origin", "decoded")
         good = [(i, e) for i, e in enumerate(meta["images"]) if isinstance(e, list)]
         self.layout = np.zeros((len(meta["images"]), 3), dtype=np.int64)  # offset, height, width

@@ -120,7 +120,7 @@ def collate_crops(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def _labels(batch: list) -> torch.Tensor:
-    """Class indices [B], or multi-hot vectors [B, C] stacked (task multi_label)."""
+    """Class indices [B], or the task's target tensors stacked (multi-hot [B, C] rows, numbers [B])."""
     if isinstance(batch[0][1], torch.Tensor):
         return torch.stack([s[1] for s in batch])
     return torch.tensor([int(s[1]) for s in batch], dtype=torch.long)

@@ -17,17 +17,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import FinetuneError
-from .badimages import BAD_IMAGE_ERRORS, IGNORE_LABEL, MAX_BAD_IN_A_ROW, SkipLog, describe_error
-from .multilabel import multi_hot
-from .samples import as_pil
+from .badimages import BAD_IMAGE_ERRORS, MAX_BAD_IN_A_ROW, SkipLog, describe_error
+from .samples import as_pil, class_index
 
 
 class Transformed(Dataset):
     """A view of some indices of a dataset with a transform applied to each image, surviving bad files.
 
     A sample that fails to decode is recorded in `skip_log` and replaced by the next readable one: with
-    its own label when `substitute` (training), with IGNORE_LABEL otherwise (evaluation: the metrics leave
-    it out). With on_bad_image="error" it raises instead. `raw` hands the transform the base's image as it
+    its own label when `substitute` (training), marked ignored otherwise (evaluation: the metrics leave it
+    out); the base's `encode_target` (samples.py, set by the task that read it) makes the label a batchable one. With on_bad_image="error" it raises instead. `raw` hands the transform the base's image as it
     is (decoded.DecodedImages' uint8 tensors for device_augment's steps) instead of as a PIL image."""
 
     def __init__(self, base: Dataset, indices: Sequence[int] | None, transform: Callable, split: str = "train",
@@ -49,9 +48,8 @@ class Transformed(Dataset):
             except BAD_IMAGE_ERRORS as e:
                 self._bad(i, describe_error(e))
                 continue
-            if isinstance(label, tuple):  # multi-label: the multi-hot vector [C] (multilabel.py)
-                return tensor, multi_hot(label, len(self.base.class_names), attempt > 0 and not self.substitute)
-            return tensor, (int(label) if attempt == 0 or self.substitute else IGNORE_LABEL)
+            encode = getattr(self.base, "encode_target", class_index)  # a plain dataset's labels: class indices
+            return tensor, encode(label, len(getattr(self.base, "class_names", ())), attempt > 0 and not self.substitute)
         tried = min(len(self.indices), MAX_BAD_IN_A_ROW)
         where = (f"all {tried} images of the {self.split} data are unreadable" if tried == len(self.indices) else
                  f"{tried} unreadable images in a row in the {self.split} data")

@@ -14,7 +14,7 @@ import io
 import os
 import re
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from ..errors import FinetuneError
 from ..recipe.userfiles import open_regular
+from .badimages import IGNORE_LABEL
 from .images import open_image, refuse_elongated, to_rgb
 
 
@@ -30,8 +31,17 @@ def natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
 
 
+def class_index(target: Any, num_classes: int, ignored: bool = False) -> int:
+    """A class index as loaders batch it; IGNORE_LABEL for an unreadable eval image whose slot another took."""
+    return IGNORE_LABEL if ignored else int(target)
+
+
 class ImageSamples(Dataset):
     """Labelled images, decoded on access. Subclasses say how to decode sample i and where it comes from."""
+
+    # What loaders batch of a target (loaders.Transformed): a class index by default. A task whose targets
+    # are something else (label sets, numbers) sets its own on the samples it reads (tasks/).
+    encode_target: Callable[[Any, int, bool], Any] = staticmethod(class_index)
 
     def __init__(self, targets: Sequence[int], class_names: list[str], origin: str):
         self.targets, self.class_names, self.origin = list(targets), list(class_names), origin
@@ -178,7 +188,7 @@ def as_pil(image: Any) -> Image.Image:
 
 def align(samples: ImageSamples, class_names: list[str]) -> ImageSamples:
     """`samples` with labels re-indexed onto the run's class list; classes the list lacks are an error naming
-    them. A target is a class index, or a tuple of label indices (task multi_label)."""
+    them. A target is a class index, or a tuple of label indices (a task of label sets, tasks/label_sets.py)."""
     if samples.class_names == list(class_names):
         return samples
     sets = any(isinstance(t, tuple) for t in samples.targets)

@@ -1,8 +1,9 @@
 """The run's splits: train, val (given, or a stratified seeded split of train) and test, with one class
 list taken from the training data and applied to val and test.
 
-Sources (sources.py; multilabel.py for label lists) yield (PIL RGB image, class index or label tuple)
-lazily and know their class names; nothing here decodes an image.
+Sources yield (PIL RGB image, target) lazily and know their class names; the task reads them
+(targets.py: one class per image unless a task of finetune/tasks/ reads label sets or numbers). Nothing
+here decodes an image.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from torch.utils.data import Dataset
 
 from ..errors import FinetuneError
 from ..recipe.schema import DataConfig
-from .multilabel import align_multi_label, load_multi_label_source, stratify_keys, wrap_multi_label_in_memory
-from .samples import align
-from .sources import load_source, wrap_in_memory
+from .targets import OneClassPerImage, TargetReader
 
 
 def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -60,39 +59,32 @@ class Splits:
 
 
 def build_splits(cfg: DataConfig, seed: int, train: Any = None, val: Any = None,
-                 class_names: Sequence[str] | None = None, test: Any = None, multi_label: bool = False) -> Splits:
+                 class_names: Sequence[str] | None = None, test: Any = None,
+                 task: TargetReader = OneClassPerImage()) -> Splits:
     """Open train, val (or split it off train) and test; in-memory datasets from the Python API take
-    precedence over the recipe's strings. One class list, from train, for all three. `multi_label`
-    (task multi_label): label lists, read by multilabel.py."""
-    load, wrap, align_to = ((load_multi_label_source, wrap_multi_label_in_memory, align_multi_label) if multi_label
-                            else (load_source, wrap_in_memory, align))
+    precedence over the recipe's strings. One class list, from train, for all three. `task` reads the
+    targets (targets.py): class indices unless it reads label sets or numbers."""
     if train is None:
-        train = load(cfg.train, cfg)
+        train = task.load_source(cfg.train, cfg)
     else:
-        train = wrap(train, class_names, cfg, "train_data")
+        train = task.wrap_in_memory(train, class_names, cfg, "train_data")
     if class_names is not None and list(class_names) != train.class_names:
-        train = align_to(train, list(class_names))
+        train = task.align(train, list(class_names))
     class_names = train.class_names
     if len(train) == 0:
         raise FinetuneError(f"the training data {cfg.train!r} is empty.")
-    if len(class_names) < (1 if multi_label else 2):
-        raise FinetuneError(f"the training data {train.origin} has {len(class_names)} class ({class_names}); "
-                            "a classifier needs at least two.")
+    task.check_train(train)
 
     def open_other(data: Any, text: str | None, what: str) -> Dataset | None:
         if data is not None:
-            return align_to(wrap(data, class_names, cfg, what), class_names)
-        return None if text is None else load(text, cfg, class_names)
+            return task.align(task.wrap_in_memory(data, class_names, cfg, what), class_names)
+        return None if text is None else task.load_source(text, cfg, class_names)
     val = open_other(val, cfg.val, "val_data")
     test = open_other(test, cfg.test, "test_data")
     if val is not None:
-        if multi_label and not any(len(target) for target in val.targets):
-            raise FinetuneError(f"the val data {val.origin} has no image with a label, so val mAP, which picks the "
-                                "best epoch, is undefined; give val images with their labels, or leave data.val "
-                                "out to split val off the training data.")
+        task.check_val(val)
         return Splits(train, val, None, None, class_names, test)
-    keys = stratify_keys(train.targets, len(class_names)) if multi_label else train.targets
-    train_idx, val_idx = stratified_split(keys, cfg.val_fraction, seed)
+    train_idx, val_idx = stratified_split(task.stratify_keys(train.targets, class_names), cfg.val_fraction, seed)
     if not val_idx:
         raise FinetuneError(f"cannot split validation off {len(train)} training images: no class has two or more; "
                             "give data.val or more images.")

@@ -4,6 +4,6 @@
 (environment.py) that describe it, loading an export for prediction (predict.py), and writing it as ONNX
 or TorchScript, checked against PyTorch (formats.py).
 
-May import `finetune.recipe`, `finetune.data` (image decoding for prediction) and `finetune.errors`;
-never training or reporting.
+May import `finetune.recipe`, `finetune.data` (image decoding for prediction), `finetune.tasks` (what a
+prediction is and what the export records) and `finetune.errors`; never training.
 """

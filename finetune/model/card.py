@@ -22,7 +22,9 @@ import yaml
 
 from ..atomic import write_atomic
 from ..data.badimages import DATA_REPORT_NAME
+from ..errors import FinetuneError
 from ..recipe.userfiles import parse_yaml
+from ..tasks import SingleLabel, Task, load_task
 from .custom import CUSTOM_ARCHITECTURE, custom_usage
 from .environment import ENVIRONMENT_NAME
 
@@ -46,11 +48,15 @@ def render_card(run_dir: Path) -> str:
     exported = _exported_record(records)
     test = _read_json(run_dir / TEST_METRICS_NAME)
     front = front_matter(run_dir.name, recipe, config, exported, test)
+    try:
+        task = load_task(config)  # its metrics and what predict gives
+    except FinetuneError:  # a task of one's own, which config.json cannot rebuild: described as a classifier
+        task = SingleLabel()
     sections = [
-        _intro(recipe, config, exported, len(records)),
-        _usage(run_dir, config),
+        _intro(recipe, config, exported, len(records), task),
+        _usage(run_dir, config, task),
         _data(recipe, _read_json(run_dir / DATA_REPORT_NAME)),
-        _results(records, test, (run_dir / CURVES_NAME).is_file()),
+        _results(records, test, (run_dir / CURVES_NAME).is_file(), task),
         "## Recipe\n\nThe fully resolved recipe (`recipe.yaml`; `finetune train recipe.yaml` repeats the run):\n\n"
         f"```yaml\n{recipe_text.rstrip()}\n```",
         _environment(_read_json(run_dir / ENVIRONMENT_NAME)),
@@ -77,7 +83,8 @@ def front_matter(name: str, recipe: dict, config: dict, exported: dict | None, t
                                           ("test", test, "test", data.get("test"))):
         metrics = [{"type": kind, "value": record[f"{prefix}_{key}"], "name": f"{split.title()} {label}"}
                    for key, kind, label in (("acc", "accuracy", "accuracy"), ("balanced_acc", "accuracy",
-                                            "balanced accuracy"), ("map", "mAP", "mAP"), ("f1_micro", "f1", "micro F1"))
+                                            "balanced accuracy"), ("map", "mAP", "mAP"), ("f1_micro", "f1", "micro F1"),
+                                            ("mae", "mae", "MAE"), ("rmse", "rmse", "RMSE"), ("r2", "r_squared", "R²"))
                    if record and isinstance(record.get(f"{prefix}_{key}"), (int, float))]
         if metrics:
             results.append({"task": {"type": "image-classification", "name": "Image Classification"},
@@ -85,7 +92,7 @@ def front_matter(name: str, recipe: dict, config: dict, exported: dict | None, t
                                         "split": split},
                             "metrics": metrics})
     if results:
-        front["metrics"] = ["accuracy"]
+        front["metrics"] = list(dict.fromkeys(m["type"] for r in results for m in r["metrics"]))
         front["model-index"] = [{"name": name, "results": results}]
     return front
 
@@ -123,7 +130,7 @@ def _dataset_type(source: str) -> str:
     return "imagefolder" if os.path.isdir(source) else "manifest"
 
 
-def _intro(recipe: dict, config: dict, exported: dict | None, epochs_run: int) -> str:
+def _intro(recipe: dict, config: dict, exported: dict | None, epochs_run: int, task: Task) -> str:
     model = recipe.get("model", {})
     backbone = model.get("backbone", config.get("architecture"))
     labels = [str(x) for x in config.get("label_names") or []]
@@ -139,28 +146,25 @@ def _intro(recipe: dict, config: dict, exported: dict | None, epochs_run: int) -
             if config.get("architecture") == CUSTOM_ARCHITECTURE else
             f"A [timm](https://github.com/huggingface/pytorch-image-models) `{config.get('architecture', backbone)}`")
     text = (f"# {backbone} fine-tuned with finetune\n\n"
-            f"{kind} image classifier for {len(labels)} classes: {listed}{more}, fine-tuned with finetune from "
+            f"{kind} {task.card_subject(len(labels), listed + more)}, fine-tuned with finetune from "
             f"{start}.")
     if exported:
         which = "the moving average (EMA) of the weights" if exported.get("exported") == "ema" else "the weights"
-        acc = exported.get(f"{_val_prefix(exported)}_acc", exported.get(f"{_val_prefix(exported)}_map"))
+        (key, _, metric), _ = task.card_columns()  # the task's selection metric
+        acc = exported.get(f"{_val_prefix(exported)}_{key}")
         epochs = recipe.get("train", {}).get("epochs", "?")
-        metric = "mAP" if "val_map" in exported else "accuracy"  # mAP: a multi-label run
         text += (f" The model is {which} after epoch {exported['epoch']} of {epochs}, the best by validation {metric}"
-                 + (f" ({100 * acc:.2f}%)" if isinstance(acc, (int, float)) else "")
+                 + (f" ({task.format_value(acc)})" if isinstance(acc, (int, float)) else "")
                  + f" of the {epochs_run} epoch(s) finished when this card was written.")
     return text
 
 
-def _usage(run_dir: Path, config: dict) -> str:
+def _usage(run_dir: Path, config: dict, task: Task) -> str:
     local = _shown_path(run_dir)
     size = config.get("pretrained_cfg", {}).get("input_size", [3, 224, 224])
     if config.get("architecture") == CUSTOM_ARCHITECTURE:  # timm cannot rebuild it: the user's class can
         return custom_usage(config)
-    # A multi-label export (config.json: task, threshold): a sigmoid per label, every label from the threshold.
-    scores, shown = ((".sigmoid()[0]", "[(name, float(p)) for name, p in zip(labels, probs) if p >= "
-                      f"{config.get('threshold', 0.5)}]") if config.get("task") == "multi_label"
-                     else (".softmax(-1)", "labels[int(probs.argmax())], float(probs.max())"))
+    scores, shown = task.card_usage()  # a softmax, a sigmoid per label, a number in the user's units
     return f"""## How to use it
 
 With timm alone (no finetune needed). From this folder:
@@ -219,26 +223,25 @@ def _data(recipe: dict, report: dict | None) -> str:
     return text
 
 
-def _results(records: list[dict], test: dict | None, curves: bool) -> str:
+def _results(records: list[dict], test: dict | None, curves: bool, task: Task) -> str:
     if not records:
         return ""
-    # A multi-label run's records (val_map) get its mAP and micro F1 where accuracy would go.
-    key, second, name = ("map", "f1_micro", "mAP") if any("val_map" in r for r in records) else \
-        ("acc", "balanced_acc", "acc")
+    (key, name, prose), (second, second_name, second_prose) = task.card_columns()
+
+    def shown(value) -> str:
+        return task.format_value(value) if isinstance(value, (int, float)) else ""
     ema = any(f"ema_val_{key}" in r for r in records)
-    head = (f"| epoch | train loss | val loss | val {name} | val {second.replace('_', ' ')} |"
+    head = (f"| epoch | train loss | val loss | val {name} | val {second_name} |"
             + (f" EMA val {name} |" if ema else "") + " exported |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in records:
-        cells = [str(r.get("epoch")), _num(r.get("train_loss")), _num(r.get("val_loss")), _pct(r.get(f"val_{key}")),
-                 _pct(r.get(f"val_{second}"))] + ([_pct(r.get(f"ema_val_{key}"))] if ema else [])
+        cells = [str(r.get("epoch")), _num(r.get("train_loss")), _num(r.get("val_loss")), shown(r.get(f"val_{key}")),
+                 shown(r.get(f"val_{second}"))] + ([shown(r.get(f"ema_val_{key}"))] if ema else [])
         lines.append("| " + " | ".join(cells + [r.get("exported") or ""]) + " |")
     text = ("## Results\n\nPer epoch (`metrics.jsonl` has every number, per-class accuracy included):\n\n"
             + "\n".join(lines))
     if test:
-        scores = (f"mAP {_pct(test.get('test_map'))}, micro F1 {_pct(test.get('test_f1_micro'))}"
-                  if "test_map" in test else
-                  f"accuracy {_pct(test.get('test_acc'))}, balanced accuracy {_pct(test.get('test_balanced_acc'))}")
+        scores = f"{prose} {shown(test.get(f'test_{key}'))}, {second_prose} {shown(test.get(f'test_{second}'))}"
         text += (f"\n\nTest set, with the exported weights (epoch {test.get('epoch')}): {scores} "
                  f"({test.get('test_images')} images).")
     if curves:
@@ -292,7 +295,3 @@ def _cell(value) -> str:
 
 def _num(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else ""
-
-
-def _pct(value) -> str:
-    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else ""

@@ -2,7 +2,8 @@
 the model card (`README.md`, card.py) and `environment.json` (environment.py) that describe it.
 
 timm's public `save_for_hf` writes both (the config holds architecture, num_classes, label_names and the
-pretrained_cfg with mean/std/input size; a multi-label run adds task and threshold, which timm ignores),
+pretrained_cfg with mean/std/input size; a task other than single-label adds what predict needs, e.g. a
+threshold or the standardisation of numbers (tasks/: Task.export_config), which timm ignores),
 so `timm.create_model("local-dir:RUN_DIR", pretrained=True)` rebuilds the model anywhere timm runs,
 without finetune. timm writes into a scratch folder inside the
 run directory; each file is then renamed into place, so a crash mid-write never leaves half an export.
@@ -34,10 +35,12 @@ DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "c
 HUB_WEIGHTS_KEYS = ("tag", "license")  # what timm's pretrained_cfg says about the hub weights it describes
 
 
-def save_export(model: torch.nn.Module, run_dir: Path, label_names: list[str], data_cfg: dict) -> None:
+def save_export(model: torch.nn.Module, run_dir: Path, label_names: list[str], data_cfg: dict,
+                task_config: dict | None = None) -> None:
     """Write the model's weights and timm config into `run_dir` atomically (weights first: a config
-    always describes weights at least as new as itself). In a run directory (one with recipe.yaml),
-    environment.json and the model card README.md follow, rewritten for these weights."""
+    always describes weights at least as new as itself). `task_config`: what the task records next to
+    timm's keys (Task.export_config). In a run directory (one with recipe.yaml), environment.json and the
+    model card README.md follow, rewritten for these weights."""
     run_dir = Path(run_dir)
     device = next(model.parameters(), torch.empty(0)).device
     if any(not t.is_contiguous() for t in model.state_dict().values()):
@@ -48,9 +51,7 @@ def save_export(model: torch.nn.Module, run_dir: Path, label_names: list[str], d
     shutil.rmtree(scratch, ignore_errors=True)
     recipe = read_yaml_file(run_dir / RECIPE_NAME, "run recipe") if (run_dir / RECIPE_NAME).is_file() else None
     try:
-        model_config = {"label_names": list(label_names)}
-        if recipe is not None and recipe.get("task") == "multi_label":  # predict's sigmoid and its threshold
-            model_config.update(task="multi_label", threshold=recipe.get("train", {}).get("threshold", 0.5))
+        model_config = {"label_names": list(label_names), **(task_config or {})}
         data_config = {k: data_cfg[k] for k in DATA_CONFIG_KEYS if k in data_cfg}
         if not hasattr(model, "pretrained_cfg"):  # a module of one's own, which timm did not build (custom.py)
             scratch.mkdir()

@@ -7,7 +7,8 @@ tolerance is an error, so a file that computes something else never leaves this 
 (it is written to a temporary name and renamed only once it passed). With `dynamic_batch` the check also
 runs a batch of another size than the one exported with.
 
-ONNX needs packages that the toolkit does not install by default (the `export` extra): onnx, onnxruntime,
+What `predict` adds to the model from config.json and a runtime could not know (the standardisation of a
+task of numbers) is baked into the graph (Task.output_module, tasks/) and recorded in its metadata too. ONNX needs packages that the toolkit does not install by default (the `export` extra): onnx, onnxruntime,
 and onnxscript, which torch's ONNX exporter (torch.export based, the default since torch 2.9) imports.
 """
 
@@ -148,14 +149,16 @@ def _quiet_torchscript():
         yield
 
 
-def export_metadata(config: dict) -> dict[str, str]:
-    """What a runtime needs besides the graph, from the export's timm config.json: the class names and the
-    preprocessing (input size, mean, std, interpolation, crop), as JSON strings."""
+def export_metadata(config: dict, task_config: dict | None = None) -> dict[str, str]:
+    """What a runtime needs besides the graph, from the export's timm config.json: the class names, the
+    preprocessing (input size, mean, std, interpolation, crop) and what the task recorded (task: a threshold,
+    the standardisation of numbers, already applied by the graph), as JSON strings."""
     cfg = config.get("pretrained_cfg", {})
     keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
     return {"label_names": json.dumps(config.get("label_names") or []),
             "preprocessing": json.dumps({k: cfg[k] for k in keys if k in cfg}),
-            "architecture": str(config.get("architecture", ""))}
+            "architecture": str(config.get("architecture", "")),
+            **({"task": json.dumps(task_config)} if task_config else {})}
 
 
 def export_run(run_dir: str | Path, fmt: Format, output: str | Path | None = None,
@@ -179,4 +182,5 @@ def export_run(run_dir: str | Path, fmt: Format, output: str | Path | None = Non
     predictor = load(run_dir, device="cpu")
     config = json.loads((run_dir / CONFIG_NAME).read_text())
     input_size = tuple(timm.data.resolve_model_data_config(predictor.model)["input_size"])
-    return export_model(predictor.model, fmt, target, input_size, dynamic_batch, export_metadata(config))
+    return export_model(predictor.task.output_module(predictor.model), fmt, target, input_size, dynamic_batch,
+                        export_metadata(config, predictor.task.export_config()))

@@ -1,12 +1,14 @@
 """Using a finished run: `finetune.load(RUN_DIR)` and `finetune predict`.
 
 The model is rebuilt by timm from the exported `config.json` + `model.safetensors` (exactly what any
-timm user would do), and images get the eval transform recorded there. A damaged export (a copy cut
-short) is a FinetuneError, not a traceback from deep inside safetensors. `finetune predict` takes image
-files, folders (every image inside, recursively) and manifests (`list_images`), and writes a CSV of the
-top-k predictions (`save_predictions`); `tta` averages the logits of each image and its mirror image.
-An image that cannot be read, or is too large to decode or too elongated to resize (data/images.py), is a
-FinetuneError naming it: one such file among many stops the command, as any unreadable one does.
+timm user would do), and images get the eval transform recorded there; the task recorded there
+(tasks/build.py) says what a prediction is: the top-k classes, the labels over a threshold, a number. A
+damaged export (a copy cut short) is a FinetuneError, not a traceback from deep inside safetensors.
+`finetune predict` takes image files, folders (every image inside, recursively) and manifests
+(`list_images`), and writes a CSV of the predictions (`save_predictions`); `tta` averages the logits of
+each image and its mirror image. An image that cannot be read, or is too large to decode or too elongated
+to resize (data/images.py), is a FinetuneError naming it: one such file among many stops the command, as
+any unreadable one does.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import csv
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Union
 
@@ -30,6 +32,7 @@ from ..data.images import IMAGE_EXTENSIONS, MAX_ASPECT_RATIO, ImageTooElongated,
 from ..data.manifests import IMAGE_COLUMNS, read_manifest_rows
 from ..data.samples import as_pil, natural_key
 from ..errors import FinetuneError
+from ..tasks import SingleLabel, Task, load_task
 from .custom import refuse_custom_export
 from .export import CONFIG_NAME, WEIGHTS_NAME
 
@@ -42,10 +45,8 @@ class Predictor:
     label_names: list[str]
     transform: object  # timm eval transform: PIL image -> normalised CHW tensor
     device: torch.device
-    # A multi-label run's export (config.json: task multi_label): a sigmoid per label, and the probability
-    # from which a label is predicted (train.threshold when it trained).
-    multi_label: bool = False
-    threshold: float = 0.5
+    # What a prediction is, from config.json: the top-k classes, the labels over the run's threshold, a number.
+    task: Task = field(default_factory=SingleLabel)
 
     def logits(self, images: Iterable[ImageLike] | ImageLike, tta: bool = False, batch_size: int = 64) -> torch.Tensor:
         """Logits for one image or many: paths, PIL images, or tensors (CHW images, or an NCHW batch
@@ -63,24 +64,12 @@ class Predictor:
             return torch.cat([self._forward(batch.to(self.device), tta) for batch in batches])
 
     def predict(self, images: Iterable[ImageLike] | ImageLike, top_k: int = 5, tta: bool = False,
-                threshold: float | None = None) -> list[list[dict]]:
-        """Per image, the top_k classes best first: [{"label": ..., "prob": ...}, ...]. A multi-label model
-        gives instead every label whose probability reaches `threshold` (default: the export's), most
-        probable first, and [] where none does."""
-        if self.multi_label:
-            threshold = self.threshold if threshold is None else threshold
-            if not 0 < threshold < 1:
-                raise FinetuneError(f"threshold {threshold!r}: give a probability in (0, 1).")
-            return [[{"label": self.label_names[i], "prob": float(row[i])}
-                     for i in row.argsort(descending=True).tolist() if row[i] >= threshold]
-                    for row in self.logits(images, tta).sigmoid()]
-        if threshold is not None:
-            raise FinetuneError("a threshold applies to a multi-label model (task multi_label); this one picks one "
-                                "class per image: use top_k.")
-        probs = self.logits(images, tta).softmax(dim=-1)
-        values, indices = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-        return [[{"label": self.label_names[i], "prob": float(p)} for p, i in zip(row_p.tolist(), row_i.tolist())]
-                for row_p, row_i in zip(values, indices)]
+                threshold: float | None = None) -> list:
+        """Per image, what the run's task predicts (Task.predictions, tasks/): the top_k classes best first,
+        [{"label": ..., "prob": ...}, ...]; with label sets every label whose probability reaches `threshold`
+        (default: the export's), most probable first, [] where none does; with numbers the number, in the
+        units the run trained on."""
+        return self.task.predictions(self.logits(images, tta), self.label_names, top_k, threshold)
 
     def _forward(self, batch: torch.Tensor, tta: bool) -> torch.Tensor:
         logits = self.model(batch).float()
@@ -109,8 +98,9 @@ class Predictor:
         return self.transform(image)
 
 
-def load(run_dir: str | Path, device: str | torch.device | None = None) -> Predictor:
-    """Load an exported run (its best epoch) for prediction."""
+def load(run_dir: str | Path, device: str | torch.device | None = None, task: Task | None = None) -> Predictor:
+    """Load an exported run (its best epoch) for prediction. `task`: the task of one's own it trained with
+    (finetune.train(task=...)); the built-in ones are read from its config.json."""
     run_dir = Path(run_dir)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (run_dir / name).is_file():
@@ -128,8 +118,7 @@ def load(run_dir: str | Path, device: str | torch.device | None = None) -> Predi
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
     transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
-    return Predictor(model, list(labels), transform, device, config.get("task") == "multi_label",
-                     float(config.get("threshold", 0.5)))
+    return Predictor(model, list(labels), transform, device, load_task(config, str(run_dir), task))
 
 
 def list_images(items: Iterable[str | Path]) -> list[str]:
@@ -173,22 +162,15 @@ def _manifest_images(path: Path) -> list[str]:
     return [str(path.parent / str(row[column]).strip()) for row in rows if row.get(column)]
 
 
-def save_predictions(path: str | Path, images: list[str], predictions: list[list[dict]],
-                     multi_label: bool = False) -> None:
-    """A CSV with one row per image: path, prediction, probability, then the next classes as
-    prediction_2, probability_2, ... (as many as top-k). `multi_label`: path, labels and probabilities,
-    each joined by `|` as a multi-label manifest writes them (both empty when no label reaches the threshold)."""
-    k = max((len(p) for p in predictions), default=1)
-    header = (["path", "labels", "probabilities"] if multi_label else
-              ["path", "prediction", "probability"] + [f"{c}_{i}" for i in range(2, k + 1)
-                                                       for c in ("prediction", "probability")])
+def save_predictions(path: str | Path, images: list[str], predictions: list, task: Task = SingleLabel()) -> None:
+    """A CSV with one row per image: its path, then the task's columns (Task.prediction_table): prediction,
+    probability and the next classes as prediction_2, probability_2, ... (as many as top-k); with label sets
+    the labels and probabilities joined by `|` as a manifest writes them; with numbers the number."""
+    header, rows = task.prediction_table(predictions)
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(header)
-    for image, top in zip(images, predictions):
-        if multi_label:
-            writer.writerow([image, "|".join(p["label"] for p in top), "|".join(f"{p['prob']:.6f}" for p in top)])
-        else:
-            writer.writerow([image] + [v for p in top for v in (p["label"], f"{p['prob']:.6f}")])
+    writer.writerow(["path"] + header)
+    for image, row in zip(images, rows):
+        writer.writerow([image] + row)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text.getvalue())

@@ -82,7 +82,7 @@ def value_rules(c: RecipeConfig) -> list[tuple[str, bool, str]]:
         ("freeze.phases", all(0 <= e < c.train.epochs and 0 <= n <= MAX_STAGES for e, n in c.freeze.phases.items()),
          f"maps epochs in [0, {c.train.epochs - 1}] to numbers of frozen stages in [0, {MAX_STAGES}]"),
     ]
-    return rules + technique_rules(c)  # mixing, early stopping, task multi_label
+    return rules + technique_rules(c)  # mixing, early stopping, what the tasks cannot combine with
 
 
 def _is_interval(value) -> bool:

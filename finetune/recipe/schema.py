@@ -171,8 +171,10 @@ class FreezeConfig:
 @dataclass(frozen=True)
 class EarlyStopConfig:
     # The validation metric watched, of the better of the model and its moving average (the export's pick
-    # for val_acc): val_acc and val_balanced_acc should rise, val_loss fall.
-    metric: Literal["val_acc", "val_balanced_acc", "val_loss"] = "val_acc"
+    # for the task's selection metric): val_acc, val_balanced_acc, val_map and val_r2 should rise, val_loss,
+    # val_mae and val_rmse fall. One the task writes: val_acc/val_balanced_acc for single_label, val_map for
+    # multi_label, val_mae/val_rmse/val_r2 for regression; val_loss for any.
+    metric: Literal["val_acc", "val_balanced_acc", "val_loss", "val_map", "val_mae", "val_rmse", "val_r2"] = "val_acc"
     patience: int = 5  # epochs in a row without improvement after which the run stops (and finishes as usual)
     min_delta: float = 0.0  # in the metric's unit (a fraction for accuracies): a change this small is no improvement
 
@@ -211,6 +213,10 @@ class TrainConfig:
     # task multi_label only: the probability from which a label is predicted. Micro/macro F1 are read at it,
     # and the export's config.json records it for `finetune predict` (which may override it).
     threshold: float = 0.5
+    # task regression only (the classification tasks train with cross-entropy): mse, the mean squared error
+    # of the standardised targets; huber, quadratic within one standard deviation and linear beyond, so a
+    # few wrong targets pull less. null: mse.
+    loss: Literal["mse", "huber"] | None = None
     # After training: this many highest-loss train and val images (the likely label errors) go into
     # hard_examples.json and a PNG grid; 0 skips the extra inference pass over train and val.
     hard_examples: int = 24
@@ -253,10 +259,13 @@ class RecipeConfig:
     # single_label: one class per image (softmax, cross-entropy, accuracy). multi_label: any number of labels
     # per image, none included (a sigmoid per label, binary cross-entropy, mAP and F1 at train.threshold; the
     # best epoch is the one with the best val mAP). Labels: `a|b` in a CSV manifest, a list in JSONL, an HF
-    # Sequence(ClassLabel) column or label lists in Python. data.sampler balanced, optim lbfgs and
-    # train.head_init probe are single-label ideas and are refused; a frozen body runs every epoch (its
-    # features are cached only for a softmax head).
-    task: Literal["single_label", "multi_label"] = "single_label"
+    # Sequence(ClassLabel) column or label lists in Python. regression: a number per image (a manifest
+    # column, an HF column of numbers, Python numbers), standardised for training, train.loss mse or huber;
+    # MAE, RMSE and R² in the user's units, the best epoch the one with the lowest val MAE. data.sampler
+    # balanced, optim lbfgs, train.head_init probe and mixing are single-label ideas and are refused by the
+    # others; a frozen body runs every epoch (its features are cached only for a softmax head). The Python
+    # API also takes a task of one's own (finetune.train(task=...), finetune/tasks/).
+    task: Literal["single_label", "multi_label", "regression"] = "single_label"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

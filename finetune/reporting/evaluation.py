@@ -125,22 +125,18 @@ def predictions_csv(results: dict, view, class_names: list[str]) -> str:
     return out.getvalue()
 
 
-def summary(report: dict) -> str:
-    """The report in a few lines, as `finetune eval` prints it."""
+def summary(report: dict, headline: str | None = None) -> str:
+    """The report in a few lines, as `finetune eval` prints it. `headline`: the first line of another task's
+    report (tasks/); the default reads build_report's keys."""
     def pct(key: str) -> str:
         return f"{100 * report[key]:.2f}%" if report.get(key) is not None else "n/a"
-    if "map" in report:  # a multi-label run's (reporting/multilabel.py)
-        lines = [f"{report['images']} images, {report['labels']} labels: mAP {pct('map')}, at threshold "
-                 f"{report['threshold']:g} F1 micro {pct('f1_micro')}, macro {pct('f1_macro')}, exact label set "
-                 f"{pct('exact_match')}"]
-    else:
-        lines = [f"{report['images']} images, {report['classes']} classes: top-1 {pct('top1_acc')}"
-                 + (f", top-5 {pct('top5_acc')}" if "top5_acc" in report else "")
-                 + f", balanced {pct('balanced_acc')}, macro F1 {pct('macro_f1')}, ECE {pct('ece')}"]
-    if report["classes_missing"]:
+    lines = [headline or f"{report['images']} images, {report['classes']} classes: top-1 {pct('top1_acc')}"
+             + (f", top-5 {pct('top5_acc')}" if "top5_acc" in report else "")
+             + f", balanced {pct('balanced_acc')}, macro F1 {pct('macro_f1')}, ECE {pct('ece')}"]
+    if report.get("classes_missing"):
         missing = report["classes_missing"]
         lines.append(f"classes of the run with no images in the data ({len(missing)}): {', '.join(missing[:10])}"
                      + (" ..." if len(missing) > 10 else ""))
-    if report["unreadable"]:
+    if report.get("unreadable"):
         lines.append(f"{len(report['unreadable'])} unreadable image(s) left out, listed in {METRICS_NAME}")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -14,27 +15,39 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..atomic import replacing  # noqa: E402
 
 
-def save_curves(records: list[dict], path: Path) -> None:
+@dataclass(frozen=True)
+class CurveMetric:
+    """The metric curves.png draws next to the loss: the task's selection metric (tasks/)."""
+    key: str = "acc"  # metrics.jsonl's val_<key>
+    name: str = "top-1"  # its legend
+    axis: str = "accuracy"  # its axis (" %" added for a share)
+    title: str = "val accuracy"
+    percent: bool = True  # a share, drawn as a percentage
+    loss: str = "cross-entropy"  # the loss axis
+
+
+def save_curves(records: list[dict], path: Path, metric: CurveMetric = CurveMetric()) -> None:
     """`curves_figure` as a PNG, rewritten after each epoch."""
-    _save(curves_figure(records), path)
+    _save(curves_figure(records, metric), path)
 
 
-def curves_figure(records: list[dict]):
-    """Loss (train and val), val accuracy (the model, its weight average, balanced) with the exported epoch
-    marked, and each parameter group's learning rate per epoch (`metrics.jsonl` records)."""
+def curves_figure(records: list[dict], metric: CurveMetric = CurveMetric()):
+    """Loss (train and val), the selection metric (the model, its weight average; balanced accuracy where
+    recorded) with the exported epoch marked, and each parameter group's learning rate per epoch
+    (`metrics.jsonl` records)."""
     epochs = [r["epoch"] for r in records]
     with_lr = any(r.get("lr") for r in records)
     fig, axes = plt.subplots(1, 3 if with_lr else 2, figsize=(15 if with_lr else 10, 4), sharex=True)
     ax_loss, ax_acc = axes[:2]
     ax_loss.plot(epochs, [r["train_loss"] for r in records], "o-", label="train (smoothed targets)")
     ax_loss.plot(epochs, [r["val_loss"] for r in records], "o-", label="val")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax_loss.set(xlabel="epoch", ylabel=metric.loss, title="loss")
     ax_loss.legend()
-    # A multi-label run (metrics.jsonl's val_map) is selected, and drawn, by its mean average precision.
-    key, name = ("map", "mAP") if "val_map" in records[0] else ("acc", "top-1")
-    ax_acc.plot(epochs, [_percent(r[f"val_{key}"]) for r in records], "o-", color="tab:green", label=name)
+    key, name = metric.key, metric.name
+    scale = _percent if metric.percent else _number
+    ax_acc.plot(epochs, [scale(r.get(f"val_{key}")) for r in records], "o-", color="tab:green", label=name)
     if any(r.get(f"ema_val_{key}") is not None for r in records):
-        ax_acc.plot(epochs, [_percent(r.get(f"ema_val_{key}")) for r in records], "^:", color="tab:purple",
+        ax_acc.plot(epochs, [scale(r.get(f"ema_val_{key}")) for r in records], "^:", color="tab:purple",
                     label=f"{name}, weight average (EMA)")
     if all(r.get("val_balanced_acc") is not None for r in records):
         ax_acc.plot(epochs, [100 * r["val_balanced_acc"] for r in records], "s--", color="tab:olive",
@@ -44,10 +57,10 @@ def curves_figure(records: list[dict]):
     if best is not None:
         acc = best.get(f"ema_val_{key}") if best["exported"] == "ema" else best[f"val_{key}"]
         ax_acc.axvline(best["epoch"], color="tab:red", linestyle="--", alpha=0.4)
-        ax_acc.plot([best["epoch"]], [_percent(acc)], "*", color="tab:red", markersize=15, zorder=3,
-                    label=f"exported: epoch {best['epoch']} ({best['exported']}, {_percent(acc):.1f}%)")
-    ax_acc.set(xlabel="epoch", ylabel=f"{'mAP' if key == 'map' else 'accuracy'} %",
-               title="val mAP" if key == "map" else "val accuracy")
+        shown = f"{_percent(acc):.1f}%" if metric.percent else f"{_number(acc):.4g}"
+        ax_acc.plot([best["epoch"]], [scale(acc)], "*", color="tab:red", markersize=15, zorder=3,
+                    label=f"exported: epoch {best['epoch']} ({best['exported']}, {shown})")
+    ax_acc.set(xlabel="epoch", ylabel=metric.axis + (" %" if metric.percent else ""), title=metric.title)
     ax_acc.legend(fontsize=8)
     if with_lr:
         _plot_lr(axes[2], records)
@@ -73,6 +86,10 @@ def _plot_lr(ax, records: list[dict]) -> None:
 
 def _percent(share: float | None) -> float:
     return math.nan if share is None else 100 * share
+
+
+def _number(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 def save_image_grid(images: list, titles: list[str], path: Path, columns: int = 6, title: str = "",
@@ -176,6 +193,25 @@ def save_reliability(bins: list[dict], ece: float | None, path: Path, title: str
     ax_count.set(xlabel="confidence (probability of the predicted class)", ylabel="images")
     for axis in (ax, ax_count):
         axis.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def save_predicted_vs_true(true: list[float], predicted: list[float], path: Path, title: str = "",
+                           unit: str = "value") -> None:
+    """Predicted numbers against the true ones, one dot per image, with the diagonal a perfect model would
+    lie on: how far off it is, and where (a slope below the diagonal: shrunk toward the mean)."""
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.scatter(true, predicted, s=12, alpha=0.5, color="tab:blue", edgecolors="none")
+    values = [v for v in list(true) + list(predicted) if math.isfinite(v)] or [0.0, 1.0]
+    low, high = min(values), max(values)
+    pad = 0.05 * (high - low or 1.0)
+    ax.plot([low - pad, high + pad], [low - pad, high + pad], "--", color="gray", label="predicted = true")
+    ax.set(xlim=(low - pad, high + pad), ylim=(low - pad, high + pad), xlabel=f"true {unit}",
+           ylabel=f"predicted {unit}", title=title or f"predicted vs true ({len(true)} images)")
+    ax.title.set_fontsize(10)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
     _save(fig, path)
 
 

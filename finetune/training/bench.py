@@ -35,6 +35,7 @@ from ..errors import FinetuneError
 from ..model.backbone import build_model
 from ..model.groups import build_plan
 from ..recipe.schema import DataConfig, RecipeConfig, TrainConfig
+from ..tasks import build_task
 from .batching import AUTO_LARGEST, Batching, derive_batching
 from .inputs import model_inputs
 from .session import Session
@@ -62,8 +63,8 @@ def run_bench(config: RecipeConfig, steps: int = 20, warmup: int = 3, repeats: i
     # The step on images is what is timed, also for a recipe whose head would train on cached features;
     # batch_size auto would follow the stand-in data's size, so it is the largest auto choice here.
     batch = AUTO_LARGEST if config.train.batch_size == "auto" else config.train.batch_size
-    # The stand-in data has one class per image: a multi-label recipe is timed with its loss as softmax
-    # cross-entropy, which costs the same as its binary cross-entropy next to the model.
+    # The stand-in data has one class per image: a recipe of another task is timed with its loss as softmax
+    # cross-entropy, which costs the same as its own (binary cross-entropy, a squared error) next to the model.
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, feature_cache="none"),
                                  train=dataclasses.replace(config.train, batch_size=batch), task="single_label")
     tc = config.train
@@ -106,7 +107,7 @@ def run_pipeline_bench(config: RecipeConfig, batches: int = 20) -> dict:
     batched device augmentation (data.cache=decoded), with the same loader workers, batch and crop size.
     The cache's one-off build is timed apart (`decoded_setup_seconds`, including the session set-up)."""
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, feature_cache="none"))
-    splits = build_splits(config.data, config.train.seed, multi_label=config.task == "multi_label")
+    splits = build_splits(config.data, config.train.seed, task=build_task(config))
     result: dict = {"batches": batches}
     for name, cache in (("pil", "none"), ("decoded", "decoded")):
         c = dataclasses.replace(config, data=dataclasses.replace(config.data, cache=cache))

@@ -19,12 +19,11 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.loaders import build_loader
-from ..data.multilabel import load_multi_label_source, wrap_multi_label_in_memory
-from ..data.sources import load_source, wrap_in_memory
 from ..errors import FinetuneError
 from ..recipe.locate import check_source
 from ..recipe.schema import DataConfig, RecipeConfig, TrainConfig
 from ..recipe.userfiles import read_yaml_file
+from ..tasks import Task
 from .evaluate import predict_batches
 from .inputs import model_inputs
 from .rundir import RECIPE_NAME
@@ -32,9 +31,10 @@ from .runtime import adapt_model, resolve_runtime
 from .start import build_accelerator
 
 
-def predict_dataset(config: RecipeConfig, model: torch.nn.Module, dataset: Dataset, batch_size: int) -> dict | None:
-    """Per-sample results (evaluate.RESULT_KEYS) of `model` over `dataset` (a data.Transformed view yielding
-    (image tensor, label)) in its order, on the main process; None on the others. `config.train` gives the
+def predict_dataset(config: RecipeConfig, model: torch.nn.Module, dataset: Dataset, batch_size: int,
+                    task: Task) -> dict | None:
+    """The task's per-sample results of `model` over `dataset` (a data.Transformed view yielding (image
+    tensor, label)) in its order, on the main process; None on the others. `config.train` gives the
     precision and channels_last, `config.data` the loader workers; `batch_size` is per process."""
     # One pass in eval mode: nothing to compile, and BatchNorm uses its running statistics (no sync).
     train = dataclasses.replace(config.train, compile=False, sync_bn=False)
@@ -46,7 +46,7 @@ def predict_dataset(config: RecipeConfig, model: torch.nn.Module, dataset: Datas
         loader = accelerator.prepare(build_loader(dataset, batch_size, False, runtime.workers, runtime.pin_memory))
         with accelerator.autocast():  # the run's mixed precision, as accelerator.prepare(model) applies it
             results = predict_batches(model, accelerator,
-                                      (model_inputs(batch, None, runtime.channels_last) for batch in loader))
+                                      (model_inputs(batch, None, runtime.channels_last) for batch in loader), task)
         return results if accelerator.is_main_process else None
     finally:
         accelerator.end_training()
@@ -65,19 +65,19 @@ def eval_config(run: Path, data_text: str) -> RecipeConfig:
 
 
 def open_eval_data(data: Any, config: RecipeConfig, label_names: list[str], class_names: Sequence[str] | None,
-                   multi_label: bool = False):
-    """`finetune eval`'s data as labelled samples: a source string as the recipe grammar reads it, or a
-    Python dataset whose integer labels name classes through class_names, its own names, or the run's.
-    `multi_label`: label lists, as a multi-label run trained on (data/multilabel.py)."""
+                   task: Task):
+    """`finetune eval`'s data as labelled samples, read as the run's task reads targets: a source string as
+    the recipe grammar reads it, or a Python dataset whose integer labels name classes through class_names,
+    its own names, or the run's."""
     if isinstance(data, (str, Path)):
         problems = check_source("data", str(data), config.data.root, False)
         if problems:
             raise FinetuneError(" ".join(problems))
-        return (load_multi_label_source if multi_label else load_source)(str(data), config.data)
+        return task.load_source(str(data), config.data)
     names = class_names or getattr(data, "class_names", None) or getattr(data, "classes", None)
     if names is None and not isinstance(_first_label(data), str):
         names = label_names  # integer labels with no names of their own: the run's class indices
-    return (wrap_multi_label_in_memory if multi_label else wrap_in_memory)(data, names, config.data, "data")
+    return task.wrap_in_memory(data, names, config.data, "data")
 
 
 def _first_label(data: Any) -> Any:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable
 
 import torch
@@ -30,10 +29,7 @@ from ..data.splits import Splits
 from ..model.card import save_card
 from ..model.export import WEIGHTS_NAME, save_export
 from ..recipe.schema import RecipeConfig
-from ..reporting.metrics import format_epoch
-from ..reporting.multilabel import format_epoch_multi_label, score_multi_label_after_training
 from ..reporting.plots import save_curves
-from ..reporting.review import score_after_training
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import eval_loader, predict_all, validate
 from .faults import FAULT_CHECK_UPDATES, resume_hint
@@ -188,7 +184,7 @@ def _validate(run: Run, state: TrainState, log: EpochLog, stopper: EarlyStop, fi
     s, tc, epoch = run.s, run.config.train, state.epoch + 1
     train_loss = float(torch.stack([torch.as_tensor(x) for x in log.losses]).mean()) if log.losses else 0.0
     val, candidate, metric = validate(s, run.accelerator, s.val_loader, run.splits.class_names)
-    improved = state.best_metric is None or metric > state.best_metric
+    improved = s.task.better(metric, state.best_metric)
     stopper.update(epoch, tc.epochs, val)
     if improved:
         state = state.replace(best_metric=metric, best_epoch=epoch, best_from=candidate)
@@ -211,10 +207,10 @@ def _report_epoch(run: Run, records: list[dict], log: EpochLog, stopper: EarlySt
     log_epoch(run.accelerator, run.config, record, log.losses[len(log.losses) - len(log.lrs):], log.lrs)
     if run.main:
         run.run_dir.append_metrics(record)
-        save_curves(records, run.run_dir.curves)
+        save_curves(records, run.run_dir.curves, run.s.task.curve_metric())
         save_data_report(run.run_dir.path, run.config.data.on_bad_image, run.splits.sizes())
     epochs = run.config.train.epochs
-    run.log((format_epoch_multi_label if run.s.threshold is not None else format_epoch)(record, epochs)
+    run.log(run.s.task.format_epoch(record, epochs)
             + (f"\n{stopper.describe(epochs)}" if stopper.stopped else ""))
 
 
@@ -237,7 +233,8 @@ def _end_epoch(run: Run, state: TrainState, exported: str | None, pauses: Pauses
 
 def _export(run: Run, which: str) -> None:
     s = run.s
-    save_export(s.ema.module if which == "ema" else s.network, run.run_dir.path, run.splits.class_names, s.data_cfg)
+    save_export(s.ema.module if which == "ema" else s.network, run.run_dir.path, run.splits.class_names, s.data_cfg,
+                s.task.export_config())
 
 
 def _finish(run: Run, state: TrainState, records: list[dict]) -> dict:
@@ -246,20 +243,15 @@ def _finish(run: Run, state: TrainState, records: list[dict]) -> dict:
     s, accelerator, run_dir, tc = run.s, run.accelerator, run.run_dir, run.config.train
     accelerator.wait_for_everyone()  # the main process wrote the export
     s.network.load_state_dict(load_file(str(run_dir.path / WEIGHTS_NAME)))
-    score = (partial(score_multi_label_after_training, threshold=s.threshold) if s.threshold is not None
-             else score_after_training)
-    test = score(lambda view: predict_all(s, accelerator, eval_loader(s, accelerator, view)), run.splits,
-                 s.eval_view, tc.hard_examples, run_dir.path if run.main else None, state.best_epoch)
+    test = s.task.score_after_training(lambda view: predict_all(s, accelerator, eval_loader(s, accelerator, view)),
+                                       run.splits, s.eval_view, tc.hard_examples, run_dir.path if run.main else None,
+                                       state.best_epoch)
     skipped = (save_data_report(run_dir.path, run.config.data.on_bad_image, run.splits.sizes(), final=True)
                if run.main else 0)
     if run.main:  # the model card again, now with every epoch and the test metrics
         save_card(run_dir.path)
-    multi_label = s.threshold is not None
     best = -1.0 if state.best_metric is None else state.best_metric
-    run.log(f"done: best val {'mAP' if multi_label else 'acc'} {100 * best:.2f}% at epoch {state.best_epoch}"
-            + (f"; test mAP {100 * (test['test_map'] or 0):.2f}%" if test and multi_label
-               else f"; test acc {100 * test['test_acc']:.2f}% (balanced {100 * test['test_balanced_acc']:.2f}%)"
-               if test else "")
+    run.log(f"done: {s.task.summary(best, state.best_epoch, test)}"
             + (f"; {skipped} unreadable image(s) skipped, listed in data_report.json" if skipped else "")
             + f"; model in {run_dir.path}")
     accelerator.end_training()

@@ -6,8 +6,8 @@ pipeline's augmentation has run), inside each training micro-batch of step.py; v
 finder's scoring and the hard examples never see it. timm's `Mixup` pairs each image with its mirror in the
 reversed batch, so a micro-batch must hold an even number of images (checked when the session is built).
 Its targets are soft, [B, C] rows that sum to 1 with `train.label_smoothing` folded in by timm, and the loss
-is timm's `SoftTargetCrossEntropy`. A loss of one's own (finetune.train(loss=...)) then receives those
-soft [B, C] targets in place of class indices.
+is timm's `SoftTargetCrossEntropy` (the single-label task builds it, tasks/single_label.py). A loss of
+one's own (finetune.train(loss=...)) then receives those soft [B, C] targets in place of class indices.
 
 Why randomness per micro-batch: timm draws λ and the CutMix box from NumPy's global generator. Drawn
 from a generator seeded by (train.seed, epoch, the micro-batch's global index), the mixing of a micro-batch
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
 
 from ..errors import FinetuneError
 from ..recipe.schema import TrainConfig
@@ -85,8 +84,3 @@ def build_mixing(tc: TrainConfig, num_classes: int, batching: Batching, process_
     mixup = Mixup(mixup_alpha=tc.mixup, cutmix_alpha=tc.cutmix, prob=tc.mix_prob, switch_prob=tc.mix_switch_prob,
                   mode="batch", label_smoothing=tc.label_smoothing, num_classes=num_classes)
     return Mixing(mixup, tc.seed, batching.accumulation, batching.processes, process_index)
-
-
-def soft_target_loss() -> torch.nn.Module:
-    """The training loss with mixing on: cross-entropy against soft targets (smoothing is in the targets)."""
-    return SoftTargetCrossEntropy()

@@ -1,11 +1,12 @@
-"""The plug-in points of the Python API: a model, a loss and extra metrics of one's own, passed as Python
-objects (`finetune.train(recipe, model=..., loss=..., metrics=...)`), never named in a recipe. They travel
-to the session as one frozen `Plugins`.
+"""The plug-in points of the Python API: a model, a loss, extra metrics and a task of one's own, passed as
+Python objects (`finetune.train(recipe, model=..., loss=..., metrics=..., task=...)`), never named in a
+recipe. They travel to the session as one frozen `Plugins`.
 
 - model: any nn.Module from images to logits (model/custom.py checks it; model/groups.py finds its head).
 - loss: `(logits, targets) -> scalar tensor`, the mean over the micro-batch, used for every training update
   in place of the built-in loss (train.label_smoothing and class_weights are then not applied), with the
-  targets that loss would get (class indices; multi-hot rows for task multi_label; soft rows under mixup).
+  targets that loss would get (class indices; the task's own, e.g. multi-hot rows for label sets or numbers;
+  soft rows under mixup).
   Validation's val_loss stays the built-in one, so runs with different losses compare on one scale; to
   track your loss on validation too, pass it among the metrics.
 - metrics: callables `(logits, targets) -> number`, called once per validation on every process with the
@@ -13,6 +14,8 @@ to the session as one frozen `Plugins`.
   over processes; each
   lands in metrics.jsonl as val_<name> (ema_val_<name> for the moving average), name = the function's
   __name__, or the key when a dict is passed.
+- task: a `finetune.tasks.Task` (a built-in one subclassed, or one's own): how targets are read, the loss,
+  the metrics and the best epoch, what predict returns (finetune/tasks/). It replaces the recipe's `task`.
 """
 
 from __future__ import annotations
@@ -25,14 +28,13 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..data.badimages import IGNORE_LABEL
 from ..errors import FinetuneError
 from ..model.custom import backbone_label
+from ..tasks import MultiLabel, Regression, SingleLabel, Task
 
-# What reporting/metrics.py and reporting/multilabel.py already write as val_<name>: a metric of one's own
-# may not take these names (score_metrics also refuses any other name a run already wrote).
-BUILT_IN_METRICS = {"loss", "acc", "balanced_acc", "per_class_acc", "images", "map", "f1_micro", "f1_macro",
-                    "exact_match", "per_class_ap"}
+# What the built-in tasks already write as val_<name>: a metric of one's own may not take these names
+# (score_metrics also refuses any other name a run already wrote).
+BUILT_IN_METRICS = {name for task in (SingleLabel, MultiLabel, Regression) for name in task.metric_names}
 
 Metric = Callable[[torch.Tensor, torch.Tensor], Any]
 
@@ -42,6 +44,7 @@ class Plugins:
     model: nn.Module | None = None
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     metrics: Mapping[str, Metric] = field(default_factory=dict)  # name -> metric, in the order given
+    task: Task | None = None  # None: the recipe's task
 
     def recipe_overrides(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """With a model of one's own, model.backbone says what it is (unless the `given` overrides name it):
@@ -52,7 +55,7 @@ class Plugins:
         return {"model.backbone": backbone_label(self.model)}
 
 
-def build_plugins(model: Any = None, loss: Any = None, metrics: Any = None) -> Plugins:
+def build_plugins(model: Any = None, loss: Any = None, metrics: Any = None, task: Any = None) -> Plugins:
     """Check what `train` was given and name the metrics. TypeError for the wrong kind of object (a
     programming error), as Python does for a wrong argument."""
     if model is not None and not isinstance(model, nn.Module):
@@ -65,16 +68,22 @@ def build_plugins(model: Any = None, loss: Any = None, metrics: Any = None) -> P
             raise FinetuneError(f"the loss you passed ({type(loss).__name__}) has trainable parameters, which no "
                                 "optimizer group would hold; move them into the model (and its head), or set "
                                 "requires_grad=False on them.")
-    return Plugins(model, loss, _named_metrics(metrics))
+    if task is not None and not isinstance(task, Task):
+        raise TypeError(f"task= takes a finetune.tasks.Task (e.g. a subclass of finetune.tasks.Regression), not "
+                        f"{type(task).__name__}")
+    return Plugins(model, loss, _named_metrics(metrics), task)
 
 
-def plugins_from_arguments(model: Any, loss: Any, metrics: Any,
-                           kw_overrides: dict[str, Any]) -> tuple[Plugins, dict[str, Any]]:
+def plugins_from_arguments(model: Any, loss: Any, metrics: Any, kw_overrides: dict[str, Any],
+                           task: Any = None) -> tuple[Plugins, dict[str, Any]]:
     """The API's plug-in arguments, checked, and its keyword overrides: `model` given as a dict is the
-    recipe's model section (train(r, model={"backbone": ...})), as it was before plug-ins."""
+    recipe's model section (train(r, model={"backbone": ...})), as it was before plug-ins; `task` given as
+    text is the recipe's `task` key (train(r, task="...")), as it was before tasks of one's own."""
+    if isinstance(task, str):
+        task, kw_overrides = None, {**kw_overrides, "task": task}
     if isinstance(model, dict):
-        return build_plugins(None, loss, metrics), {**kw_overrides, "model": model}
-    return build_plugins(model, loss, metrics), kw_overrides
+        return build_plugins(None, loss, metrics, task), {**kw_overrides, "model": model}
+    return build_plugins(model, loss, metrics, task), kw_overrides
 
 
 def _named_metrics(metrics: Any) -> dict[str, Metric]:
@@ -123,13 +132,11 @@ class UserLoss(nn.Module):
 
 
 def score_metrics(metrics: Mapping[str, Metric], logits: torch.Tensor, targets: torch.Tensor, prefix: str,
-                  taken: Mapping[str, Any] = {}) -> dict:
+                  keep: torch.Tensor, taken: Mapping[str, Any] = {}) -> dict:
     """{prefix}_<name>: each metric on the whole split's gathered logits and targets (class indices [N], or
-    multi-hot [N, C] for task multi_label; images whose file was unreadable, labelled IGNORE_LABEL, left
-    out), as a float. `taken`: the keys already written, which a metric may not overwrite."""
-    keep = targets != IGNORE_LABEL
-    if keep.ndim == 2:  # multi-hot: an ignored image is a whole row of IGNORE_LABEL
-        keep = keep.all(dim=1)
+    the task's own: multi-hot [N, C] for label sets, numbers [N]) of the images that `keep` (the task's
+    Task.kept: not those whose file was unreadable), as a float. `taken`: the keys already written, which
+    a metric may not overwrite."""
     logits, targets = logits[keep], targets[keep]
     scores = {}
     for name, metric in metrics.items():

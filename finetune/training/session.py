@@ -18,7 +18,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from ..data.badimages import SkipLog
-from ..data.sampling import BalancedSampler, EpochShuffle, Positioned, inverse_frequency_weights
+from ..data.sampling import BalancedSampler, EpochShuffle, Positioned
 from ..data.splits import Splits
 from ..data.transforms import build_transforms, resolve_data_config, train_size
 from ..errors import FinetuneError
@@ -27,12 +27,12 @@ from ..model.custom import check_custom_model, is_timm_like
 from ..model.groups import build_plan
 from ..model.optim import build_optimizer, lr_multiplier
 from ..model.plan import Plan
-from ..recipe.schema import RecipeConfig
+from ..recipe.schema import RecipeConfig, TrainConfig
+from ..tasks import SingleLabel, Task, build_task
 from .batching import Batching, derive_batching
 from .features import feature_inputs
 from .inputs import Inputs, Loading, Place, image_inputs, pil_inputs
-from .mixing import Mixing, build_mixing, soft_target_loss
-from .multilabel import build_multi_label_loss
+from .mixing import Mixing, build_mixing
 from .plugins import Plugins, UserLoss
 from .runtime import Runtime, adapt_model, resolve_runtime
 
@@ -45,7 +45,7 @@ class Session:
     network: torch.nn.Module  # the whole model, unwrapped: the plan's, the export's and the checkpoint's
     plan: Plan
     optimizer: torch.optim.Optimizer
-    criterion: torch.nn.Module  # (logits, labels) -> the mean loss of a micro-batch (labels [B, C]: multi-label)
+    criterion: torch.nn.Module  # (logits, labels) -> the mean loss of a micro-batch (the task's, tasks/)
     runtime: Runtime  # as the input pipeline runs it (cached features: no workers, no channels_last)
     batching: Batching
     train_loader: DataLoader  # prepared by Accelerate: each process gets its share
@@ -64,7 +64,7 @@ class Session:
     train_side: int = 0  # pixels of a training crop (data.train_image_size decided)
     ema: torch.nn.Module | None = None  # timm's ModelEmaV3 of the network, on the device
     mixing: Mixing | None = None  # mixup/cutmix of training micro-batches (mixing.py); None: off
-    threshold: float | None = None  # task multi_label: train.threshold (F1, predicted labels); None: single-label
+    task: Task = field(default_factory=SingleLabel)  # the recipe's (or one's own), fitted to the training data
     metrics: Mapping[str, Callable] = field(default_factory=dict)  # extra val metrics of one's own (plugins.py)
 
     # What the input pipeline decided, read where it is used.
@@ -110,11 +110,12 @@ def build_session(config: RecipeConfig, splits: Splits, place: Place, precision:
     plan.apply_freezing(model)
     optimizer = build_optimizer(config.optim, plan.optimizer_groups(model))
     loading = _build_loading(config, splits, place, runtime, data_cfg, train_side, skip_log_folder)
+    task = (plugins.task or build_task(config)).fit(splits)
     mixing = build_mixing(tc, len(splits.class_names), loading.batching, place.index)
-    criterion = _build_loss(config, splits, mixing, plugins, log)
+    criterion = _build_loss(task, splits, mixing, plugins, tc, log)
     # Cached features serve a softmax head (its probe, lbfgs) on unmixed images, through timm's body/head
     # split (which a module of one's own may lack); a multi-label linear probe and a mixed batch run the body.
-    if (dc.feature_cache == "auto" and plan.body_fixed and config.task == "single_label" and mixing is None
+    if (dc.feature_cache == "auto" and plan.body_fixed and task.linear_probe and mixing is None
             and is_timm_like(model)):
         inputs = feature_inputs(model, splits, dc, loading, pil_inputs(splits, loading, "PIL, for the features"),
                                 place, isinstance(optimizer, torch.optim.LBFGS), log)
@@ -126,7 +127,7 @@ def build_session(config: RecipeConfig, splits: Splits, place: Place, precision:
     # A warmup of whole epochs would eat most of a short run: it never takes more than a fifth of it.
     warmup = min(round(tc.warmup_epochs * batching.updates_per_epoch), int(WARMUP_SHARE * total))
     head_init = tc.head_init if tc.head_init != "auto" else (
-        "probe" if config.model.pretrained is not False and not plan.body_fixed and config.task != "multi_label"
+        "probe" if config.model.pretrained is not False and not plan.body_fixed and task.linear_probe
         else "zero")
     if plugins.model is not None and not is_timm_like(model):  # the probe needs timm's body/head split
         head_init = _custom_head_init(tc.head_init, model)
@@ -140,21 +141,13 @@ def build_session(config: RecipeConfig, splits: Splits, place: Place, precision:
                    inputs, loading, partial(lr_multiplier, total_updates=total, warmup_updates=warmup), total,
                    warmup, tc.seed, tc.grad_clip, data_cfg, rewarm_updates=warmup, ema_decay=ema_decay,
                    head_init="zero" if inputs.features_cached else head_init, train_side=train_side, ema=ema,
-                   mixing=mixing, threshold=tc.threshold if config.task == "multi_label" else None,
+                   mixing=mixing, task=task,
                    metrics=plugins.metrics)
 
 
-def _build_loss(config: RecipeConfig, splits: Splits, mixing: Mixing | None, plugins: Plugins,
+def _build_loss(task: Task, splits: Splits, mixing: Mixing | None, plugins: Plugins, tc: TrainConfig,
                 log: Callable[[str], None]) -> torch.nn.Module:
-    tc = config.train
-    if config.task == "multi_label":  # a sigmoid per label: binary cross-entropy (multilabel.py)
-        criterion = build_multi_label_loss(splits.train_targets, len(splits.class_names), tc)
-    elif mixing is not None:  # soft targets, label smoothing folded in by timm's Mixup
-        criterion = soft_target_loss()
-    else:
-        weights = (inverse_frequency_weights(splits.train_targets, len(splits.class_names))
-                   if tc.class_weights == "auto" else None)
-        criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing)
+    criterion = task.build_loss(splits.train_targets, len(splits.class_names), tc, mixing is not None)
     if plugins.loss is not None:  # it gets the targets above would (plugins.py); val_loss stays the built-in one
         criterion = UserLoss(plugins.loss)
         log(f"loss: yours, {criterion.name} (train.label_smoothing and class_weights not applied; val_loss is "
@@ -198,7 +191,7 @@ def describe(session: Session, config: RecipeConfig, splits: Splits) -> str:
     """The set-up as printed before training: what trains on what, how the batch is split, the plan."""
     size = session.data_cfg["input_size"]
     weights = getattr(session.criterion, "weight", None)  # a loss of one's own may have none
-    lines = [f"finetune: {config.model.backbone} -> {len(splits.class_names)} classes | "
+    lines = [f"finetune: {config.model.backbone} -> {session.task.describe_head(splits.class_names)} | "
              f"{len(session.train_set)} train, {len(session.val_loader.dataset)} val images | input {size[1]}x{size[2]}"
              + (f", training crops {session.train_side}x{session.train_side}" if session.train_side != size[2] else ""),
              f"  {session.runtime.describe()}"

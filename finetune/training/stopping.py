@@ -19,7 +19,7 @@ from ..recipe.schema import EarlyStopConfig
 from ..reporting.evaluation import VAL_REPORT_NAME
 from .state import EarlyStopCounters, TrainState
 
-LOWER_IS_BETTER = ("val_loss",)
+LOWER_IS_BETTER = ("val_loss", "val_mae", "val_rmse")  # losses and errors (of numbers: tasks/)
 
 
 @dataclass
@@ -76,7 +76,7 @@ class EarlyStop:
     def describe(self, epochs: int) -> str:
         """The log line of the stop."""
         c = self.config
-        best = f"{100 * self.best:.2f}%" if c.metric.endswith("_acc") else f"{self.best:.4g}"
+        best = f"{100 * self.best:.2f}%" if c.metric.endswith(("_acc", "_map")) else f"{self.best:.4g}"
         return (f"early stop: {c.metric} has not improved by more than {c.min_delta:g} for {self.bad_epochs} "
                 f"epoch(s) (best {best} at epoch {self.best_epoch}); stopping after epoch "
                 f"{self.best_epoch + self.bad_epochs} of {epochs}. The export holds the best epoch's weights.")

@@ -1,4 +1,4 @@
-"""Metrics and after-training reports of `task: multi_label`, from per-image results (training/multilabel.py:
+"""Metrics and after-training reports of `task: multi_label`, from per-image results (multi_label.py:
 loss, probs [N, C], label [N, C] multi-hot, IGNORE_LABEL rows for unreadable images).
 
 Every epoch: the mean average precision over the labels that have a positive image (mAP, macro: the
@@ -26,9 +26,9 @@ from torchmetrics.functional.classification import (
 
 from ..atomic import write_atomic
 from ..data.badimages import IGNORE_LABEL
-from .evaluation import METRICS_NAME, PREDICTIONS_NAME, VAL_REPORT_NAME
-from .plots import save_image_grid
-from .review import HARD_EXAMPLES_JSON, HARD_EXAMPLES_PNG, RIGHT_COLOR, TEST_METRICS_NAME, WRONG_COLOR
+from ..reporting.evaluation import METRICS_NAME, PREDICTIONS_NAME, VAL_REPORT_NAME, summary
+from ..reporting.plots import save_image_grid
+from ..reporting.review import HARD_EXAMPLES_JSON, HARD_EXAMPLES_PNG, RIGHT_COLOR, TEST_METRICS_NAME, WRONG_COLOR
 
 
 def _kept(results: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,21 +78,6 @@ def multi_label_report(results: dict, class_names: list[str], threshold: float) 
                      for name, t, p, f, s in zip(class_names, tp, fp, fn, support)}
     del metrics["per_class_ap"]
     return {**metrics, "labels": len(class_names), "threshold": threshold, "per_class": per_class}
-
-
-def format_epoch_multi_label(record: dict, epochs: int) -> str:
-    """metrics.jsonl's record of a multi-label epoch as the line the loop prints."""
-    ema = f" | EMA mAP {_pct(record.get('ema_val_map'))}" if "ema_val_map" in record else ""
-    best = {None: "", "model": " (best, exported)", "ema": " (best, EMA exported)"}[record["exported"]]
-    loss = record["val_loss"]
-    return (f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} | val loss "
-            f"{'-' if loss is None else f'{loss:.4f}'} mAP {_pct(record['val_map'])} (F1 micro "
-            f"{_pct(record['val_f1_micro'])}, macro {_pct(record['val_f1_macro'])}){ema}{best} | "
-            f"{record['epoch_seconds']:.1f}s")
-
-
-def _pct(share: float | None) -> str:
-    return "-" if share is None else f"{100 * share:.2f}%"
 
 
 def score_multi_label_after_training(predict: Callable[[Any], dict], splits, eval_view: Callable, hard_examples: int,
@@ -154,10 +139,10 @@ def save_multi_label_hard_examples(entries: dict[str, list[dict]], images: list,
 
 
 def save_multi_label_evaluation(folder: Path, results: dict, view, class_names: list[str], threshold: float,
-                                about: dict) -> dict:
+                                about: dict) -> tuple[dict, str]:
     """`finetune eval` of a multi-label run: metrics.json (multi_label_report, the run's labels without a
     positive image here, the unreadable images) and predictions.csv (path, given labels, predicted labels,
-    then each label's probability). Returns the report."""
+    then each label's probability). Returns the report and its summary, as `finetune eval` prints it."""
     report = multi_label_report(results, class_names, threshold)
     keep = (results["label"] != IGNORE_LABEL).all(dim=1)
     report.update(classes_missing=[name for name, c in report["per_class"].items() if not c or not c["support"]],
@@ -173,4 +158,12 @@ def save_multi_label_evaluation(folder: Path, results: dict, view, class_names: 
         predicted = [name for name, prob in zip(class_names, probs) if prob >= threshold]
         writer.writerow([view.name(p), "|".join(given), "|".join(predicted)] + [f"{prob:.6f}" for prob in probs])
     write_atomic(folder / PREDICTIONS_NAME, out.getvalue())
-    return report
+    return report, summary(report, eval_headline(report))
+
+
+def eval_headline(report: dict) -> str:
+    def pct(key: str) -> str:
+        return f"{100 * report[key]:.2f}%" if report.get(key) is not None else "n/a"
+    return (f"{report['images']} images, {report['labels']} labels: mAP {pct('map')}, at threshold "
+            f"{report['threshold']:g} F1 micro {pct('f1_micro')}, macro {pct('f1_macro')}, exact label set "
+            f"{pct('exact_match')}")

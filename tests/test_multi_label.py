@@ -1,6 +1,6 @@
 """task: multi_label end to end and piece by piece: label lists from CSV/JSONL manifests, Hugging Face
-Sequence(ClassLabel) and Python objects (data/multilabel.py); the BCE loss (training/multilabel.py); mAP and
-F1 (reporting/multilabel.py); the recipe's checks; and a CPU run on generated coloured shapes that must
+Sequence(ClassLabel) and Python objects (tasks/label_sets.py); the BCE loss (tasks/multi_label.py); mAP and
+F1 (tasks/multi_label_reports.py); the recipe's checks; and a CPU run on generated coloured shapes that must
 reach mAP 0.9, export a model timm loads, and predict every label above the threshold."""
 
 from __future__ import annotations
@@ -18,22 +18,24 @@ from PIL import Image
 import finetune
 from finetune.data.badimages import IGNORE_LABEL
 from finetune.data.checkdata import check_data, format_report
-from finetune.data.multilabel import (
-    cooccurrence,
-    load_multi_label_source,
-    multi_hot,
-    positive_weights,
-    split_labels,
-    stratify_keys,
-    wrap_multi_label_in_memory,
-)
 from finetune.data.splits import build_splits
 from finetune.errors import FinetuneError
 from finetune.recipe.load import load_recipe
 from finetune.recipe.schema import DataConfig, TrainConfig
-from finetune.reporting.evaluation import summary
-from finetune.reporting.multilabel import multi_label_metrics, multi_label_report
-from finetune.training.multilabel import MultiLabelLoss, build_multi_label_loss, multi_label_results
+from finetune.tasks import MultiLabel
+from finetune.tasks.label_sets import (
+    cooccurrence,
+    load_label_sets,
+    multi_hot,
+    positive_weights,
+    split_labels,
+    stratify_keys,
+    wrap_label_sets_in_memory,
+)
+from finetune.tasks.multi_label import MultiLabelLoss
+from finetune.tasks.multi_label_reports import multi_label_metrics, multi_label_report
+
+TASK = MultiLabel()
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -67,8 +69,8 @@ def test_a_csv_cell_splits_at_bars_and_a_json_list_is_taken_as_it_is():
 
 def test_csv_and_jsonl_manifests_give_the_same_label_sets(shapes):
     root, rows = shapes
-    from_csv = load_multi_label_source(str(write_csv(root / "m.csv", rows)), DataConfig())
-    from_jsonl = load_multi_label_source(str(write_jsonl(root / "m.jsonl", rows)), DataConfig())
+    from_csv = load_label_sets(str(write_csv(root / "m.csv", rows)), DataConfig())
+    from_jsonl = load_label_sets(str(write_jsonl(root / "m.jsonl", rows)), DataConfig())
     assert from_csv.class_names == from_jsonl.class_names == sorted({n for r in rows for n in r["labels"]})
     assert from_csv.targets == from_jsonl.targets
     names = from_csv.class_names
@@ -84,7 +86,7 @@ def test_a_jsonl_label_that_names_no_label_is_an_error_naming_its_line(shapes, l
     with path.open("a") as f:
         f.write(f'{{"image": "img/1.png", "label": {label}}}\n')
     with pytest.raises(FinetuneError) as info:
-        load_multi_label_source(str(path), DataConfig())
+        load_label_sets(str(path), DataConfig())
     assert f"{path}, line {len(rows) + 1}" in str(info.value) and problem in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -94,7 +96,7 @@ def test_a_null_label_like_a_blank_cell_means_no_label_and_integers_are_names(sh
     path = root / "m.jsonl"
     path.write_text('{"image": "img/0.png", "label": null}\n{"image": "img/1.png", "label": [3, "cat"]}\n'
                     '{"image": "img/2.png", "label": 3}\n')
-    samples = load_multi_label_source(str(path), DataConfig())
+    samples = load_label_sets(str(path), DataConfig())
     assert samples.class_names == ["3", "cat"] and samples.targets == [(), (0, 1), (0,)]
 
 
@@ -103,14 +105,14 @@ def test_a_csv_row_with_more_fields_than_the_header_is_an_error_naming_its_line(
     path = write_csv(root / "m.csv", rows)
     path.write_text(path.read_text().replace("img/3.png,", "img/3.png,cat,dog,", 1))
     with pytest.raises(FinetuneError, match=r"m\.csv, line 5 has 2 more fields than its header"):
-        load_multi_label_source(str(path), DataConfig())
+        load_label_sets(str(path), DataConfig())
 
 
 def test_a_sample_becomes_a_multi_hot_vector_and_batches_stack(shapes):
     root, rows = shapes
     recipe = load_recipe({"task": "multi_label", "model": {"backbone": "test_resnet", "pretrained": False},
                           "data": {"train": str(write_csv(root / "m.csv", rows))}})
-    splits = build_splits(recipe.data, 0, multi_label=True)
+    splits = build_splits(recipe.data, 0, task=TASK)
     assert multi_hot((0, 2), 4).tolist() == [1, 0, 1, 0]
     assert multi_hot((0,), 3, ignored=True).tolist() == [IGNORE_LABEL] * 3
     from finetune.data.device_augment import collate_crops
@@ -138,7 +140,7 @@ def test_an_unknown_label_in_val_is_named(shapes):
     train = write_csv(root / "train.csv", rows)
     val = write_csv(root / "val.csv", [{"image": "img/1.png", "labels": ["circle", "hexagon"]}])
     with pytest.raises(FinetuneError, match="hexagon"):
-        build_splits(DataConfig(train=str(train), val=str(val)), 0, multi_label=True)
+        build_splits(DataConfig(train=str(train), val=str(val)), 0, task=TASK)
 
 
 def test_a_val_set_without_any_label_is_refused_before_training(shapes):
@@ -147,7 +149,7 @@ def test_a_val_set_without_any_label_is_refused_before_training(shapes):
     train = write_csv(root / "train.csv", rows)
     val = write_csv(root / "val.csv", [{"image": "img/1.png", "labels": []}, {"image": "img/2.png", "labels": []}])
     with pytest.raises(FinetuneError, match=r"val.csv has no image with a label, so val mAP"):
-        build_splits(DataConfig(train=str(train), val=str(val)), 0, multi_label=True)
+        build_splits(DataConfig(train=str(train), val=str(val)), 0, task=TASK)
 
 
 def test_a_hugging_face_sequence_of_class_labels(shapes):
@@ -158,26 +160,26 @@ def test_a_hugging_face_sequence_of_class_labels(shapes):
                                   "tags": datasets.Sequence(datasets.ClassLabel(names=names))})
     ds = datasets.Dataset.from_dict({"image": [str(root / r["image"]) for r in rows],
                                      "tags": [[names.index(n) for n in r["labels"]] for r in rows]}, features=features)
-    samples = wrap_multi_label_in_memory(ds, None, DataConfig(), "train_data")
+    samples = wrap_label_sets_in_memory(ds, None, DataConfig(), "train_data")
     assert samples.class_names == names
     assert [sorted(names[t] for t in target) for target in samples.targets] == [sorted(r["labels"]) for r in rows]
     image, target = samples[3]
     assert image.size == (32, 32) and target == samples.targets[3]
     ds.save_to_disk(str(root / "hf"))  # the recipe's hf:FOLDER reads the same label sets
-    from_disk = load_multi_label_source(f"hf:{root / 'hf'}", DataConfig())
+    from_disk = load_label_sets(f"hf:{root / 'hf'}", DataConfig())
     assert from_disk.class_names == names and from_disk.targets == samples.targets
 
 
 def test_python_objects_with_label_lists(shapes):
     root, rows = shapes
     pairs = [(str(root / r["image"]), r["labels"]) for r in rows]
-    samples = wrap_multi_label_in_memory(pairs, None, DataConfig(), "train_data")
+    samples = wrap_label_sets_in_memory(pairs, None, DataConfig(), "train_data")
     assert samples.class_names == sorted(SHAPES, key=str.lower)
-    by_index = wrap_multi_label_in_memory([(Image.new("RGB", (8, 8)), [1, 0]), (Image.new("RGB", (8, 8)), [])],
+    by_index = wrap_label_sets_in_memory([(Image.new("RGB", (8, 8)), [1, 0]), (Image.new("RGB", (8, 8)), [])],
                                           ["a", "b"], DataConfig(), "train_data")
     assert by_index.targets == [(0, 1), ()]
     with pytest.raises(FinetuneError, match="outside 0..1"):
-        wrap_multi_label_in_memory([(Image.new("RGB", (8, 8)), [2])], ["a", "b"], DataConfig(), "train_data")
+        wrap_label_sets_in_memory([(Image.new("RGB", (8, 8)), [2])], ["a", "b"], DataConfig(), "train_data")
 
 
 def test_a_single_label_manifest_of_lists_points_to_the_task(shapes):
@@ -198,13 +200,13 @@ def test_positive_weights_and_cooccurrence():
 
 def test_check_data_reports_cooccurrence_and_labels_without_positives(shapes):
     root, rows = shapes
-    report = check_data(DataConfig(train=str(write_csv(root / "m.csv", rows))), 0, multi_label=True)
+    report = check_data(DataConfig(train=str(write_csv(root / "m.csv", rows))), 0, task=TASK)
     assert report["trainable"]
     labels = report["splits"]["train"]["labels"]
     assert sum(labels["labels_per_image"].values()) == report["splits"]["train"]["readable"]
     assert "0" in labels["labels_per_image"]  # the images without a label are counted, not refused
     assert labels["no_positives"] == []
-    assert "most frequent pairs" in format_report(report)
+    assert "most frequent pairs" in format_report(report, TASK)
     readable = report["splits"]["train"]["readable"] + report["splits"]["val"]["readable"]
     assert readable == len(rows)
     positives = {name: report["splits"]["train"]["classes"][name] + report["splits"]["val"]["classes"][name]
@@ -228,18 +230,18 @@ def test_the_loss_is_bce_with_logits_and_leaves_ignored_rows_out():
     weight = torch.tensor([2.0, 1.0, 3.0])
     assert torch.allclose(MultiLabelLoss(weight)(logits, targets), torch.nn.functional.binary_cross_entropy_with_logits(
         logits, targets, pos_weight=weight))
-    loss = build_multi_label_loss([(0,), (0, 1)], 3, TrainConfig(class_weights="auto", label_smoothing=0.0))
+    loss = TASK.build_loss([(0,), (0, 1)], 3, TrainConfig(class_weights="auto", label_smoothing=0.0), False)
     assert loss.weight.tolist() == [1.0, 1.0, 1.0] and loss.smoothing == 0.0  # always or never present: 1
 
 
 def test_metrics_map_f1_and_labels_without_positives():
     labels = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]], dtype=torch.float)
-    perfect = multi_label_results(torch.where(labels > 0, 5.0, -5.0), labels)
+    perfect = TASK.results(torch.where(labels > 0, 5.0, -5.0), labels)
     metrics = multi_label_metrics(perfect, ["a", "b", "c"], "val", 0.5)
     assert metrics["val_map"] == 1.0 and metrics["val_f1_micro"] == 1.0 and metrics["val_exact_match"] == 1.0
     assert metrics["val_per_class_ap"] == {"a": 1.0, "b": 1.0, "c": None}  # no positive: no AP, not 0
     assert metrics["val_images"] == 4
-    wrong = multi_label_results(torch.where(labels > 0, -5.0, 5.0), labels)
+    wrong = TASK.results(torch.where(labels > 0, -5.0, 5.0), labels)
     assert multi_label_metrics(wrong, ["a", "b", "c"], "val", 0.5)["val_f1_micro"] == 0.0
     ignored = {**perfect, "label": torch.cat([labels[:3], torch.full((1, 3), float(IGNORE_LABEL))])}
     assert multi_label_metrics(ignored, ["a", "b", "c"], "val", 0.5)["val_images"] == 3
@@ -326,7 +328,7 @@ def test_python_label_lists_train_a_frozen_body_without_cached_features_and_eval
     evaluated = finetune.evaluate(result.run_dir, str(write_csv(root / "m.csv", rows)), output=tmp_path / "eval")
     assert evaluated.metrics["images"] == len(rows) and evaluated.metrics["threshold"] == 0.5
     assert {"map", "f1_micro", "f1_macro", "per_class"} <= set(evaluated.metrics)
-    assert "mAP" in summary(evaluated.metrics)  # what `finetune eval` prints
+    assert "mAP" in evaluated.summary  # what `finetune eval` prints
     table = (tmp_path / "eval" / "predictions.csv").read_text().splitlines()
     assert table[0].split(",")[:3] == ["path", "labels", "predicted"] and len(table) == len(rows) + 1
     assert table[1].split(",")[1] == ""  # the image with no label

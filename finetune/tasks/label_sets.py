@@ -1,7 +1,9 @@
-"""Multi-label data (`task: multi_label`): sources whose images hold any number of labels, none included.
+"""Label sets, the targets of `task: multi_label` (multi_label.py): sources whose images hold any number of
+labels, none included.
 
-A sample's target is a sorted tuple of class indices (`()`: no label applies); `Transformed` turns it into
-the float multi-hot vector [C] the loss reads (`multi_hot`), and the loaders stack those into [B, C].
+A sample's target is a sorted tuple of class indices (`()`: no label applies); the samples read here carry
+`multi_hot` as their `encode_target`, so the loaders (data/loaders.py) batch each as the float [C] vector
+the loss reads and stack those into [B, C].
 Readers: a CSV manifest whose label cell lists labels joined by `|` (`cat|dog`), a JSONL manifest whose
 label is a list, a Hugging Face `Sequence(ClassLabel)` (or list) column, and Python datasets whose labels
 are lists of names or indices. A source of one class per image (a folder, torchvision, sklearn, a single
@@ -19,12 +21,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from ..errors import FinetuneError
-from ..recipe.locate import parse_source
-from ..recipe.schema import DataConfig
-from .badimages import IGNORE_LABEL
-from .samples import FileSamples, HFSamples, ImageSamples, IndexedSamples, align, natural_key
-from .manifests import (
+from ..data.badimages import IGNORE_LABEL
+from ..data.samples import FileSamples, HFSamples, ImageSamples, IndexedSamples, align, natural_key
+from ..data.manifests import (
     IMAGE_COLUMNS,
     LABEL_COLUMNS,
     as_json,
@@ -33,13 +32,16 @@ from .manifests import (
     manifest_paths,
     pick_column,
 )
-from .sources import load_source, read_hf, wrap_hf_dataset
+from ..data.sources import load_source, read_hf, wrap_hf_dataset
+from ..errors import FinetuneError
+from ..recipe.locate import parse_source
+from ..recipe.schema import DataConfig
 
 LABEL_SEPARATOR = "|"  # between the labels of one CSV cell: `cat|dog`
 LISTED = 10  # unknown labels named in an error
 
 
-def is_multi_label(samples: Any) -> bool:
+def is_label_sets(samples: Any) -> bool:
     """Whether a dataset's targets are label tuples (read by this module) rather than class indices."""
     targets = getattr(samples, "targets", None)
     return bool(targets) and isinstance(targets[0], tuple)
@@ -103,16 +105,16 @@ def cooccurrence(targets: Iterable[tuple], class_names: list[str]) -> dict:
             "no_positives": [name for name, n in zip(class_names, np.diag(pairs)) if not n]}
 
 
-def load_multi_label_source(text: str, cfg: DataConfig, class_names: list[str] | None = None) -> ImageSamples:
+def load_label_sets(text: str, cfg: DataConfig, class_names: list[str] | None = None) -> ImageSamples:
     """A source string read as multi-label (a manifest or hf:), mapped onto `class_names` when given."""
     spec = parse_source(text)
     if spec.scheme == "manifest":
         samples = _manifest(Path(spec.name).expanduser(), cfg)
     elif spec.scheme == "hf":
-        samples = read_hf(spec, cfg, wrap_hf_multi_label)
+        samples = read_hf(spec, cfg, wrap_hf_label_sets)
     else:  # a folder, torchvision or sklearn: one class per image, which is its one label
         samples = as_label_sets(load_source(text, cfg))
-    return samples if class_names is None else align_multi_label(samples, class_names)
+    return labelled(samples if class_names is None else align_label_sets(samples, class_names))
 
 
 def _manifest(path: Path, cfg: DataConfig) -> FileSamples:
@@ -135,7 +137,7 @@ def _row_labels(value: Any, where: str, column: str) -> list[str]:
     return [name for name in (manifest_label(item, where, column) for item in value) if name]
 
 
-def wrap_hf_multi_label(dataset: Any, cfg: DataConfig, origin: str) -> HFSamples:
+def wrap_hf_label_sets(dataset: Any, cfg: DataConfig, origin: str) -> HFSamples:
     """A `datasets.Dataset` whose label column is a Sequence/List of ClassLabel (names in its order), of
     names or of integers."""
     import datasets
@@ -161,16 +163,16 @@ def wrap_hf_multi_label(dataset: Any, cfg: DataConfig, origin: str) -> HFSamples
     return HFSamples(dataset, image_col, *_named([list(v or []) for v in values], names, origin), origin)
 
 
-def wrap_multi_label_in_memory(data: Any, class_names: Sequence[str] | None, cfg: DataConfig,
+def wrap_label_sets_in_memory(data: Any, class_names: Sequence[str] | None, cfg: DataConfig,
                                what: str) -> ImageSamples:
     """A Python dataset for finetune.train() whose labels are lists (names, or indices into class_names):
     a Hugging Face Dataset, (path, labels) pairs or a map-style dataset of (image, labels)."""
     import datasets
 
     if isinstance(data, ImageSamples):
-        return data
+        return labelled(as_label_sets(data))
     if isinstance(data, datasets.Dataset):
-        return wrap_hf_multi_label(data, cfg, f"python:{what}")
+        return labelled(wrap_hf_label_sets(data, cfg, f"python:{what}"))
     if len(data) == 0:
         raise FinetuneError(f"{what} is empty.")
     pairs = isinstance(data, (list, tuple))
@@ -180,8 +182,8 @@ def wrap_multi_label_in_memory(data: Any, class_names: Sequence[str] | None, cfg
     names = class_names or getattr(data, "class_names", None) or getattr(data, "classes", None)
     targets, class_names = _named(labels, names, f"python:{what}")
     if pairs and all(isinstance(item[0], (str, Path)) for item in data):
-        return FileSamples([str(item[0]) for item in data], targets, class_names, f"python:{what}")
-    return IndexedSamples(data, targets, class_names, f"python:{what}")
+        return labelled(FileSamples([str(item[0]) for item in data], targets, class_names, f"python:{what}"))
+    return labelled(IndexedSamples(data, targets, class_names, f"python:{what}"))
 
 
 def _named(labels: list[list], names: Sequence[str] | None, origin: str) -> tuple[list[tuple], list[str]]:
@@ -206,13 +208,19 @@ def _named(labels: list[list], names: Sequence[str] | None, origin: str) -> tupl
 
 def as_label_sets(samples: ImageSamples) -> ImageSamples:
     """Samples of one class per image as multi-label samples whose images each hold that one label."""
-    if is_multi_label(samples) or not samples.targets:
+    if is_label_sets(samples) or not samples.targets:
         return samples
     sets = copy.copy(samples)
     sets.targets = [(int(t),) for t in samples.targets]
     return sets
 
 
-def align_multi_label(samples: ImageSamples, class_names: list[str]) -> ImageSamples:
+def align_label_sets(samples: ImageSamples, class_names: list[str]) -> ImageSamples:
     """`samples` with label tuples re-indexed onto the run's labels; a label train lacks is an error naming it."""
-    return align(as_label_sets(samples), class_names)
+    return labelled(align(as_label_sets(samples), class_names))
+
+
+def labelled(samples: ImageSamples) -> ImageSamples:
+    """`samples` whose loaders batch each target as its multi-hot vector."""
+    samples.encode_target = multi_hot
+    return samples
