@@ -25,8 +25,8 @@ from ..atomic import lock_holder
 from ..errors import FinetuneError
 from ..recipe.userfiles import open_regular, read_yaml_file
 from ..reporting.review import TEST_METRICS_NAME
-from .checkpoint import STATE_NAME
-from .rundir import CHECKPOINT_NAME, LOCK_NAME, MARKER_NAME, METRICS_NAME, RECIPE_NAME, RunDir
+from .records import METRICS_NAME
+from .folder import CHECKPOINT_NAME, LOCK_NAME, MARKER_NAME, RECIPE_NAME, STATE_NAME, RunDir
 
 STATUSES = ("running", "interrupted", "finished")
 # Column -> how it sorts. Accuracies sort highest first, everything else in ascending order; unknown

@@ -8,7 +8,7 @@ the full recipe. Uploading the run directory then gives a hub model that `timm.c
 
 Everything comes from files the run already wrote (recipe.yaml, metrics.jsonl, config.json,
 data_report.json, environment.json, test_metrics.json when there is one), so the card can be rewritten
-at any time; export.py rewrites it with every export.
+at any time; the loop rewrites it with every export (training/loop.py).
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ import yaml
 
 from ..atomic import write_atomic
 from ..data.badimages import DATA_REPORT_NAME
+from ..model.custom import CUSTOM_ARCHITECTURE, custom_usage
+from ..model.environment import ENVIRONMENT_NAME
+from ..model.export import CONFIG_NAME
 from ..recipe.userfiles import parse_yaml
-from .custom import CUSTOM_ARCHITECTURE, custom_usage
-from .environment import ENVIRONMENT_NAME
+from ..reporting.review import TEST_METRICS_NAME
+from .records import METRICS_NAME, read_metrics_file
+from .folder import CARD_NAME, CURVES_NAME, RECIPE_NAME
 
-CARD_NAME = "README.md"
-# The run directory's files (training/rundir.py and reporting/review.py name them; model may not import those)
-RECIPE_NAME, METRICS_NAME, CURVES_NAME = "recipe.yaml", "metrics.jsonl", "curves.png"
-TEST_METRICS_NAME = "test_metrics.json"
 MAX_LISTED_CLASSES = 30
 
 
@@ -41,7 +41,7 @@ def save_card(run_dir: Path) -> None:
 def render_card(run_dir: Path) -> str:
     recipe_text = (run_dir / RECIPE_NAME).read_text()
     recipe = parse_yaml(recipe_text, f"run recipe {run_dir / RECIPE_NAME}")
-    config = _read_json(run_dir / "config.json") or {}
+    config = _read_json(run_dir / CONFIG_NAME) or {}
     records = read_metrics_file(run_dir / METRICS_NAME)[0]
     exported = _exported_record(records)
     test = _read_json(run_dir / TEST_METRICS_NAME)
@@ -264,22 +264,6 @@ def _environment(env: dict | None) -> str:
 def _exported_record(records: list[dict]) -> dict | None:
     exported = [r for r in records if r.get("exported")]
     return exported[-1] if exported else None
-
-
-def read_metrics_file(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
-    """metrics.jsonl's epoch records, and the lines that are none (number, text): cut off by a full disk or
-    a copy. The card and the run directory (training/rundir.py) read it alike."""
-    records, bad = [], []
-    for number, line in enumerate(path.read_text().splitlines() if path.is_file() else [], 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict) and type(record.get("epoch")) is int:
-            records.append(record)
-        elif line.strip():
-            bad.append((number, line))
-    return records, bad
 
 
 def _read_json(path: Path):
