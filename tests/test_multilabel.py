@@ -16,7 +16,6 @@ from helpers import SHAPES, write_shapes
 from PIL import Image
 
 import finetune
-from finetune.data.badimages import IGNORE_LABEL
 from finetune.data.checkdata import check_data, format_report
 from finetune.data.multilabel import (
     cooccurrence,
@@ -27,6 +26,7 @@ from finetune.data.multilabel import (
     stratify_keys,
     wrap_multi_label_in_memory,
 )
+from finetune.data.samples import IGNORE_LABEL
 from finetune.data.splits import build_splits
 from finetune.errors import FinetuneError
 from finetune.recipe.load import load_recipe

@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import FinetuneError
-from .badimages import BAD_IMAGE_ERRORS, IGNORE_LABEL, MAX_BAD_IN_A_ROW, SkipLog, describe_error
+from .badimages import BAD_IMAGE_ERRORS, MAX_BAD_IN_A_ROW, SkipLog, describe_error
 from .multilabel import multi_hot
-from .samples import as_pil
+from .samples import IGNORE_LABEL, as_pil
 
 
 class Transformed(Dataset):

@@ -22,8 +22,7 @@ import torch
 from ..errors import FinetuneError
 from ..recipe.locate import parse_source
 from ..recipe.schema import DataConfig
-from .badimages import IGNORE_LABEL
-from .samples import FileSamples, HFSamples, ImageSamples, IndexedSamples, align, natural_key
+from .samples import IGNORE_LABEL, FileSamples, HFSamples, ImageSamples, IndexedSamples, align, natural_key
 from .manifests import (
     IMAGE_COLUMNS,
     LABEL_COLUMNS,

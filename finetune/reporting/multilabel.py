@@ -25,8 +25,9 @@ from torchmetrics.functional.classification import (
 )
 
 from ..atomic import write_atomic
-from ..data.badimages import IGNORE_LABEL
+from ..data.samples import IGNORE_LABEL
 from .evaluation import METRICS_NAME, PREDICTIONS_NAME, VAL_REPORT_NAME
+from .metrics import percent
 from .plots import save_image_grid
 from .review import HARD_EXAMPLES_JSON, HARD_EXAMPLES_PNG, RIGHT_COLOR, TEST_METRICS_NAME, WRONG_COLOR
 
@@ -82,17 +83,13 @@ def multi_label_report(results: dict, class_names: list[str], threshold: float) 
 
 def format_epoch_multi_label(record: dict, epochs: int) -> str:
     """metrics.jsonl's record of a multi-label epoch as the line the loop prints."""
-    ema = f" | EMA mAP {_pct(record.get('ema_val_map'))}" if "ema_val_map" in record else ""
+    ema = f" | EMA mAP {percent(record.get('ema_val_map'))}" if "ema_val_map" in record else ""
     best = {None: "", "model": " (best, exported)", "ema": " (best, EMA exported)"}[record["exported"]]
     loss = record["val_loss"]
     return (f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} | val loss "
-            f"{'-' if loss is None else f'{loss:.4f}'} mAP {_pct(record['val_map'])} (F1 micro "
-            f"{_pct(record['val_f1_micro'])}, macro {_pct(record['val_f1_macro'])}){ema}{best} | "
+            f"{'-' if loss is None else f'{loss:.4f}'} mAP {percent(record['val_map'])} (F1 micro "
+            f"{percent(record['val_f1_micro'])}, macro {percent(record['val_f1_macro'])}){ema}{best} | "
             f"{record['epoch_seconds']:.1f}s")
-
-
-def _pct(share: float | None) -> str:
-    return "-" if share is None else f"{100 * share:.2f}%"
 
 
 def score_multi_label_after_training(predict: Callable[[Any], dict], splits, eval_view: Callable, hard_examples: int,

@@ -26,9 +26,10 @@ from ..model.custom import CUSTOM_ARCHITECTURE, custom_usage
 from ..model.environment import ENVIRONMENT_NAME
 from ..model.export import CONFIG_NAME
 from ..recipe.userfiles import parse_yaml
+from ..reporting.metrics import percent
 from ..reporting.review import TEST_METRICS_NAME
-from .records import METRICS_NAME, read_metrics_file
 from .folder import CARD_NAME, CURVES_NAME, RECIPE_NAME
+from .records import METRICS_NAME, read_metrics_file
 
 MAX_LISTED_CLASSES = 30
 
@@ -230,15 +231,16 @@ def _results(records: list[dict], test: dict | None, curves: bool) -> str:
             + (f" EMA val {name} |" if ema else "") + " exported |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in records:
-        cells = [str(r.get("epoch")), _num(r.get("train_loss")), _num(r.get("val_loss")), _pct(r.get(f"val_{key}")),
-                 _pct(r.get(f"val_{second}"))] + ([_pct(r.get(f"ema_val_{key}"))] if ema else [])
+        shares = [r.get(f"val_{key}"), r.get(f"val_{second}")] + ([r.get(f"ema_val_{key}")] if ema else [])
+        cells = [str(r.get("epoch")), _num(r.get("train_loss")), _num(r.get("val_loss"))]
+        cells += [percent(share, "") for share in shares]
         lines.append("| " + " | ".join(cells + [r.get("exported") or ""]) + " |")
     text = ("## Results\n\nPer epoch (`metrics.jsonl` has every number, per-class accuracy included):\n\n"
             + "\n".join(lines))
     if test:
-        scores = (f"mAP {_pct(test.get('test_map'))}, micro F1 {_pct(test.get('test_f1_micro'))}"
-                  if "test_map" in test else
-                  f"accuracy {_pct(test.get('test_acc'))}, balanced accuracy {_pct(test.get('test_balanced_acc'))}")
+        shown = ((("mAP", "test_map"), ("micro F1", "test_f1_micro")) if "test_map" in test else
+                 (("accuracy", "test_acc"), ("balanced accuracy", "test_balanced_acc")))
+        scores = ", ".join(f"{label} {percent(test.get(key), '')}" for label, key in shown)
         text += (f"\n\nTest set, with the exported weights (epoch {test.get('epoch')}): {scores} "
                  f"({test.get('test_images')} images).")
     if curves:
@@ -277,6 +279,3 @@ def _cell(value) -> str:
 def _num(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else ""
 
-
-def _pct(value) -> str:
-    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else ""

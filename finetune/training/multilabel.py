@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from ..data.badimages import IGNORE_LABEL
+from ..data.samples import IGNORE_LABEL
 from ..data.multilabel import positive_weights
 from ..recipe.schema import TrainConfig
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..data.badimages import IGNORE_LABEL
+from ..data.samples import IGNORE_LABEL
 from ..errors import FinetuneError
 from ..model.custom import backbone_label
 
