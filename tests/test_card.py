@@ -109,9 +109,9 @@ def test_test_metrics_and_curves_appear_once_written(run):
 def test_hub_weights_name_the_base_model_and_their_license():
     config = {"architecture": "efficientnet_lite0", "pretrained_cfg": {"tag": "ra_in1k", "license": "apache-2.0"}}
     recipe = {"model": {"backbone": "efficientnet_lite0", "pretrained": True}, "data": {"train": "sklearn:digits"}}
-    front = card.front_matter("run", recipe, config, RECORDS[0], None)
-    assert front["base_model"] == "timm/efficientnet_lite0.ra_in1k" and front["license"] == "apache-2.0"
-    assert front["model-index"][0]["results"][0]["dataset"]["type"] == "digits"
+    data = card.card_data("run", recipe, config, RECORDS[0], None)
+    assert data.base_model == "timm/efficientnet_lite0.ra_in1k" and data.license == "apache-2.0"
+    assert data.eval_results[0].dataset_type == "digits"
     assert card.base_model("hf-hub:someone/model@v2", True, {}) == "someone/model"
     assert card.base_model("efficientnet_lite0", "weights.pth", config) is None
 

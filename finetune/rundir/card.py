@@ -1,7 +1,8 @@
 """The run's model card: `README.md` in the Hugging Face model-card format, written from the run directory.
 
-YAML front matter first (`library_name: timm`, `pipeline_tag: image-classification`, tags, the starting
-weights as `base_model` when they came from the hub, and the exported epoch's metrics as a `model-index`),
+Metadata first, written by huggingface_hub's `ModelCardData` as the YAML front matter the hub reads
+(`library_name: timm`, `pipeline_tag: image-classification`, tags, the starting weights as `base_model`
+when they came from the hub, and the exported epoch's metrics as `EvalResult`s, its `model-index`),
 then what a person reads: what the model classifies, how to load it with timm from the folder
 (`local-dir:`) and after `hf upload` (`hf-hub:`), the data, the metrics per epoch with the curves, and
 the full recipe. Uploading the run directory then gives a hub model that `timm.create_model` loads.
@@ -18,7 +19,7 @@ import os
 from pathlib import Path
 
 import timm
-import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..atomic import write_atomic
 from ..data.badimages import DATA_REPORT_NAME
@@ -32,6 +33,12 @@ from .folder import CARD_NAME, CURVES_NAME, RECIPE_NAME
 from .records import METRICS_NAME, read_metrics_file
 
 MAX_LISTED_CLASSES = 30
+# The metrics of a record the card's metadata lists: (key in metrics.jsonl after the split's prefix, the
+# hub's metric type, its name after the split's). A multi-label run's records have mAP and F1 instead.
+CARD_METRICS = (("acc", "accuracy", "accuracy"), ("balanced_acc", "accuracy", "balanced accuracy"),
+                ("map", "mAP", "mAP"), ("f1_micro", "f1", "micro F1"))
+# The metadata as huggingface_hub writes it (card_data), then the text a person reads.
+TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"
 
 
 def save_card(run_dir: Path) -> None:
@@ -46,7 +53,6 @@ def render_card(run_dir: Path) -> str:
     records = read_metrics_file(run_dir / METRICS_NAME)[0]
     exported = _exported_record(records)
     test = _read_json(run_dir / TEST_METRICS_NAME)
-    front = front_matter(run_dir.name, recipe, config, exported, test)
     sections = [
         _intro(recipe, config, exported, len(records)),
         _usage(run_dir, config),
@@ -56,39 +62,32 @@ def render_card(run_dir: Path) -> str:
         f"```yaml\n{recipe_text.rstrip()}\n```",
         _environment(_read_json(run_dir / ENVIRONMENT_NAME)),
     ]
-    head = yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
-    return f"---\n{head}---\n\n" + "\n\n".join(s for s in sections if s) + "\n"
+    body = "\n\n".join(s for s in sections if s) + "\n"
+    data = card_data(run_dir.name, recipe, config, exported, test)
+    return str(ModelCard.from_template(data, template_str=TEMPLATE, body=body))
 
 
-def front_matter(name: str, recipe: dict, config: dict, exported: dict | None, test: dict | None) -> dict:
-    """The card's YAML metadata, as the Hugging Face hub reads it."""
+def card_data(name: str, recipe: dict, config: dict, exported: dict | None, test: dict | None) -> ModelCardData:
+    """The card's metadata (its YAML front matter), as the Hugging Face hub reads it."""
     model, data = recipe.get("model", {}), recipe.get("data", {})
     backbone = str(model.get("backbone", config.get("architecture", "")))
     library = "pytorch" if config.get("architecture") == CUSTOM_ARCHITECTURE else "timm"  # timm cannot load custom
-    front: dict = {"library_name": library, "pipeline_tag": "image-classification",
-                   "tags": ["image-classification", library, "finetune"]}
     base = base_model(backbone, model.get("pretrained"), config)
-    if base:
-        front["base_model"] = base
-        license_ = config.get("pretrained_cfg", {}).get("license")
-        if license_:  # the starting weights' license; finetune cannot know one for other weights
-            front["license"] = license_
+    # The starting weights' license; finetune cannot know one for other weights.
+    license_ = config.get("pretrained_cfg", {}).get("license") if base else None
     results, val_source = [], data.get("val") or data.get("train")
     for split, record, prefix, source in (("validation", exported, _val_prefix(exported), val_source),
                                           ("test", test, "test", data.get("test"))):
-        metrics = [{"type": kind, "value": record[f"{prefix}_{key}"], "name": f"{split.title()} {label}"}
-                   for key, kind, label in (("acc", "accuracy", "accuracy"), ("balanced_acc", "accuracy",
-                                            "balanced accuracy"), ("map", "mAP", "mAP"), ("f1_micro", "f1", "micro F1"))
-                   if record and isinstance(record.get(f"{prefix}_{key}"), (int, float))]
-        if metrics:
-            results.append({"task": {"type": "image-classification", "name": "Image Classification"},
-                            "dataset": {"name": _dataset_name(str(source)), "type": _dataset_type(str(source)),
-                                        "split": split},
-                            "metrics": metrics})
-    if results:
-        front["metrics"] = ["accuracy"]
-        front["model-index"] = [{"name": name, "results": results}]
-    return front
+        results += [EvalResult(task_type="image-classification", task_name="Image Classification",
+                               dataset_name=_dataset_name(str(source)), dataset_type=_dataset_type(str(source)),
+                               dataset_split=split, metric_type=kind, metric_value=record[f"{prefix}_{key}"],
+                               metric_name=f"{split.title()} {label}")
+                    for key, kind, label in CARD_METRICS
+                    if record and isinstance(record.get(f"{prefix}_{key}"), (int, float))]
+    return ModelCardData(library_name=library, pipeline_tag="image-classification",
+                         tags=["image-classification", library, "finetune"], base_model=base, license=license_ or None,
+                         metrics=["accuracy"] if results else None, eval_results=results or None,
+                         model_name=name if results else None)
 
 
 def base_model(backbone: str, pretrained, config: dict) -> str | None:
