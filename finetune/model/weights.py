@@ -3,8 +3,9 @@
 Files come from many places (timm, torchvision, lightning, other repos, wheels), so names rarely match
 exactly. We try, in order: names as they are; names with wrapper prefixes stripped (`module.` and
 `_orig_mod.` by timm's `clean_state_dict`, `model.`, `net.`) and `state_dict` nesting unwrapped; then
-positions, when the tensor count and every shape agree. The classifier of the source is dropped when its class count differs from ours. Anything else is
-refused with the first mismatches listed. Never unpickles arbitrary objects.
+positions, when the tensor count and every shape agree. The classifier of the source is dropped when its
+class count differs from ours. Anything else is refused with the first mismatches listed. Never unpickles
+arbitrary objects.
 """
 
 from __future__ import annotations
