@@ -25,13 +25,13 @@ from .model.predict import Predictor, load
 from .recipe.load import load_recipe, recipe_to_dict
 from .recipe.overrides import flatten_overrides, keyword_overrides
 from .recipe.schema import RecipeConfig, RecipeLike
+from .rundir.folder import CHECKPOINT_NAME, MARKER_NAME, RunDir
+from .rundir.listing import RunSummary, runs
 from .tasks import Task, build_task
 from .training.batching import batch_size_problem, require_batch_fits
 from .training.loop import train as run_loop
 from .training.lrfind import LRFindResult, Sweep, find_lr
 from .training.plugins import plugins_from_arguments
-from .training.rundir import CHECKPOINT_NAME, MARKER_NAME, RunDir
-from .training.runs import RunSummary, runs
 from .training.runtime import flush_denormals
 
 
@@ -109,7 +109,7 @@ def train(recipe: RecipeLike | None = None, *, train_data: Dataset | Sequence | 
 
         require_readable(splits)
     # The run owns its directory from here to the end, before the session is built: a second run into it
-    # is refused, and a default name is taken now, before the other processes adopt it (rundir.py).
+    # is refused, and a default name is taken now, before the other processes adopt it (rundir/folder.py).
     with run_dir.owned(), flush_denormals():
         return TrainResult(**run_loop(config, run_dir, splits, plugins=plugins))
 

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"finetune: {e}" if stopped else f"finetune: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code if stopped else 2)  # a stop: the shell's code for its signal
     except KeyboardInterrupt:
-        # `train` gets here only before it claimed its run folder (after, rundir.py makes the Ctrl-C a Stopped).
+        # `train` gets here only before it claimed its run folder (after, rundir/folder.py makes the Ctrl-C a Stopped).
         hint = (" before the run began: nothing was written. To start the run, run the same command again"
                 if args.command == "train" else "")
         print(f"\nfinetune: stopped by SIGINT{hint}.", file=sys.stderr)
@@ -202,7 +202,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "export":
         print(api.export(args.run_dir, args.format, args.output, args.dynamic_batch).summary())
     elif args.command == "runs":
-        from .training.runs import format_runs
+        from .rundir.listing import format_runs
 
         found = api.runs(args.folder, sort=args.sort)
         print(json.dumps([r.to_dict() for r in found], indent=2) if args.json else format_runs(found, args.folder))

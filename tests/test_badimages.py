@@ -16,10 +16,10 @@ from helpers import write_png_header
 from PIL import Image
 
 from finetune import cli
-from finetune.data.badimages import IGNORE_LABEL, SkipLog, describe_error, read_skip_logs
+from finetune.data.badimages import SkipLog, describe_error, read_skip_logs
 from finetune.data.images import open_image
 from finetune.data.loaders import Transformed
-from finetune.data.samples import FileSamples
+from finetune.data.samples import IGNORE_LABEL, FileSamples
 from finetune.data.sources import load_source
 from finetune.recipe.schema import DataConfig
 

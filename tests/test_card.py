@@ -1,5 +1,5 @@
-"""finetune/model/card.py: the run's README.md in the Hugging Face model-card format, written with every
-export: YAML front matter that parses (and that huggingface_hub reads as evaluation results), the exported
+"""finetune/rundir/card.py: the run's README.md in the Hugging Face model-card format, written with every
+export (the loop's): YAML front matter that parses (and that huggingface_hub reads as evaluation results), the exported
 epoch's metrics, the recipe, the data, and how to load the model with timm."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import timm
 import torch
 import yaml
 
-from finetune.model import card
 from finetune.model.backbone import build_model
 from finetune.model.export import save_export
 from finetune.recipe.load import dump_recipe, load_recipe
 from finetune.recipe.schema import ModelConfig
+from finetune.rundir import card
 
 RECORDS = [  # metrics.jsonl as the loop writes it (per-class accuracy and timing left out)
     {"epoch": 1, "train_loss": 1.05, "val_loss": 0.9, "val_acc": 0.5, "val_balanced_acc": 0.45,
@@ -35,7 +35,8 @@ def split_card(text: str) -> tuple[dict, str]:
 
 @pytest.fixture
 def run(tmp_path, image_folder, monkeypatch):
-    """A run directory after three epochs: recipe, metrics, data report, then an export (which writes the card)."""
+    """A run directory after three epochs: recipe, metrics, data report, then an export and its card, as
+    the loop writes them."""
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "runs" / "20260101-000000-test_resnet"
     folder.mkdir(parents=True)
@@ -47,10 +48,11 @@ def run(tmp_path, image_folder, monkeypatch):
                                                          "skipped_count": 0, "skipped": []}))
     model = build_model(ModelConfig(backbone="test_resnet", pretrained=False), 3, lambda _: None)
     save_export(model, folder, ["c0", "c1", "c2"], timm.data.resolve_model_data_config(model))
+    card.save_card(folder)
     return folder
 
 
-def test_every_export_in_a_run_writes_the_card_and_environment(run):
+def test_an_export_in_a_run_writes_the_environment_beside_the_card(run):
     assert {"README.md", "environment.json", "config.json", "model.safetensors"} <= {p.name for p in run.iterdir()}
 
 
@@ -107,20 +109,18 @@ def test_test_metrics_and_curves_appear_once_written(run):
 def test_hub_weights_name_the_base_model_and_their_license():
     config = {"architecture": "efficientnet_lite0", "pretrained_cfg": {"tag": "ra_in1k", "license": "apache-2.0"}}
     recipe = {"model": {"backbone": "efficientnet_lite0", "pretrained": True}, "data": {"train": "sklearn:digits"}}
-    front = card.front_matter("run", recipe, config, RECORDS[0], None)
-    assert front["base_model"] == "timm/efficientnet_lite0.ra_in1k" and front["license"] == "apache-2.0"
-    assert front["model-index"][0]["results"][0]["dataset"]["type"] == "digits"
+    data = card.card_data("run", recipe, config, RECORDS[0], None)
+    assert data.base_model == "timm/efficientnet_lite0.ra_in1k" and data.license == "apache-2.0"
+    assert data.eval_results[0].dataset_type == "digits"
     assert card.base_model("hf-hub:someone/model@v2", True, {}) == "someone/model"
     assert card.base_model("efficientnet_lite0", "weights.pth", config) is None
 
 
-def test_the_card_reads_the_files_the_run_directory_writes():
-    from finetune.reporting.review import TEST_METRICS_NAME
-    from finetune.training import rundir
+def test_the_export_knows_a_run_directory_by_the_recipe_the_run_directory_writes():
+    from finetune.model import export
+    from finetune.rundir import folder
 
-    assert (card.RECIPE_NAME, card.METRICS_NAME, card.CURVES_NAME) == (rundir.RECIPE_NAME, rundir.METRICS_NAME,
-                                                                       rundir.CURVES_NAME)
-    assert card.TEST_METRICS_NAME == TEST_METRICS_NAME
+    assert export.RECIPE_NAME == folder.RECIPE_NAME  # model may not import rundir: the name is written twice
 
 
 def test_the_card_of_a_run_without_metrics_yet_still_renders(run):

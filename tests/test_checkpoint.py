@@ -17,7 +17,7 @@ import torch
 
 from finetune import FinetuneError
 from finetune.training.checkpoint import MANIFEST_NAME, STATE_NAME, find_checkpoint, load_checkpoint, save_checkpoint
-from finetune.training.rundir import RunDir
+from finetune.rundir.folder import RunDir
 from finetune.training.state import TrainState
 
 

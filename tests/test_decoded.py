@@ -87,6 +87,31 @@ def test_a_touched_file_gets_a_new_key_and_is_decoded_again(tmp_path, monkeypatc
     assert len(list((tmp_path / "cache").glob("decoded-*.json"))) == 2
 
 
+def test_a_killed_builds_temporary_is_removed_by_the_next_build(tmp_path):
+    source = load_source(str(write_jpegs(tmp_path / "data")))
+    left = tmp_path / "cache" / f".decoded-{cache_key(source, data_config())}.tmp999999.u8"  # atomic.replacing's
+    left.parent.mkdir()
+    left.write_bytes(b"half a cache")
+    build_decoded(source, data_config(), tmp_path / "cache", 0, log=lambda _: None)
+    assert not left.exists() and sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".u8"]
+
+
+def test_both_caches_are_named_by_one_key_function_and_old_names_stay(tmp_path):
+    """The decoded-image cache and the feature cache name their files by one key function: a cache made by
+    an earlier finetune keeps its name (the parts hashed as JSON, dict keys sorted)."""
+    import hashlib
+    import json
+
+    import PIL
+
+    source = load_source(str(write_jpegs(tmp_path / "data")))
+    cfg = data_config()
+    parts = [decoded.VERSION, source.fingerprint(), stored_side(cfg), str(cfg["interpolation"]), PIL.__version__]
+    assert cache_key(source, cfg) == hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+    assert cachedir.cache_key(1, {"b": 2, "a": 1}) == cachedir.cache_key(1, {"a": 1, "b": 2})
+    assert cachedir.fingerprint(source) == source.fingerprint() and cachedir.fingerprint([1, 2]) is None
+
+
 def test_labels_and_preprocessing_are_part_of_the_key(tmp_path):
     source = load_source(str(write_jpegs(tmp_path / "data")))
     keys = {cache_key(source, data_config()), cache_key(source, data_config(interpolation="bicubic")),

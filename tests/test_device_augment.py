@@ -12,7 +12,7 @@ import torch
 from helpers import add_bad_files, data_config, write_jpegs
 from torchvision.transforms.v2 import functional as F
 
-from finetune.data.badimages import IGNORE_LABEL, SkipLog, read_skip_logs
+from finetune.data.badimages import SkipLog, read_skip_logs
 from finetune.data.decoded import build_decoded
 from finetune.data.device_augment import (
     DeviceAugment,
@@ -24,6 +24,7 @@ from finetune.data.device_augment import (
 )
 from finetune.data.images import open_image
 from finetune.data.loaders import Transformed
+from finetune.data.samples import IGNORE_LABEL
 from finetune.data.sources import load_source
 from finetune.errors import FinetuneError
 from finetune.recipe.schema import DataConfig

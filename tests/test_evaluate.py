@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from finetune.data.badimages import IGNORE_LABEL
+from finetune.data.samples import IGNORE_LABEL
 from finetune.tasks import SingleLabel
 from finetune.training.evaluate import evaluate, predict_all
 

@@ -14,9 +14,8 @@ import torch
 from PIL import Image
 
 from finetune import FinetuneError
-from finetune.data.badimages import IGNORE_LABEL
 from finetune.data.loaders import Transformed
-from finetune.data.samples import FileSamples
+from finetune.data.samples import IGNORE_LABEL, FileSamples
 from finetune.reporting.evaluation import (
     build_report,
     confident_mistakes,

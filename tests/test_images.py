@@ -73,8 +73,9 @@ def test_in_memory_images_are_held_to_the_same_limit():
 
 
 def test_training_and_validation_skip_it_with_the_reason(tmp_path, make_image_folder):
-    from finetune.data.badimages import IGNORE_LABEL, SkipLog, read_skip_logs
+    from finetune.data.badimages import SkipLog, read_skip_logs
     from finetune.data.loaders import Transformed
+    from finetune.data.samples import IGNORE_LABEL
     from finetune.data.sources import load_source
 
     root = make_image_folder(tmp_path / "data", classes=2, per_class=3, size=16)

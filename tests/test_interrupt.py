@@ -210,6 +210,7 @@ def test_sigterm_at_the_last_update_stops_after_the_last_checkpoint_and_the_resu
     assert f"finetune train --resume {run}" in said and "Traceback" not in said
     assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["epoch"] == EPOCHS
     assert (run / "model.safetensors").is_file() and not (run / "val_report.json").exists()  # not scored
+    assert (run / "README.md").is_file()  # the model card, written with the export
     proc = _launch(tmp_path, recipe, run)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "done: best val acc" in proc.stdout and (run / "val_report.json").is_file()

@@ -1,5 +1,6 @@
 """The package's layout rules, checked on the source: sub-packages named after the stages of a run, with
-dependencies pointing one way (recipe -> data -> reporting -> tasks -> model -> training -> entry points), only the
+dependencies pointing one way (recipe -> data -> reporting -> tasks -> model -> rundir -> training -> entry
+points), only the
 training loop importing Accelerate, every module under 300 lines, and a test module for every package
 module."""
 
@@ -15,14 +16,16 @@ PACKAGE = ROOT / "finetune"
 # What each layer may import from finetune, besides itself and the foundations (errors, atomic). The
 # order: a recipe says what to do; data and model build from their own sections of it; reporting turns
 # computed results into files; a task says what differs between kinds of targets, with reporting's help,
-# and the model's prediction and export ask it; training runs it all; the entry points expose it.
+# and the model's prediction and export ask it; the run directory holds them all; training runs it all; the
+# entry points expose it.
 ALLOWED = {
     "recipe": set(),
     "data": {"recipe"},
     "reporting": {"recipe", "data"},
     "tasks": {"recipe", "data", "reporting"},
     "model": {"recipe", "data", "tasks"},
-    "training": {"recipe", "data", "model", "reporting", "tasks"},
+    "rundir": {"recipe", "data", "model", "reporting", "tasks"},
+    "training": {"recipe", "data", "model", "reporting", "tasks", "rundir"},
 }
 FOUNDATIONS = {"errors", "atomic"}
 ENTRY_POINTS = {"api", "cli", "__init__", "__main__"}
@@ -64,6 +67,15 @@ def test_the_top_level_is_sub_packages_and_entry_points():
     assert packages == set(ALLOWED)
     for name in packages:
         assert ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text())), name
+
+
+def test_no_sub_package_hides_a_name_of_the_api():
+    """Importing finetune.X sets the attribute X of finetune, which would replace the API's X (finetune.runs,
+    finetune.train) for everyone after the first import of the sub-package."""
+    exported = ast.literal_eval(next(node.value for node in ast.parse((PACKAGE / "__init__.py").read_text()).body
+                                     if isinstance(node, ast.Assign) and node.targets[0].id == "_EXPORTS"))
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert packages and not packages & set(exported)
 
 
 @pytest.mark.parametrize("path", [p for p in modules() if p.parent != PACKAGE], ids=lambda p: str(p.relative_to(PACKAGE)))

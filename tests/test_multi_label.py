@@ -16,8 +16,8 @@ from helpers import SHAPES, write_shapes
 from PIL import Image
 
 import finetune
-from finetune.data.badimages import IGNORE_LABEL
 from finetune.data.checkdata import check_data, format_report
+from finetune.data.samples import IGNORE_LABEL
 from finetune.data.splits import build_splits
 from finetune.errors import FinetuneError
 from finetune.recipe.load import load_recipe

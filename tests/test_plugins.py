@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import finetune
-from finetune.data.badimages import IGNORE_LABEL
+from finetune.data.samples import IGNORE_LABEL
 from finetune.errors import FinetuneError
 from finetune.tasks import MultiLabel, SingleLabel
 from finetune.training.plugins import UserLoss, build_plugins, score_metrics

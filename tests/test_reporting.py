@@ -7,10 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.data.badimages import IGNORE_LABEL
 from finetune.data.loaders import Transformed
-from finetune.data.samples import FileSamples
-from finetune.reporting.metrics import classification_metrics
+from finetune.data.samples import IGNORE_LABEL, FileSamples
+from finetune.reporting.metrics import classification_metrics, percent
 from finetune.reporting.plots import save_curves, save_image_grid, save_lr_find
 from finetune.reporting.review import hard_example_entries, rank_hard_examples
 
@@ -23,6 +22,10 @@ def test_balanced_and_per_class_accuracy():
     assert m["val_balanced_acc"] == pytest.approx(0.5)  # (1.0 + 0.0) / 2 classes present
     assert m["val_per_class_acc"] == {"common": 1.0, "rare": 0.0, "absent": None}
     assert m["val_images"] == 5
+
+
+def test_every_report_writes_a_share_as_one_percentage():
+    assert (percent(0.87314), percent(1), percent(None), percent(None, "")) == ("87.31%", "100.00%", "-", "")
 
 
 def test_hard_examples_rank_by_loss_and_leave_out_ignored():

@@ -11,9 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from finetune.data.badimages import IGNORE_LABEL
 from finetune.data.loaders import Transformed
-from finetune.data.samples import ArraySamples
+from finetune.data.samples import IGNORE_LABEL, ArraySamples
 from finetune.reporting import review
 from finetune.reporting.metrics import classification_metrics
 from finetune.tasks import SingleLabel

@@ -1,4 +1,4 @@
-"""finetune/training/rundir.py: choosing, creating and writing a run directory."""
+"""finetune/rundir/folder.py: choosing, creating and writing a run directory."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import sys
 import pytest
 
 from finetune import FinetuneError
-from finetune.training.rundir import LOCK_NAME, MARKER_NAME, RunDir
+from finetune.rundir.folder import LOCK_NAME, MARKER_NAME, RunDir
 
 
 def test_default_run_folders_do_not_collide(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("finetune.training.rundir.time.strftime", lambda fmt: "20250101-120000")
+    monkeypatch.setattr("finetune.rundir.folder.time.strftime", lambda fmt: "20250101-120000")
     first = RunDir.for_new_run(None, "test_resnet").path
     assert first == tmp_path / "runs" / "20250101-120000-test_resnet"
     first.mkdir(parents=True)
@@ -26,7 +26,7 @@ def test_default_run_folders_do_not_collide(tmp_path, monkeypatch):
 
 def test_default_run_folder_for_hub_backbone_on_collision(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("finetune.training.rundir.time.strftime", lambda fmt: "20250101-120000")
+    monkeypatch.setattr("finetune.rundir.folder.time.strftime", lambda fmt: "20250101-120000")
     first = RunDir.for_new_run(None, "hf-hub:timm/resnet18.a1_in1k").path
     first.mkdir(parents=True)
     second = RunDir.for_new_run(None, "hf-hub:timm/resnet18.a1_in1k").path
@@ -137,7 +137,7 @@ def test_a_second_run_into_one_directory_is_refused_naming_the_first(tmp_path):
 def test_default_names_are_claimed_atomically(tmp_path, monkeypatch):
     """Issue 14.2: two runs started in the same second pick the same free name; claiming it is atomic."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("finetune.training.rundir.time.strftime", lambda fmt: "20250101-120000")
+    monkeypatch.setattr("finetune.rundir.folder.time.strftime", lambda fmt: "20250101-120000")
     first, second = RunDir.for_new_run(None, "test_resnet"), RunDir.for_new_run(None, "test_resnet")
     assert first.path == second.path  # neither has written anything yet
     first.claim()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from timm.loss import SoftTargetCrossEntropy
 
-from finetune.data.badimages import IGNORE_LABEL
+from finetune.data.samples import IGNORE_LABEL
 from finetune.errors import FinetuneError
 from finetune.recipe.schema import TrainConfig
 from finetune.tasks import SingleLabel

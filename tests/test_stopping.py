@@ -19,7 +19,7 @@ import finetune
 from finetune import FinetuneError
 from finetune.recipe.load import dump_recipe, load_recipe
 from finetune.recipe.schema import EarlyStopConfig
-from finetune.training.runs import summarise
+from finetune.rundir.listing import summarise
 from finetune.training.state import TrainState
 from finetune.training.stopping import EarlyStop
 

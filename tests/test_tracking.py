@@ -52,7 +52,7 @@ def test_an_unknown_tracker_is_refused_before_anything_is_written(tmp_path, imag
 
 def test_overwrite_removes_the_previous_runs_tensorboard_folder(tmp_path, image_folder, tiny_recipe):
     from finetune.recipe.load import load_recipe
-    from finetune.training.rundir import RunDir
+    from finetune.rundir.folder import RunDir
     from finetune.training.tracking import tracker_settings
 
     config = load_recipe(tiny_recipe(image_folder(), **{"train.log_with": ["tensorboard"]}))

@@ -44,7 +44,8 @@ def test_by_name(source):
     assert_loaded(model, source)
 
 
-@pytest.mark.parametrize("wrap", ["module.", "model.", "module.model."])
+@pytest.mark.parametrize("wrap", ["module.", "model.", "module.model.", "_orig_mod.module.", "model._orig_mod.",
+                                  "net.module."])
 def test_wrapper_prefixes_are_stripped(tmp_path, source, wrap):
     path = tmp_path / "w.safetensors"
     save_file({wrap + k: v for k, v in source.items()}, str(path))
@@ -53,6 +54,13 @@ def test_wrapper_prefixes_are_stripped(tmp_path, source, wrap):
     model = resnet(5)
     assert "by name" in fit_state_dict(model, state, str(path))
     assert_loaded(model, source)
+
+
+def test_a_prefix_on_only_some_names_is_their_own():
+    from finetune.model.weights import _strip_prefixes
+
+    tensors = {"module.weight": torch.zeros(1), "model.bias": torch.zeros(1), "head.weight": torch.zeros(1)}
+    assert _strip_prefixes(dict(tensors)) == tensors
 
 
 @pytest.mark.parametrize("nesting", ["state_dict", "model_state_dict", "model"])

@@ -1,7 +1,8 @@
 """Data: sources -> the run's splits -> the backbone's transforms -> one device's loader.
 
 Decoding any image file to 8-bit RGB (images.py), labelled samples decoded lazily (samples.py), reading a
-source string or in-memory data into them (sources.py), bad files and the data report (badimages.py),
+source string or in-memory data into them (sources.py), whether a hub dataset can be had offline
+(hub.py), bad files and the data report (badimages.py),
 splits with one class list (splits.py), transforms (transforms.py), the decoded-image cache (decoded.py)
 and the augmentation that runs batched on the training device (device_augment.py), loaders that survive
 bad files and reseed per epoch (loaders.py), which images an epoch draws and class weights (sampling.py),

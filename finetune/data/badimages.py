@@ -8,7 +8,7 @@ run keeps what the interrupted one found.
 
 A bad sample keeps the batch shape: training takes the next readable sample in its place (the class mix
 barely moves, and a batch never ends up empty); evaluation takes the next readable image too but labels
-it IGNORE_LABEL, so the metrics skip it instead of counting a sample twice.
+it IGNORE_LABEL (samples.py), so the metrics skip it instead of counting a sample twice.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from .images import ImageTooLarge, image_too_large
 # decodes raises ImageTooLarge from images.open_image, or DecompressionBombError where PIL decodes it directly
 # (a Hugging Face dataset's Image feature).
 BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, ImageTooLarge, Image.DecompressionBombError)
-IGNORE_LABEL = -100  # torch's cross-entropy ignore_index: the loss and the metrics leave these samples out
 MAX_BAD_IN_A_ROW = 64  # more consecutive unreadable samples than this means the data, not a file, is broken
 LOG_GLOB = ".skipped-*.jsonl"
 DATA_REPORT_NAME = "data_report.json"

@@ -1,8 +1,15 @@
-"""Where finetune's caches live, and what a cache that cannot be written there becomes.
+"""Where finetune's caches live, what names their files, and what a cache that cannot be written there
+becomes.
 
 The folder is `data.cache_dir`, else $XDG_CACHE_HOME/finetune, else ~/.cache/finetune: never inside the
-user's data. Every cache file is written beside its final name and renamed into place, so one that exists
-is whole, and reading it needs no write access and no lock: a complete cache on a read-only disk is used.
+user's data. A cache file is named by `cache_key`, a hash of everything that decides what it holds, led by
+the source's lasting identity (`fingerprint`): a touched image file, a changed label or setting gives a
+new name, never a stale cache, and a source without one (Python objects) gets no disk cache. Every cache
+file is written beside its final name and renamed into place (atomic.replacing), so one that exists is
+whole, and reading it needs no write access and no lock: a complete cache on a read-only disk is used.
+The decoded-image cache (decoded.py) and the feature cache (training/features.py) share these; what
+their files hold and how they are read stays theirs (raw pixels mapped by loader workers, built under a
+lock; one safetensors file of features).
 
 Writing one can fail for reasons outside the recipe: a read-only folder or disk, a home without a cache
 folder, a full disk or quota. `cache_unavailable` turns such an OSError into CacheUnavailable: its `note` is
@@ -15,10 +22,13 @@ file, or an empty HOME without XDG_CACHE_HOME (Python would read it as "/", and 
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from ..errors import FinetuneError
 
@@ -33,6 +43,19 @@ class CacheUnavailable(FinetuneError):
     def __init__(self, message: str, note: str):
         super().__init__(message)
         self.note = note
+
+
+def fingerprint(source: Any) -> str | None:
+    """The lasting identity of a source (samples.py: its files and labels), or None for one without
+    (images handed over in memory), which no disk cache can key."""
+    identity = getattr(source, "fingerprint", None)
+    return identity() if callable(identity) else None
+
+
+def cache_key(*parts: Any) -> str:
+    """The name of a cache file's contents: a hash of the JSON values that decide them (a format version,
+    the source's fingerprint, the settings that shape what is stored)."""
+    return hashlib.sha256(json.dumps(list(parts), sort_keys=True).encode()).hexdigest()[:32]
 
 
 def cache_folder(cache_dir: str | Path | None) -> Path:

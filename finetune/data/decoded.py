@@ -8,10 +8,10 @@ images.open_image decodes. An eval centre crop cut from it is therefore bit for 
 and training crops (random-resized, at a training side no larger than image_size) come from the same
 pixels. Layout: one flat uint8 file (`decoded-<key>.u8`, images one after another, HWC) and a JSON index
 (`decoded-<key>.json`: per image its byte offset, height and width, or why it could not be decoded). The
-key hashes the source's fingerprint, the stored side, the interpolation and PIL's version, so a touched
-file or a changed label gives a new key and never a stale cache; a source without a lasting identity
-gets no disk cache. The data file is renamed into place before the index, so an index means a complete
-cache; it also records the data file's size, which the reader checks.
+key (cachedir.cache_key) hashes the source's fingerprint, the stored side, the interpolation and PIL's
+version, so a touched file or a changed label gives a new key and never a stale cache; a source without
+a lasting identity gets no disk cache. The data file is renamed into place before the index, so an index
+means a complete cache; it also records the data file's size, which the reader checks.
 
 A complete cache is read without writing anything (no lock either): a read-only disk serves. A missing one
 is built under a filelock lock, so two runs of one key take turns; a build that cannot write (read-only,
@@ -22,7 +22,6 @@ machine. Images over images.MAX_ASPECT_RATIO are recorded as unreadable, never r
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import math
@@ -42,10 +41,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from ..atomic import write_atomic
+from ..atomic import replacing, write_atomic
 from ..recipe.userfiles import open_regular
+from . import cachedir
 from .badimages import BAD_IMAGE_ERRORS
-from .cachedir import CacheUnavailable, cache_folder, cache_unavailable, free_space
+from .cachedir import CacheUnavailable, cache_folder, cache_unavailable, fingerprint, free_space
 from .images import MAX_ASPECT_RATIO
 from .samples import FileSamples, as_pil, class_index
 
@@ -77,11 +77,10 @@ def stored_side(data_cfg: dict) -> int:
 
 def cache_key(base: Dataset, data_cfg: dict) -> str | None:
     """The cache's name for this source and preprocessing; None when the source has no lasting identity."""
-    source = base.fingerprint() if hasattr(base, "fingerprint") else None
+    source = fingerprint(base)
     if source is None:
         return None
-    text = json.dumps([VERSION, source, stored_side(data_cfg), str(data_cfg["interpolation"]), PIL.__version__])
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return cachedir.cache_key(VERSION, source, stored_side(data_cfg), str(data_cfg["interpolation"]), PIL.__version__)
 
 
 class DecodedImages(Dataset):
@@ -231,34 +230,30 @@ def _build_locked(base: Dataset, data_cfg: dict, index: Path, num_workers: int, 
 
 def _build(base: Dataset, data_cfg: dict, index: Path, num_workers: int, log: Callable[[str], None]) -> None:
     data = index.with_suffix(".u8")
-    for leftover in index.parent.glob(f"{data.name}.tmp*"):  # killed builds' (we hold the lock: none is running)
+    # Killed builds' temporaries (atomic.replacing's names; we hold the lock: no build is running).
+    for leftover in index.parent.glob(f".{data.stem}.tmp*{data.suffix}"):
         leftover.unlink(missing_ok=True)
-    tmp = data.with_name(f"{data.name}.tmp{os.getpid()}")
     log(f"decoded images: decoding {len(base)} images to {stored_side(data_cfg)} px (short side) into {data}")
     start, entries, offset = time.perf_counter(), [], 0
     loader = DataLoader(_Decoding(base, _eval_resize(data_cfg)), batch_size=None, num_workers=num_workers,
                         collate_fn=_as_is)
+    with replacing(data) as tmp, open(tmp, "wb") as f:
+        for pixels, error in loader:  # in index order: the offsets follow the file
+            if pixels is None:
+                entries.append(error)
+                continue
+            f.write(memoryview(pixels.numpy()).cast("B"))
+            entries.append([offset, pixels.shape[0], pixels.shape[1]])
+            offset += pixels.numel()
+        f.flush()
+        os.fsync(f.fileno())  # the index must never outlive its data, even across a power cut
     try:
-        with open(tmp, "wb") as f:
-            for pixels, error in loader:  # in index order: the offsets follow the file
-                if pixels is None:
-                    entries.append(error)
-                    continue
-                f.write(memoryview(pixels.numpy()).cast("B"))
-                entries.append([offset, pixels.shape[0], pixels.shape[1]])
-                offset += pixels.numel()
-            f.flush()
-            os.fsync(f.fileno())  # the index must never outlive its data, even across a power cut
-        os.replace(tmp, data)
-        try:
-            write_atomic(index, json.dumps({"version": VERSION, "source": getattr(base, "origin", None),
-                                            "side": stored_side(data_cfg), "interpolation": data_cfg["interpolation"],
-                                            "bytes": offset, "images": entries}))
-        except OSError:
-            data.unlink(missing_ok=True)  # never read without its index: do not leave its gigabytes behind
-            raise
-    finally:
-        tmp.unlink(missing_ok=True)
+        write_atomic(index, json.dumps({"version": VERSION, "source": getattr(base, "origin", None),
+                                        "side": stored_side(data_cfg), "interpolation": data_cfg["interpolation"],
+                                        "bytes": offset, "images": entries}))
+    except OSError:
+        data.unlink(missing_ok=True)  # never read without its index: do not leave its gigabytes behind
+        raise
     bad = sum(isinstance(e, dict) for e in entries)
     log(f"decoded images: {len(entries)} in {time.perf_counter() - start:.1f} s, {offset / 1e9:.2f} GB"
         + (f", {bad} unreadable" if bad else ""))

@@ -22,8 +22,12 @@ from torch.utils.data import Dataset
 
 from ..errors import FinetuneError
 from ..recipe.userfiles import open_regular
-from .badimages import IGNORE_LABEL
 from .images import open_image, refuse_elongated, to_rgb
+
+# The target of a sample that counts for nothing: the loss and every metric leave it out. An evaluation
+# image that could not be decoded keeps its slot in the batch under this label (loaders.py; a whole row of
+# it for multi-hot targets); torch's cross-entropy takes it as ignore_index.
+IGNORE_LABEL = -100
 
 
 def natural_key(text: str) -> list:

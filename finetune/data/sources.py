@@ -17,15 +17,13 @@ import numpy as np
 from ..errors import FinetuneError
 from ..recipe.locate import (
     SourceSpec,
-    hf_hub_cached,
-    hf_hub_offline,
     hf_local_kind,
-    hf_offline_message,
     parse_source,
     torchvision_expected_files,
     torchvision_missing_message,
 )
 from ..recipe.schema import DataConfig
+from .hub import hf_hub_cached, hf_hub_offline, hf_offline_message
 from .images import IMAGE_EXTENSIONS
 from .manifests import (
     IMAGE_COLUMNS,

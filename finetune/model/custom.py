@@ -89,7 +89,7 @@ def refuse_custom_export(config: dict, run_dir: Path) -> None:
 
 
 def custom_usage(config: dict) -> str:
-    """The model card's "How to use it" for a module of one's own (card.py)."""
+    """The model card's "How to use it" for a module of one's own (rundir/card.py)."""
     size = config.get("pretrained_cfg", {}).get("input_size", [3, 224, 224])
     return f"""## How to use it
 

@@ -1,5 +1,5 @@
 """The exported model: `model.safetensors` + `config.json` in timm's own format, and in a run directory
-the model card (`README.md`, card.py) and `environment.json` (environment.py) that describe it.
+`environment.json` (environment.py) beside it; the model card that describes it is rundir/card.py's.
 
 timm's public `save_for_hf` writes both (the config holds architecture, num_classes, label_names and the
 pretrained_cfg with mean/std/input size; a task other than single-label adds what predict needs, e.g. a
@@ -25,11 +25,11 @@ import torch
 from timm.models import save_for_hf
 
 from ..recipe.userfiles import read_yaml_file
-from .card import RECIPE_NAME, save_card
 from .custom import save_custom_export
 from .environment import save_environment
 
 WEIGHTS_NAME = "model.safetensors"
+RECIPE_NAME = "recipe.yaml"  # what makes a folder a run directory (rundir/folder.py; model may not import rundir)
 CONFIG_NAME = "config.json"
 DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 HUB_WEIGHTS_KEYS = ("tag", "license")  # what timm's pretrained_cfg says about the hub weights it describes
@@ -39,8 +39,8 @@ def save_export(model: torch.nn.Module, run_dir: Path, label_names: list[str], d
                 task_config: dict | None = None) -> None:
     """Write the model's weights and timm config into `run_dir` atomically (weights first: a config
     always describes weights at least as new as itself). `task_config`: what the task records next to
-    timm's keys (Task.export_config). In a run directory (one with recipe.yaml), environment.json and the
-    model card README.md follow, rewritten for these weights."""
+    timm's keys (Task.export_config). In a run directory (one with recipe.yaml), environment.json follows,
+    rewritten for these weights (the loop rewrites the model card)."""
     run_dir = Path(run_dir)
     device = next(model.parameters(), torch.empty(0)).device
     if any(not t.is_contiguous() for t in model.state_dict().values()):
@@ -67,7 +67,6 @@ def save_export(model: torch.nn.Module, run_dir: Path, label_names: list[str], d
         shutil.rmtree(scratch, ignore_errors=True)
     if recipe is not None:
         save_environment(run_dir, device)
-        save_card(run_dir)
 
 
 def drop_hub_weights_claims(config_path: Path) -> None:

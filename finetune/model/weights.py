@@ -1,10 +1,11 @@
 """Reading a weights file safely and fitting it onto a timm model.
 
 Files come from many places (timm, torchvision, lightning, other repos, wheels), so names rarely match
-exactly. We try, in order: names as they are; names with wrapper prefixes stripped (`module.`, `model.`,
-`_orig_mod.`) and `state_dict` nesting unwrapped; then positions, when the tensor count and every shape
-agree. The classifier of the source is dropped when its class count differs from ours. Anything else is
-refused with the first mismatches listed. Never unpickles arbitrary objects.
+exactly. We try, in order: names as they are; names with wrapper prefixes stripped (`module.` and
+`_orig_mod.` by timm's `clean_state_dict`, `model.`, `net.`) and `state_dict` nesting unwrapped; then
+positions, when the tensor count and every shape agree. The classifier of the source is dropped when its
+class count differs from ours. Anything else is refused with the first mismatches listed. Never unpickles
+arbitrary objects.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from timm.models import clean_state_dict
 from torch import nn
 
 from ..errors import FinetuneError
 
 _NESTING_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "params")
-_WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "net.")
+_TIMM_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile: what timm's clean_state_dict removes
+_WRAPPER_PREFIXES = ("model.", "net.")  # Lightning modules and other training wrappers
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -52,14 +55,16 @@ def _unwrap(raw: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _strip_prefixes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in tensors):
-                tensors = {k[len(prefix):]: v for k, v in tensors.items()}
-                stripped = True
-    return tensors
+    """Wrapper prefixes shared by every name, as often as they nest: DDP's `module.` and torch.compile's
+    `_orig_mod.` by timm's own `clean_state_dict`, a training framework's `model.`/`net.` here (timm
+    leaves those). Only a prefix on every name is a wrapper: on some names it is a layer's own name."""
+    while True:
+        if all(k.startswith(_TIMM_PREFIXES) for k in tensors):
+            tensors = clean_state_dict(tensors)
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in tensors)), None)
+        if prefix is None:
+            return tensors
+        tensors = {k[len(prefix):]: v for k, v in tensors.items()}
 
 
 def head_keys(model: nn.Module) -> set[str]:

@@ -1,10 +1,11 @@
 """What a recipe names, and whether it is there: the source grammar of `data.*` strings, where a named
 dataset's files live, weights files (also inside installed packages) and timm backbone names. Cheap
-looks, no loading.
+looks at the local disk, no loading and no network.
 
 The recipe check (load.py) asks before anything loads, so that a missing dataset is reported with the
 other recipe problems; the source readers (sources.py) and the model builder ask again when they open
-it. Both get the same answers and the same messages from here.
+it. Both get the same answers and the same messages from here. Whether a hub dataset (`hf:ORG/NAME`)
+can be had, cached or over the network, is asked when the data opens it (data/hub.py).
 """
 
 from __future__ import annotations
@@ -14,10 +15,6 @@ import difflib
 import importlib.resources
 import importlib.util
 import os
-import re
-import socket
-import threading
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,9 +145,7 @@ def check_hf_source(spec: SourceSpec) -> list[str]:
         return []
     if spec.name.startswith((".", "/", "~")) or spec.name.count("/") > 1 or not spec.name:
         return [f"hf:{shown_text(spec.name)}: no such folder (looked at {shown_text(path.resolve())})."]
-    if not hf_hub_cached(spec.name) and hf_hub_offline():
-        return [hf_offline_message(spec.name)]
-    return []
+    return []  # a hub dataset id: whether it can be had (cached, or the hub reachable) is data/hub.py's question
 
 
 # --- torchvision:NAME under data.root
@@ -220,7 +215,7 @@ def check_weights(value: bool | str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# hf: a folder written by save_to_disk, a folder of parquet files, or a hub dataset id
+# hf: a folder written by save_to_disk or a folder of parquet files (a hub dataset id: data/hub.py)
 
 
 def hf_local_kind(path: Path) -> str | None:
@@ -232,48 +227,6 @@ def hf_local_kind(path: Path) -> str | None:
     if (path.is_file() and path.suffix == ".parquet") or (path.is_dir() and next(path.rglob("*.parquet"), None)):
         return "parquet"
     return None
-
-
-def hf_hub_cached(name: str) -> bool:
-    """Whether `datasets` holds a prepared copy of hub dataset `name` (what load_dataset reads offline)."""
-    import datasets  # here: checking a folder recipe should not pay for importing datasets
-
-    namespace, _, dataset = name.rpartition("/")
-    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", dataset).lower()  # datasets' camelcase_to_snakecase
-    folder = Path(datasets.config.HF_DATASETS_CACHE) / "___".join(p for p in (namespace, snake) if p)
-    return any(p.is_dir() for p in folder.glob("*/*/*"))
-
-
-def hf_hub_offline() -> bool:
-    """True when the hub is off limits: offline mode is set, or its host does not resolve within 3 s.
-    Without this look, `datasets` retries a dead network for about half a minute before failing."""
-    import datasets
-
-    if datasets.config.HF_HUB_OFFLINE:
-        return True
-    host = urllib.parse.urlparse(datasets.config.HF_ENDPOINT).hostname or "huggingface.co"
-    answer: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.getaddrinfo(host, 443)
-            answer.append(True)
-        except OSError:
-            answer.append(False)
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout=3.0)
-    return answer != [True]
-
-
-def hf_offline_message(name: str) -> str:
-    import datasets
-
-    return (f"hf:{name} is a Hugging Face hub dataset, but the hub cannot be reached (no network, or "
-            f"HF_HUB_OFFLINE is set) and no copy is cached in {datasets.config.HF_DATASETS_CACHE}. Run once with "
-            f"internet (python -c \"import datasets; datasets.load_dataset('{name}')\") to cache it, or on a "
-            f"machine that has it run dataset.save_to_disk(DIR), copy DIR here and give hf:DIR. If {name!r} "
-            "was meant to be a local folder: it does not exist.")
 
 
 # ----------------------------------------------------------------------------------------------------

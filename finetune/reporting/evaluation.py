@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import write_atomic
-from ..data.badimages import IGNORE_LABEL
+from ..data.samples import IGNORE_LABEL
 from ..data.samples import ImageSamples, align, natural_key
 from ..errors import FinetuneError
 from .metrics import reliability_bins, report_metrics

@@ -20,7 +20,7 @@ from torchmetrics.functional.classification import (
     multiclass_stat_scores,
 )
 
-from ..data.badimages import IGNORE_LABEL
+from ..data.samples import IGNORE_LABEL
 
 # Equal-width confidence bins for the expected calibration error and the reliability diagram (torchmetrics'
 # default; Guo et al. 2017 use 15 too).
@@ -116,3 +116,8 @@ def format_epoch(record: dict, epochs: int) -> str:
     return (f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} | val loss "
             f"{record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}% (balanced "
             f"{100 * record['val_balanced_acc']:.2f}%){ema}{best} | {record['epoch_seconds']:.1f}s{compiled}")
+
+
+def percent(share: float | None, missing: str = "-") -> str:
+    """A share (0.8731) as every report prints it (87.31%); `missing` when there is no number."""
+    return f"{100 * share:.2f}%" if isinstance(share, (int, float)) else missing

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..atomic import write_atomic
-from ..data.badimages import IGNORE_LABEL
+from ..data.samples import IGNORE_LABEL
 from .evaluation import build_report, save_val_report
 from .metrics import classification_metrics
 from .plots import save_image_grid

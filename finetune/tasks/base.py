@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..atomic import write_atomic
-from ..data.badimages import IGNORE_LABEL
+from ..data.samples import IGNORE_LABEL
 from ..data.splits import Splits
 from ..data.targets import OneClassPerImage
 from ..recipe.schema import TrainConfig

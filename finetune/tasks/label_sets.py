@@ -21,8 +21,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from ..data.badimages import IGNORE_LABEL
-from ..data.samples import FileSamples, HFSamples, ImageSamples, IndexedSamples, align, natural_key
+from ..data.samples import IGNORE_LABEL, FileSamples, HFSamples, ImageSamples, IndexedSamples, align, natural_key
 from ..data.manifests import (
     IMAGE_COLUMNS,
     LABEL_COLUMNS,

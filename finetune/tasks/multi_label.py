@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
-from ..data.badimages import IGNORE_LABEL
+from ..data.samples import IGNORE_LABEL
 from ..data.samples import ImageSamples
 from ..errors import FinetuneError
 from ..recipe.schema import DataConfig, TrainConfig

@@ -25,7 +25,7 @@ from torchmetrics.functional.classification import (
 )
 
 from ..atomic import write_atomic
-from ..data.badimages import IGNORE_LABEL
+from ..data.samples import IGNORE_LABEL
 from ..reporting.evaluation import METRICS_NAME, PREDICTIONS_NAME, VAL_REPORT_NAME, summary
 from ..reporting.plots import save_image_grid
 from ..reporting.review import HARD_EXAMPLES_JSON, HARD_EXAMPLES_PNG, RIGHT_COLOR, TEST_METRICS_NAME, WRONG_COLOR

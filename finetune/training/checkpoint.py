@@ -38,12 +38,11 @@ from safetensors import SafetensorError
 from ..atomic import write_atomic
 from ..errors import FinetuneError
 from ..recipe.userfiles import read_yaml_file
+from ..rundir.folder import STATE_NAME, RunDir, is_launch_main_process
 from .parts import read_parts, write_parts
-from .rundir import RunDir, is_launch_main_process
 from .session import Session
 from .state import TrainState
 
-STATE_NAME = "trainer_state.json"
 MANIFEST_NAME = "manifest.json"
 
 

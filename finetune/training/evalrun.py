@@ -23,10 +23,10 @@ from ..errors import FinetuneError
 from ..recipe.locate import check_source
 from ..recipe.schema import DataConfig, RecipeConfig, TrainConfig
 from ..recipe.userfiles import read_yaml_file
+from ..rundir.folder import RECIPE_NAME
 from ..tasks import Task
 from .evaluate import predict_batches
 from .inputs import model_inputs
-from .rundir import RECIPE_NAME
 from .runtime import adapt_model, resolve_runtime
 from .start import build_accelerator
 

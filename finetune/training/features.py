@@ -8,11 +8,11 @@ augmentation, drawn once with a fixed seed; each epoch then draws one view per i
 use the eval view.
 
 The cache lives in `data.cache_dir`, one safetensors file per (data, backbone weights, preprocessing,
-views) key, so a second run or a resumed one skips the body entirely; a changed image file, label or
-weight gives another key, never a stale cache. Sources without a lasting identity (Python objects) are
-cached in memory for the run only. Unreadable images are recorded as during training and kept in the
-cache's metadata, so a run that finds the cache reports them too; their rows carry IGNORE_LABEL, which
-the loss and the metrics leave out.
+views) key (data/cachedir.py's, as the decoded-image cache's), so a second run or a resumed one skips the
+body entirely; a changed image file, label or weight gives another key, never a stale cache. Sources
+without a lasting identity (Python objects) are cached in memory for the run only. Unreadable images are
+recorded as during training and kept in the cache's metadata, so a run that finds the cache reports them
+too; their rows carry IGNORE_LABEL, which the loss and the metrics leave out.
 The cache only saves time: a file that cannot be written (read-only folder, full disk) or read (damaged)
 costs a note, not the run, whose features then stay in memory; a file is written whole or not at all.
 """
@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from ..atomic import replacing
 from ..data.badimages import SkipLog, read_skip_logs
-from ..data.cachedir import cache_folder, cache_unavailable, os_error
+from ..data.cachedir import cache_folder, cache_key, cache_unavailable, fingerprint, os_error
 from ..data.loaders import EpochSeeded, Transformed, build_loader
 from ..data.splits import Splits
 from ..recipe.schema import DataConfig
@@ -180,14 +180,13 @@ def _extract(source: Extraction, view: Transformed, k: int, seed: int, log: Call
 
 def _key(base, body_id: str, data_cfg: dict, dc: DataConfig, split: str, k: int, seed: int,
          indices: list[int]) -> str | None:
-    source = base.fingerprint() if hasattr(base, "fingerprint") else None
+    source = fingerprint(base)
     if source is None:
         return None
     augmentation = {"scale": dc.scale, "hflip": dc.hflip, "color_jitter": dc.color_jitter,
                     "auto_augment": dc.auto_augment, "seed": seed} if k > 1 else None
-    text = json.dumps([VERSION, source, body_id, {k: str(v) for k, v in data_cfg.items()}, split, k,
-                       augmentation, hashlib.sha256(repr(indices).encode()).hexdigest()], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return cache_key(VERSION, source, body_id, {k: str(v) for k, v in data_cfg.items()}, split, k, augmentation,
+                     hashlib.sha256(repr(indices).encode()).hexdigest())
 
 
 def weights_digest(network: torch.nn.Module) -> str:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 from accelerate import Accelerator
 
-from ..data.badimages import IGNORE_LABEL
+from ..data.samples import IGNORE_LABEL
 from ..data.splits import Splits
 from ..recipe.schema import RecipeConfig
 from .faults import NonFiniteLoss

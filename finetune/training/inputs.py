@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.cachedir import CacheUnavailable
+from ..data.cachedir import CacheUnavailable, fingerprint
 from ..data.decoded import auto_cache_fits, build_decoded, estimate_decoded_bytes
 from ..data.device_augment import build_device_steps, collate_crops, why_not_on_device
 from ..data.loaders import EpochSeeded, Transformed, available_cores, build_loader
@@ -115,8 +115,7 @@ def choose_pipeline(data_cfg: dict, splits: Splits, dc: DataConfig) -> tuple[boo
     if dc.cache == "none":
         return False, "PIL decoding in loader workers (data.cache=none)"
     reason = why_not_on_device(data_cfg, dc)
-    if reason is None and any(not callable(getattr(b, "fingerprint", None)) or b.fingerprint() is None
-                              for b in _bases(splits)):
+    if reason is None and any(fingerprint(b) is None for b in _bases(splits)):
         reason = "the data has no lasting identity to key a disk cache by (in-memory images)"
     if reason is not None:
         if dc.cache == "decoded":

@@ -16,7 +16,7 @@ and all: the checkpoint and the export hold the finished training, and the scori
 metrics, val report, hard examples, model card) is left to `finetune train --resume RUN`, which trains
 nothing and only scores. A scheduler's SIGTERM leaves seconds before its kill, and scoring a large test set
 takes longer; a Ctrl-C means stop. Outside training (set-up, scoring) signals keep their default actions:
-Ctrl-C becomes a stop saying what to run next (rundir.py), SIGTERM ends the process.
+Ctrl-C becomes a stop saying what to run next (rundir/folder.py), SIGTERM ends the process.
 
 The first signal asks for this stop; a second one, a second or more later, ends the process at once (the
 default action of the signal). Copies of one signal that arrive together count once: a terminal's Ctrl-C
@@ -50,17 +50,6 @@ class Interrupted(Stopped):
 
     def __init__(self, message: str, signum: int):
         super().__init__(message, signum, raised_on_every_process=True)
-
-
-def ctrl_c_outside_training(run_path: Path, resumable: bool) -> Stopped:
-    """A Ctrl-C while a run sets up or scores (no checkpoint is written then), saying what to run next:
-    `--resume` only where the folder holds the run (`resumable`), else the same command again."""
-    if resumable:
-        return Stopped(f"stopped by SIGINT outside the training updates (while setting up or scoring), so no "
-                       f"checkpoint was written now; {run_path} holds the run as its last checkpoint left it. Continue "
-                       f"with `finetune train --resume {run_path}`.", signal.SIGINT, raised_on_every_process=True)
-    return Stopped("stopped by SIGINT while setting up, before the run wrote anything: nothing was written. To start "
-                   "the run, run the same command again.", signal.SIGINT, raised_on_every_process=True)
 
 
 class Pauses:

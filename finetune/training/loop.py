@@ -26,17 +26,17 @@ from tqdm.auto import tqdm
 
 from ..data.badimages import SkipLog, save_data_report
 from ..data.splits import Splits
-from ..model.card import save_card
 from ..model.export import WEIGHTS_NAME, save_export
 from ..recipe.schema import RecipeConfig
 from ..reporting.plots import save_curves
+from ..rundir.card import save_card
+from ..rundir.folder import RunDir
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .evaluate import eval_loader, predict_all, validate
 from .faults import FAULT_CHECK_UPDATES, resume_hint
 from .headfit import fit_epoch_lbfgs, start_head
 from .interrupt import Pauses
 from .plugins import Plugins
-from .rundir import RunDir
 from .session import Session, describe
 from .start import build_accelerator, start_session
 from .state import TrainState
@@ -232,9 +232,11 @@ def _end_epoch(run: Run, state: TrainState, exported: str | None, pauses: Pauses
 
 
 def _export(run: Run, which: str) -> None:
+    """The export, and the model card rewritten for it."""
     s = run.s
     save_export(s.ema.module if which == "ema" else s.network, run.run_dir.path, run.splits.class_names, s.data_cfg,
                 s.task.export_config())
+    save_card(run.run_dir.path)
 
 
 def _finish(run: Run, state: TrainState, records: list[dict]) -> dict:
@@ -262,5 +264,5 @@ def _finish(run: Run, state: TrainState, records: list[dict]) -> dict:
 def _main_process_run_dir(accelerator: Accelerator, run_dir: RunDir) -> RunDir:
     """Every process adopts the main process's run directory: a default name carries the second it was
     chosen in, so processes started a moment apart would each pick their own. The main process claimed
-    it (finetune.train, rundir.py) before this broadcast, the run's first collective."""
+    it (finetune.train, rundir/folder.py) before this broadcast, the run's first collective."""
     return broadcast_object_list([run_dir])[0]

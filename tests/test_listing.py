@@ -1,4 +1,4 @@
-"""`finetune runs` (training/runs.py): a finished, an interrupted and a running run each labelled as such,
+"""`finetune runs` (rundir/listing.py): a finished, an interrupted and a running run each labelled as such,
 their numbers read from the files the runs wrote, sorting, and the CLI's table and JSON."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import pytest
 import finetune
 from finetune import cli
 from finetune.errors import FinetuneError
-from finetune.training.rundir import CHECKPOINT_NAME, LOCK_NAME, MARKER_NAME, METRICS_NAME
-from finetune.training.runs import format_runs, runs
+from finetune.rundir.folder import CHECKPOINT_NAME, LOCK_NAME, MARKER_NAME
+from finetune.rundir.listing import format_runs, runs
+from finetune.rundir.records import METRICS_NAME
 
 # Holds a run directory's lock the way a training process does, until its stdin closes.
 HOLDER = ("import sys; from finetune.atomic import take_lock; take_lock(sys.argv[1]); print('locked', flush=True); "

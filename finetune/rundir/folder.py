@@ -1,5 +1,6 @@
 """The run directory: where a run's recipe, plan, metrics, plots, export and checkpoints live (the
-docs/after-training.md lists them; main process only), and which run owns it.
+docs/after-training.md lists them; main process only), and which run owns it. The epoch records in
+metrics.jsonl are records.py's.
 
 Ownership. `finetune.train` claims the folder before the session is built (`owned()`): a default name
 `runs/<time>-<backbone>` is taken by `os.mkdir`, which fails for the second of two runs started in the
@@ -23,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 import uuid
 from importlib import metadata
@@ -31,8 +33,7 @@ from typing import Callable, Iterator
 
 from ..atomic import LockHeld, lock_holder, release_lock, take_lock, this_process, write_atomic
 from ..data.badimages import DATA_REPORT_NAME, LOG_GLOB
-from ..errors import FinetuneError
-from ..model.card import CARD_NAME, read_metrics_file
+from ..errors import FinetuneError, Stopped
 from ..model.environment import ENVIRONMENT_NAME
 from ..model.export import CONFIG_NAME, WEIGHTS_NAME
 from ..recipe.load import dump_recipe
@@ -40,14 +41,14 @@ from ..recipe.schema import RecipeConfig
 from ..reporting.evaluation import CONFUSION_NAME, RELIABILITY_NAME, VAL_REPORT_NAME
 from ..reporting.review import HARD_EXAMPLES_JSON, HARD_EXAMPLES_PNG, TEST_METRICS_NAME
 from ..tasks.regression_reports import PREDICTED_VS_TRUE_NAME
-from .interrupt import ctrl_c_outside_training
+from .records import DAMAGED_METRICS_NAME, METRICS_NAME, append_record, keep_records_through, read_metrics_file
 
 RECIPE_NAME = "recipe.yaml"
 PLAN_NAME = "plan.json"
-METRICS_NAME = "metrics.jsonl"
-DAMAGED_METRICS_NAME = "metrics.jsonl.damaged"  # lines of metrics.jsonl that could not be read, set aside
 CURVES_NAME = "curves.png"
 CHECKPOINT_NAME = "checkpoint"
+STATE_NAME = "trainer_state.json"  # in a checkpoint: the training state (training/checkpoint.py), which listing reads
+CARD_NAME = "README.md"  # the model card (card.py)
 MARKER_NAME = ".finetune-run.json"
 LOCK_NAME = ".finetune.lock"
 # All a run writes, so all --overwrite removes (and a kill's leftovers: skip logs, temporary files).
@@ -60,6 +61,17 @@ _LEFTOVER = re.compile(r"\.export\.tmp\d+|\.(?P<stem>.+)\.tmp\d+(?P<suffix>\.[^.
 # The variables launchers give a process's global rank in (torchrun and Accelerate, then MPI).
 _RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 Log = Callable[[str], None]
+
+
+def ctrl_c_outside_training(run_path: Path, resumable: bool) -> Stopped:
+    """A Ctrl-C while a run sets up or scores (no checkpoint is written then), saying what to run next:
+    `--resume` only where the folder holds the run (`resumable`), else the same command again."""
+    if resumable:
+        return Stopped(f"stopped by SIGINT outside the training updates (while setting up or scoring), so no "
+                       f"checkpoint was written now; {run_path} holds the run as its last checkpoint left it. Continue "
+                       f"with `finetune train --resume {run_path}`.", signal.SIGINT, raised_on_every_process=True)
+    return Stopped("stopped by SIGINT while setting up, before the run wrote anything: nothing was written. To start "
+                   "the run, run the same command again.", signal.SIGINT, raised_on_every_process=True)
 
 
 def is_launch_main_process() -> bool:
@@ -208,31 +220,13 @@ class RunDir:
         write_atomic(self.path / name, json.dumps(data, indent=2))
 
     def append_metrics(self, record: dict) -> None:
-        """The whole file is rewritten (a few lines per epoch), so a kill never leaves half a line."""
-        path = self.path / METRICS_NAME
-        before = path.read_text() if path.is_file() else ""
-        write_atomic(path, before + json.dumps(record) + "\n")
+        append_record(self.path, record)
 
     def read_metrics(self) -> list[dict]:  # a line that is no record (cut off by a full disk or a copy) is skipped
         return read_metrics_file(self.path / METRICS_NAME)[0]
 
     def keep_metrics_through(self, epoch: int, log: Log = print) -> list[dict]:
-        """On resume: drop records of epochs after the checkpoint (an epoch that finished logging but was
-        killed before its checkpoint is trained again, so it must not appear twice). Lines that are no
-        record are moved to metrics.jsonl.damaged, and said so."""
-        records, bad = read_metrics_file(self.path / METRICS_NAME)
-        if bad:
-            damaged = self.path / DAMAGED_METRICS_NAME
-            before = damaged.read_text() if damaged.is_file() else ""
-            write_atomic(damaged, before + "".join(line + "\n" for _, line in bad))
-            log(f"note: {METRICS_NAME} line{'s' * (len(bad) > 1)} {', '.join(str(n) for n, _ in bad)}: not a "
-                f"complete record (cut off by a full disk or an incomplete copy); moved to {damaged}.")
-        kept = [r for r in records if r["epoch"] <= epoch]
-        write_atomic(self.path / METRICS_NAME, "".join(json.dumps(r) + "\n" for r in kept))
-        missing = sorted(set(range(1, epoch + 1)) - {r["epoch"] for r in kept})
-        if missing:
-            log(f"note: {METRICS_NAME} has no record of epoch(s) {', '.join(map(str, missing))}; the curves skip them.")
-        return kept
+        return keep_records_through(self.path, epoch, log)
 
     @property
     def checkpoint(self) -> Path:

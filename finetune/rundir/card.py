@@ -1,14 +1,15 @@
 """The run's model card: `README.md` in the Hugging Face model-card format, written from the run directory.
 
-YAML front matter first (`library_name: timm`, `pipeline_tag: image-classification`, tags, the starting
-weights as `base_model` when they came from the hub, and the exported epoch's metrics as a `model-index`),
+Metadata first, written by huggingface_hub's `ModelCardData` as the YAML front matter the hub reads
+(`library_name: timm`, `pipeline_tag: image-classification`, tags, the starting weights as `base_model`
+when they came from the hub, and the exported epoch's metrics as `EvalResult`s, its `model-index`),
 then what a person reads: what the model classifies, how to load it with timm from the folder
 (`local-dir:`) and after `hf upload` (`hf-hub:`), the data, the metrics per epoch with the curves, and
 the full recipe. Uploading the run directory then gives a hub model that `timm.create_model` loads.
 
 Everything comes from files the run already wrote (recipe.yaml, metrics.jsonl, config.json,
 data_report.json, environment.json, test_metrics.json when there is one), so the card can be rewritten
-at any time; export.py rewrites it with every export.
+at any time; the loop rewrites it with every export (training/loop.py).
 """
 
 from __future__ import annotations
@@ -18,21 +19,28 @@ import os
 from pathlib import Path
 
 import timm
-import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..atomic import write_atomic
 from ..data.badimages import DATA_REPORT_NAME
 from ..errors import FinetuneError
+from ..model.custom import CUSTOM_ARCHITECTURE, custom_usage
+from ..model.environment import ENVIRONMENT_NAME
+from ..model.export import CONFIG_NAME
 from ..recipe.userfiles import parse_yaml
+from ..reporting.review import TEST_METRICS_NAME
 from ..tasks import SingleLabel, Task, load_task
-from .custom import CUSTOM_ARCHITECTURE, custom_usage
-from .environment import ENVIRONMENT_NAME
+from .folder import CARD_NAME, CURVES_NAME, RECIPE_NAME
+from .records import METRICS_NAME, read_metrics_file
 
-CARD_NAME = "README.md"
-# The run directory's files (training/rundir.py and reporting/review.py name them; model may not import those)
-RECIPE_NAME, METRICS_NAME, CURVES_NAME = "recipe.yaml", "metrics.jsonl", "curves.png"
-TEST_METRICS_NAME = "test_metrics.json"
 MAX_LISTED_CLASSES = 30
+# The metrics of a record the card's metadata lists: (key in metrics.jsonl after the split's prefix, the
+# hub's metric type, its name after the split's). Multi-label records have mAP and F1, regression MAE, RMSE, R².
+CARD_METRICS = (("acc", "accuracy", "accuracy"), ("balanced_acc", "accuracy", "balanced accuracy"),
+                ("map", "mAP", "mAP"), ("f1_micro", "f1", "micro F1"), ("mae", "mae", "MAE"),
+                ("rmse", "rmse", "RMSE"), ("r2", "r_squared", "R²"))
+# The metadata as huggingface_hub writes it (card_data), then the text a person reads.
+TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"
 
 
 def save_card(run_dir: Path) -> None:
@@ -43,11 +51,10 @@ def save_card(run_dir: Path) -> None:
 def render_card(run_dir: Path) -> str:
     recipe_text = (run_dir / RECIPE_NAME).read_text()
     recipe = parse_yaml(recipe_text, f"run recipe {run_dir / RECIPE_NAME}")
-    config = _read_json(run_dir / "config.json") or {}
+    config = _read_json(run_dir / CONFIG_NAME) or {}
     records = read_metrics_file(run_dir / METRICS_NAME)[0]
     exported = _exported_record(records)
     test = _read_json(run_dir / TEST_METRICS_NAME)
-    front = front_matter(run_dir.name, recipe, config, exported, test)
     try:
         task = load_task(config)  # its metrics and what predict gives
     except FinetuneError:  # a task of one's own, which config.json cannot rebuild: described as a classifier
@@ -61,40 +68,32 @@ def render_card(run_dir: Path) -> str:
         f"```yaml\n{recipe_text.rstrip()}\n```",
         _environment(_read_json(run_dir / ENVIRONMENT_NAME)),
     ]
-    head = yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
-    return f"---\n{head}---\n\n" + "\n\n".join(s for s in sections if s) + "\n"
+    body = "\n\n".join(s for s in sections if s) + "\n"
+    data = card_data(run_dir.name, recipe, config, exported, test)
+    return str(ModelCard.from_template(data, template_str=TEMPLATE, body=body))
 
 
-def front_matter(name: str, recipe: dict, config: dict, exported: dict | None, test: dict | None) -> dict:
-    """The card's YAML metadata, as the Hugging Face hub reads it."""
+def card_data(name: str, recipe: dict, config: dict, exported: dict | None, test: dict | None) -> ModelCardData:
+    """The card's metadata (its YAML front matter), as the Hugging Face hub reads it."""
     model, data = recipe.get("model", {}), recipe.get("data", {})
     backbone = str(model.get("backbone", config.get("architecture", "")))
     library = "pytorch" if config.get("architecture") == CUSTOM_ARCHITECTURE else "timm"  # timm cannot load custom
-    front: dict = {"library_name": library, "pipeline_tag": "image-classification",
-                   "tags": ["image-classification", library, "finetune"]}
     base = base_model(backbone, model.get("pretrained"), config)
-    if base:
-        front["base_model"] = base
-        license_ = config.get("pretrained_cfg", {}).get("license")
-        if license_:  # the starting weights' license; finetune cannot know one for other weights
-            front["license"] = license_
+    # The starting weights' license; finetune cannot know one for other weights.
+    license_ = config.get("pretrained_cfg", {}).get("license") if base else None
     results, val_source = [], data.get("val") or data.get("train")
     for split, record, prefix, source in (("validation", exported, _val_prefix(exported), val_source),
                                           ("test", test, "test", data.get("test"))):
-        metrics = [{"type": kind, "value": record[f"{prefix}_{key}"], "name": f"{split.title()} {label}"}
-                   for key, kind, label in (("acc", "accuracy", "accuracy"), ("balanced_acc", "accuracy",
-                                            "balanced accuracy"), ("map", "mAP", "mAP"), ("f1_micro", "f1", "micro F1"),
-                                            ("mae", "mae", "MAE"), ("rmse", "rmse", "RMSE"), ("r2", "r_squared", "R²"))
-                   if record and isinstance(record.get(f"{prefix}_{key}"), (int, float))]
-        if metrics:
-            results.append({"task": {"type": "image-classification", "name": "Image Classification"},
-                            "dataset": {"name": _dataset_name(str(source)), "type": _dataset_type(str(source)),
-                                        "split": split},
-                            "metrics": metrics})
-    if results:
-        front["metrics"] = list(dict.fromkeys(m["type"] for r in results for m in r["metrics"]))
-        front["model-index"] = [{"name": name, "results": results}]
-    return front
+        results += [EvalResult(task_type="image-classification", task_name="Image Classification",
+                               dataset_name=_dataset_name(str(source)), dataset_type=_dataset_type(str(source)),
+                               dataset_split=split, metric_type=kind, metric_value=record[f"{prefix}_{key}"],
+                               metric_name=f"{split.title()} {label}")
+                    for key, kind, label in CARD_METRICS
+                    if record and isinstance(record.get(f"{prefix}_{key}"), (int, float))]
+    return ModelCardData(library_name=library, pipeline_tag="image-classification",
+                         tags=["image-classification", library, "finetune"], base_model=base, license=license_ or None,
+                         metrics=list(dict.fromkeys(r.metric_type for r in results)) or None,
+                         eval_results=results or None, model_name=name if results else None)
 
 
 def base_model(backbone: str, pretrained, config: dict) -> str | None:
@@ -267,22 +266,6 @@ def _environment(env: dict | None) -> str:
 def _exported_record(records: list[dict]) -> dict | None:
     exported = [r for r in records if r.get("exported")]
     return exported[-1] if exported else None
-
-
-def read_metrics_file(path: Path) -> tuple[list[dict], list[tuple[int, str]]]:
-    """metrics.jsonl's epoch records, and the lines that are none (number, text): cut off by a full disk or
-    a copy. The card and the run directory (training/rundir.py) read it alike."""
-    records, bad = [], []
-    for number, line in enumerate(path.read_text().splitlines() if path.is_file() else [], 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, dict) and type(record.get("epoch")) is int:
-            records.append(record)
-        elif line.strip():
-            bad.append((number, line))
-    return records, bad
 
 
 def _read_json(path: Path):

@@ -24,9 +24,10 @@ from pathlib import Path
 from ..atomic import lock_holder
 from ..errors import FinetuneError
 from ..recipe.userfiles import open_regular, read_yaml_file
+from ..reporting.metrics import percent
 from ..reporting.review import TEST_METRICS_NAME
-from .checkpoint import STATE_NAME
-from .rundir import CHECKPOINT_NAME, LOCK_NAME, MARKER_NAME, METRICS_NAME, RECIPE_NAME, RunDir
+from .folder import CHECKPOINT_NAME, LOCK_NAME, MARKER_NAME, RECIPE_NAME, STATE_NAME, RunDir
+from .records import METRICS_NAME
 
 STATUSES = ("running", "interrupted", "finished")
 # Column -> how it sorts. Accuracies sort highest first, everything else in ascending order; unknown
@@ -96,7 +97,7 @@ def format_runs(summaries: list[RunSummary], folder: str | Path = "runs") -> str
         return f"no runs in {folder}"
     header = ["run", "backbone", "data", "epochs", "best", "final", "test", "time", "status"]
     rows = [[r.name, r.backbone or "?", r.data or "?", f"{r.epochs_done}/{r.epochs_planned or '?'}",
-             _pct(r.best_val_acc), _pct(r.final_val_acc), _pct(r.test_acc), _duration(r.seconds),
+             percent(r.best_val_acc), percent(r.final_val_acc), percent(r.test_acc), _duration(r.seconds),
              r.status + (f" (pid {r.holder['pid']})" if r.holder and "pid" in r.holder else "")] for r in summaries]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
@@ -166,10 +167,6 @@ def _is_number(value) -> bool:
 
 def _text(value) -> str | None:
     return None if value is None else str(value)
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def _duration(seconds: float | None) -> str:
