@@ -153,7 +153,7 @@ class FreezeConfig:
     # at any batch size. train: batch statistics, running statistics and affine all update (fastai's
     # train_bn). frozen: statistics and affine fixed, bit for bit as loaded. auto (default): frozen for a
     # linear probe (freeze.backbone for the whole run: the body never changes, its features are computed
-    # once), eval otherwise. README: measurements.
+    # once), eval otherwise. Measurements: docs/strategies.md.
     bn: Literal["auto", "train", "eval", "frozen"] = "auto"
     # Gradual unfreezing. unfreeze_at E: what backbone/stages froze trains from epoch E (0-based: after
     # E finished epochs), fastai-style. phases {EPOCH: STAGES}: from EPOCH on, only the first STAGES
@@ -186,7 +186,7 @@ class TrainConfig:
     # probe: fitted first as a logistic regression on the pretrained body's features, computed once (LP-FT),
     # so the body never trains under a head that does not yet separate the classes; auto: probe when the
     # weights are pretrained and the body trains. zero is the default: probe helped on flowers17 photos
-    # but cost 0.8 points on the digits quickstart and let 48 photos overfit after epoch 1 (README).
+    # but cost 0.8 points on the digits quickstart and let 48 photos overfit after epoch 1 (docs/defaults.md).
     head_init: Literal["auto", "zero", "probe"] = "zero"
     # An exponential moving average of the weights, validated every epoch next to the model itself; the
     # better of the two is exported (metrics.jsonl: ema_val_acc, exported). auto: a half-life of a tenth of

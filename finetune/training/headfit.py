@@ -21,7 +21,7 @@ from .inputs import Place
 if TYPE_CHECKING:
     from .session import Session
 
-PROBE_L2 = 1e-2  # the probe head's L2 on the mean loss: best of 3e-3, 1e-2, 3e-2 on flowers17 (README)
+PROBE_L2 = 1e-2  # the probe head's L2 on the mean loss: best of 3e-3, 1e-2, 3e-2 on flowers17 (docs/linear-probes.md)
 
 
 def start_head(s: Session, config: RecipeConfig, splits: Splits, accelerator: Accelerator,
@@ -76,7 +76,8 @@ def fit_head(head: torch.nn.Module, objective: Callable[[], torch.Tensor],
     return evaluated
 
 
-def fit_epoch_lbfgs(s: Session, accelerator: Accelerator, epoch: int, update: int, fault_hint: str = "") -> Iterator[tuple[int, float]]:
+def fit_epoch_lbfgs(s: Session, accelerator: Accelerator, epoch: int, update: int,
+                    fault_hint: str = "") -> Iterator[tuple[int, float]]:
     """optim.name=lbfgs: one epoch is one L-BFGS step (up to LBFGS_ITERATIONS iterations with a strong-Wolfe
     line search) on the L2-regularised loss over every cached training view: a logistic regression of
     the head that converges in seconds, as CLIP-style linear probes fit theirs. Every process holds all

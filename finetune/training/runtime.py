@@ -57,7 +57,7 @@ def resolve_runtime(tc: TrainConfig, dc: DataConfig, model: torch.nn.Module, pre
     if channels_last is None:
         # A ViT's only convolution embeds patches; everything else with convolutions is a conv net. NHWC
         # pays on CPUs too (oneDNN): measured on 2 cores, training img/s x1.66 efficientnet_lite0, x1.27
-        # resnet50, x1.2 regnety_008, x1.1 resnet18, x1.0 convnext_nano (README, "Speed").
+        # resnet50, x1.2 regnety_008, x1.1 resnet18, x1.0 convnext_nano (docs/speed.md).
         convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
         channels_last = convs > 1
     return Runtime("cuda" if cuda else "cpu", precision, processes, workers, cuda, channels_last, sync_bn)
