@@ -189,3 +189,20 @@ def torchrun(*args, cwd: Path, env: dict, timeout: float = 300) -> subprocess.Co
     # --standalone: a free local port, so parallel test sessions on one machine do not collide.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def resume_after_epoch_one(task: str, manifest: Path, run: Path, train_until_epoch_one):
+    """A tiny run of `task` on `manifest` interrupted after its epoch-1 checkpoint, then resumed: the resume
+    trains epoch 2 only and keeps epoch 1's record as written. Returns the resumed result."""
+    import json
+
+    import finetune
+
+    recipe = {"task": task, "model": {"backbone": "test_resnet", "pretrained": False},
+              "data": {"train": str(manifest), "image_size": 32, "num_workers": 0},
+              "train": {"epochs": 2, "batch_size": 8, "hard_examples": 0}}
+    train_until_epoch_one(recipe, run)
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    result = finetune.train(resume=run)
+    assert [r["epoch"] for r in result.metrics] == [1, 2] and result.metrics[0] == first
+    return result

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import resume_after_epoch_one
 from PIL import Image, ImageDraw
 
 import finetune
@@ -243,12 +244,7 @@ def test_a_counting_run_predicts_evaluates_and_exports_numbers(tmp_path):
 
 def test_an_interrupted_regression_run_resumes_with_its_lowest_mae(counts, tmp_path, train_until_epoch_one):
     root, rows = counts
-    recipe = {"task": "regression", "model": {"backbone": "test_resnet", "pretrained": False},
-              "data": {"train": str(write_csv(root / "m.csv", rows)), "image_size": 32, "num_workers": 0},
-              "train": {"epochs": 2, "batch_size": 8, "hard_examples": 0}}
-    train_until_epoch_one(recipe, tmp_path / "run")
-    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    result = finetune.train(resume=tmp_path / "run")
-    assert [r["epoch"] for r in result.metrics] == [1, 2] and result.metrics[0] == first
+    manifest = write_csv(root / "m.csv", rows)
+    result = resume_after_epoch_one("regression", manifest, tmp_path / "run", train_until_epoch_one)
     lowest = min(min(r["val_mae"], r.get("ema_val_mae") or math.inf) for r in result.metrics)
     assert result.best_val_acc == lowest  # lower is better, also across the resume

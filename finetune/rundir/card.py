@@ -35,7 +35,7 @@ from .records import METRICS_NAME, read_metrics_file
 
 MAX_LISTED_CLASSES = 30
 # The metrics of a record the card's metadata lists: (key in metrics.jsonl after the split's prefix, the
-# hub's metric type, its name after the split's). Multi-label records have mAP and F1, regression MAE, RMSE, R².
+# hub's metric type, its name after the split's); a record lists those its task wrote.
 CARD_METRICS = (("acc", "accuracy", "accuracy"), ("balanced_acc", "accuracy", "balanced accuracy"),
                 ("map", "mAP", "mAP"), ("f1_micro", "f1", "micro F1"), ("mae", "mae", "MAE"),
                 ("rmse", "rmse", "RMSE"), ("r2", "r_squared", "R²"))

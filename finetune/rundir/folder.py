@@ -40,7 +40,7 @@ from ..recipe.load import dump_recipe
 from ..recipe.schema import RecipeConfig
 from ..reporting.evaluation import CONFUSION_NAME, RELIABILITY_NAME, VAL_REPORT_NAME
 from ..reporting.review import HARD_EXAMPLES_JSON, HARD_EXAMPLES_PNG, TEST_METRICS_NAME
-from ..tasks.regression_reports import PREDICTED_VS_TRUE_NAME
+from ..tasks import TASK_RUN_FILES
 from .records import DAMAGED_METRICS_NAME, METRICS_NAME, append_record, keep_records_through, read_metrics_file
 
 RECIPE_NAME = "recipe.yaml"
@@ -54,7 +54,7 @@ LOCK_NAME = ".finetune.lock"
 # All a run writes, so all --overwrite removes (and a kill's leftovers: skip logs, temporary files).
 RUN_OUTPUTS = {MARKER_NAME, RECIPE_NAME, PLAN_NAME, METRICS_NAME, DAMAGED_METRICS_NAME, CURVES_NAME, WEIGHTS_NAME,
                CONFIG_NAME, DATA_REPORT_NAME, HARD_EXAMPLES_JSON, HARD_EXAMPLES_PNG, TEST_METRICS_NAME, "tensorboard",
-               VAL_REPORT_NAME, "val_" + CONFUSION_NAME, "val_" + RELIABILITY_NAME, "val_" + PREDICTED_VS_TRUE_NAME,
+               VAL_REPORT_NAME, "val_" + CONFUSION_NAME, "val_" + RELIABILITY_NAME, *TASK_RUN_FILES,
                CARD_NAME, ENVIRONMENT_NAME,
                *(CHECKPOINT_NAME + end for end in ("", ".old", ".tmp", ".damaged"))}
 _LEFTOVER = re.compile(r"\.export\.tmp\d+|\.(?P<stem>.+)\.tmp\d+(?P<suffix>\.[^.]*)?")

@@ -14,4 +14,8 @@ from .multi_label import MultiLabel
 from .regression import Regression
 from .single_label import SingleLabel
 
-__all__ = ["Task", "SingleLabel", "MultiLabel", "Regression", "build_task", "load_task"]
+# What the built-in tasks' reports add to a run directory: the run directory knows its files without asking
+# which task wrote them.
+TASK_RUN_FILES = frozenset(name for task in (SingleLabel, MultiLabel, Regression) for name in task.run_files)
+
+__all__ = ["Task", "SingleLabel", "MultiLabel", "Regression", "build_task", "load_task", "TASK_RUN_FILES"]

@@ -45,6 +45,7 @@ class Task(OneClassPerImage, ABC):
     # train.head_init probe): only for one class per image.
     linear_probe: ClassVar[bool] = False
     metric_names: ClassVar[tuple[str, ...]] = ("loss", "images")  # the val_<name> keys `metrics` writes
+    run_files: ClassVar[tuple[str, ...]] = ()  # files its reports add to a run directory (--overwrite removes them)
 
     def fit(self, splits: Splits) -> Task:
         """The task ready for a run on these splits (data/splits.py; a regression standardises by the mean

@@ -40,6 +40,7 @@ from .numbers import (
     wrap_numbers_in_memory,
 )
 from .regression_reports import (
+    PREDICTED_VS_TRUE_NAME,
     describe,
     regression_metrics,
     save_regression_evaluation,
@@ -64,6 +65,7 @@ class Regression(Task):
     percent: ClassVar[bool] = False
     min_classes: ClassVar[int] = 1
     metric_names: ClassVar[tuple[str, ...]] = ("loss", "mae", "rmse", "r2", "images")
+    run_files: ClassVar[tuple[str, ...]] = ("val_" + PREDICTED_VS_TRUE_NAME,)
 
     # -- targets: numbers (numbers.py)
 
